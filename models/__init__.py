@@ -1,0 +1,52 @@
+"""BNext binary neural networks.
+
+>>> import models
+>>> net = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.25)
+
+Importing the package also registers the model names with timm
+(``timm.create_model("bnext_tiny", num_classes=10)``).
+"""
+
+from .bnext import BNext, BNext18
+from .checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict
+from .factory import MODEL_NAMES, create_model, list_models, register_with_timm
+from .layers import BinaryConv2d, SqueezeExcite
+from .precision import (
+    LayerPrecision,
+    apply_constraints,
+    binarizers,
+    get_temperature,
+    latent_binary_parameters,
+    layer_precision,
+    parameter_bits,
+    set_temperature,
+)
+from .quantizers import HardSign, LearnableBias, progressive_binarize, sign_ste
+
+register_with_timm()
+
+__all__ = [
+    "MODEL_NAMES",
+    "BNext",
+    "BNext18",
+    "BinaryConv2d",
+    "CheckpointMismatchError",
+    "HardSign",
+    "LayerPrecision",
+    "LearnableBias",
+    "SqueezeExcite",
+    "apply_constraints",
+    "binarizers",
+    "create_model",
+    "get_temperature",
+    "latent_binary_parameters",
+    "layer_precision",
+    "list_models",
+    "load_checkpoint",
+    "parameter_bits",
+    "progressive_binarize",
+    "read_state_dict",
+    "register_with_timm",
+    "set_temperature",
+    "sign_ste",
+]

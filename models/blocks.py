@@ -1,0 +1,205 @@
+"""BNext building blocks: the processor, info-recoupling, and the three module types.
+
+Attribute names follow the official ``bnext.py`` so that released checkpoints load
+unchanged (``move``, ``binary_activation``, ``binary_conv``, ``norm1``, ``norm2``,
+``activation1``, ``activation2``, ``scale``, ``se``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import SIGN_THRESHOLD, BinaryConv2d, SqueezeExcite, frozen_prelu
+from .quantizers import HardSign, LearnableBias
+
+#: BNext-18's binary convs switch to exact signs below this temperature (official ``birealnet.py``).
+BNEXT18_SIGN_THRESHOLD = 1e-5
+
+
+class Processor(nn.Module):
+    """The binary "processor" with optional mix-to-binary attention (info-recoupling).
+
+    ``b = PReLU(BN(BinaryConv(sign(x + beta))))``. With info-recoupling, the real
+    input ``x_mix`` and the binary branch are mixed, ``m = g*x_mix + (1-g)*b`` with a
+    per-channel ``g`` kept in ``[0, 1]``, and ``m`` drives a squeeze-excitation gate
+    that rescales ``b``: ``b <- SE(m) * b``.
+
+    Subclasses decide how ``b`` becomes the module's output and what ``x_mix`` is.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        info_recoupling: bool = True,
+        sign_threshold: float = SIGN_THRESHOLD,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.info_recoupling = info_recoupling
+        if info_recoupling:
+            self.scale = nn.Parameter(torch.full((1, out_channels, 1, 1), 0.5))
+        self.move = LearnableBias(in_channels)
+        self.binary_activation = HardSign()
+        self.binary_conv = BinaryConv2d(in_channels, out_channels, kernel_size, stride, sign_threshold=sign_threshold)
+        self.norm1 = nn.BatchNorm2d(out_channels)
+        self.norm2 = nn.BatchNorm2d(out_channels)
+        self.activation1 = nn.PReLU(in_channels)
+        self.activation2 = nn.PReLU(out_channels)
+        if info_recoupling:
+            self.se = SqueezeExcite(out_channels)
+
+    def process(self, x: torch.Tensor, x_mix: torch.Tensor) -> torch.Tensor:
+        """Run the binary branch on ``x``, gated by info-recoupling with ``x_mix`` when enabled."""
+        b = self.activation2(self.norm1(self.binary_conv(self.binary_activation(self.move(x)))))
+        if self.info_recoupling:
+            b = self.se(self.scale * x_mix + (1 - self.scale) * b) * b
+        return b
+
+    @torch.no_grad()
+    def apply_constraints_(self) -> None:
+        """Keep the recoupling mix ``g`` inside ``[0, 1]``."""
+        if self.info_recoupling:
+            self.scale.clamp_(0.0, 1.0)
+
+
+def _avg_pool_if_strided(x: torch.Tensor, stride: int) -> torch.Tensor:
+    # The parameter-free shortcut of a stride-2 binary conv (official AvgPool2d(2, 2)).
+    return nn.functional.avg_pool2d(x, 2, 2) if stride == 2 else x
+
+
+class ELMAttention(Processor):
+    """Element attention: ``y = BN(b * r) + r`` with the real shortcut ``r = PReLU(x)``.
+
+    The binary branch multiplies the real-valued shortcut element-wise; on stride 2
+    the shortcut is average-pooled.
+    """
+
+    def __init__(self, channels: int, stride: int = 1, info_recoupling: bool = True) -> None:
+        super().__init__(channels, channels, 3, stride, info_recoupling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = _avg_pool_if_strided(self.activation1(x), self.stride)
+        b = self.process(x, _avg_pool_if_strided(x, self.stride))
+        return self.norm2(b * residual) + residual
+
+
+class BinaryFFN(Processor):
+    """Binary feed-forward module (3x3 or 1x1): ``y = BN(b) + r`` with ``r = x``.
+
+    Without info-recoupling the official code skips ``norm2``: ``y = b + r``.
+    ``activation1`` exists only for checkpoint compatibility and is frozen.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        info_recoupling: bool = True,
+        sign_threshold: float = SIGN_THRESHOLD,
+    ) -> None:
+        if kernel_size == 1 and stride != 1:
+            raise ValueError("the 1x1 binary FFN has stride 1")
+        super().__init__(channels, channels, kernel_size, stride, info_recoupling, sign_threshold)
+        self.activation1 = frozen_prelu(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = _avg_pool_if_strided(x, self.stride)
+        b = self.process(x, shortcut)
+        if self.info_recoupling:
+            b = self.norm2(b)
+        return b + shortcut
+
+
+class BasicBlock(nn.Module):
+    """BNext basic block: a 3x3 spatial module followed by the 1x1 binary FFN.
+
+    The spatial module is ELM-attention (``mode="scale"``) or the 3x3 binary FFN
+    (``mode="bias"``), carrying the stride. When the block doubles its channels, two
+    parallel 1x1 FFNs read the same input and their outputs are concatenated.
+
+    State-dict names follow the official classes: the spatial module is
+    ``Attention`` (or ``FFN_3x3`` in the no-ELM ablation, where every block uses the
+    3x3 FFN); the 1x1 FFN is ``FFN``, or ``FFN_1``/``FFN_2`` when doubling.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        mode: str,
+        elm_attention: bool = True,
+        info_recoupling: bool = True,
+    ) -> None:
+        super().__init__()
+        if out_channels not in (in_channels, 2 * in_channels):
+            raise ValueError(f"a BNext block keeps or doubles its channels, got {in_channels}->{out_channels}")
+        if mode not in ("scale", "bias"):
+            raise ValueError(f"mode must be 'scale' (ELM-attention) or 'bias' (3x3 FFN), got {mode!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        if elm_attention and mode == "scale":
+            spatial: nn.Module = ELMAttention(in_channels, stride, info_recoupling)
+        else:
+            spatial = BinaryFFN(in_channels, 3, stride, info_recoupling)
+        self.spatial_name = "Attention" if elm_attention else "FFN_3x3"
+        self.add_module(self.spatial_name, spatial)
+        self.doubles = out_channels != in_channels
+        if self.doubles:
+            self.FFN_1 = BinaryFFN(in_channels, 1, info_recoupling=info_recoupling)
+            self.FFN_2 = BinaryFFN(in_channels, 1, info_recoupling=info_recoupling)
+        else:
+            self.FFN = BinaryFFN(in_channels, 1, info_recoupling=info_recoupling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = getattr(self, self.spatial_name)(x)
+        if self.doubles:
+            return torch.cat((self.FFN_1(z), self.FFN_2(z)), dim=1)
+        return self.FFN(z)
+
+
+class BNext18Attention(Processor):
+    """ELM-attention of BNext-18 (official ``birealnet.py``).
+
+    Differs from :class:`ELMAttention`: it may change the channel count inside the
+    binary 3x3 conv, its shortcut ``r = PReLU(x)`` goes through a real-valued
+    ``downsample`` (AvgPool, 1x1 conv, BN) when the shape changes, and
+    info-recoupling mixes that shortcut instead of the raw input. Weights become
+    exact signs below ``T = 1e-5``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, 3, stride, sign_threshold=BNEXT18_SIGN_THRESHOLD)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.AvgPool2d(kernel_size=2, stride=stride),
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.activation1(x)
+        if self.downsample is not None:
+            residual = self.downsample(residual)
+        b = self.process(x, residual)
+        return self.norm2(b * residual) + residual
+
+
+class BNext18Block(nn.Module):
+    """BNext-18 block: :class:`BNext18Attention` then a stride-1 3x3 binary FFN."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.Attention = BNext18Attention(in_channels, out_channels, stride)
+        self.FFN = BinaryFFN(out_channels, 3, sign_threshold=BNEXT18_SIGN_THRESHOLD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.FFN(self.Attention(x))

@@ -1,0 +1,111 @@
+"""Layers that carry their precision: the binary convolution and the real-valued helpers.
+
+A layer's precision is read from its ``weight_bits`` and ``input_bits`` attributes
+(see :mod:`models.precision`); plain ``nn.Conv2d``/``nn.Linear`` count as 32-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import progressive_binarize
+
+#: Latent binary weights are kept inside ``±WEIGHT_CLIP`` (official value).
+WEIGHT_CLIP = 1.5
+#: Below this temperature the weights are exactly ``sign(W)`` (official ``bnext.py``).
+SIGN_THRESHOLD = 1e-7
+
+
+class BinaryConv2d(nn.Module):
+    """Convolution with 1-bit weights and 1-bit inputs, progressively binarized.
+
+    The latent weight ``W`` (init ``N(0, 1e-6)``, no bias, no scaling factor: the
+    following batch norm absorbs the scale) is turned into ``clamp(W / T, -1, 1)``,
+    or into exact ``sign(W)`` once the ``temperature`` buffer ``T`` is below
+    ``sign_threshold``. The gradient reaches ``W`` unmasked. ``W`` is kept inside
+    ``±clip`` by :meth:`apply_constraints_`, which the trainer calls after each
+    optimizer step and :func:`models.load_checkpoint` calls at load; the official
+    code clamps in every forward instead, which gives the same values.
+    """
+
+    weight_bits = 1
+    input_bits = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        sign_threshold: float = SIGN_THRESHOLD,
+        clip: float = WEIGHT_CLIP,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.groups = groups
+        self.sign_threshold = sign_threshold
+        self.clip = clip
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.randn(shape) * 1e-3)
+        self.register_buffer("temperature", torch.ones(1))
+
+    def binary_weight(self) -> torch.Tensor:
+        """The weight the convolution uses at the current temperature."""
+        return progressive_binarize(self.weight, self.temperature, self.sign_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.binary_weight(), stride=self.stride, padding=self.padding, groups=self.groups)
+
+    @torch.no_grad()
+    def apply_constraints_(self) -> None:
+        """Clip the latent weights to ``±clip`` in place."""
+        self.weight.clamp_(-self.clip, self.clip)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"groups={self.groups}, bits=1"
+        )
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate ``sigmoid(W2 relu(W1 GAP(x) + b1) + b2)`` with reduction ``ratio``.
+
+    Real-valued. The ``se`` Sequential keeps the official state-dict names
+    (``se.1`` and ``se.3`` are the two 1x1 convolutions).
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None, ratio: int = 8) -> None:
+        super().__init__()
+        hidden = channels // ratio
+        if hidden < 1:
+            raise ValueError(f"squeeze-excitation needs at least {ratio} channels, got {channels}")
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels or channels, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.se(x))
+
+
+def frozen_prelu(channels: int) -> nn.PReLU:
+    """A PReLU kept only so that official checkpoints load: the official forward never calls it.
+
+    It is frozen (``requires_grad=False``): it would get no gradient anyway, and a
+    frozen parameter lets DDP run without ``find_unused_parameters=True``.
+    """
+    prelu = nn.PReLU(channels)
+    prelu.weight.requires_grad_(False)
+    return prelu

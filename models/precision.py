@@ -1,0 +1,106 @@
+"""Read the precision tags that layers carry, and act on the binarizers through them.
+
+Nothing here looks at module or parameter names: a layer is binary because it says
+``weight_bits = 1``, and a binarizer is one because it owns a ``temperature`` buffer
+and is a :class:`~models.quantizers.HardSign` or :class:`~models.layers.BinaryConv2d`.
+Layers without tags (``nn.Conv2d``, ``nn.Linear``, norms) are 32-bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import BinaryConv2d
+from .quantizers import HardSign
+
+FULL_PRECISION = 32
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """Bits of a layer's weights and of the input it multiplies them with."""
+
+    weight_bits: int
+    input_bits: int
+
+    @property
+    def is_binary(self) -> bool:
+        """True for 1-bit weights and 1-bit inputs (XNOR/popcount arithmetic)."""
+        return self.weight_bits == 1 and self.input_bits == 1
+
+
+def layer_precision(module: nn.Module) -> LayerPrecision | None:
+    """The precision of a layer that multiplies by weights, or None for other modules."""
+    if hasattr(module, "weight_bits"):
+        return LayerPrecision(module.weight_bits, getattr(module, "input_bits", FULL_PRECISION))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return LayerPrecision(FULL_PRECISION, FULL_PRECISION)
+    return None
+
+
+def parameter_bits(model: nn.Module) -> dict[str, int]:
+    """Bits each parameter is meant to be stored with, by its state-dict name.
+
+    A tagged layer's ``weight`` has the layer's ``weight_bits``; every other
+    parameter (biases, norms, PReLU slopes, thresholds, mixing scales) is 32-bit.
+    """
+    bits: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        tagged = getattr(module, "weight_bits", None)
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            bits[full] = tagged if (tagged is not None and param_name == "weight") else FULL_PRECISION
+    return bits
+
+
+def latent_binary_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Named latent weights of the 1-bit layers (what the optimizer treats apart)."""
+    bits = parameter_bits(model)
+    for name, param in model.named_parameters():
+        if bits[name] == 1:
+            yield name, param
+
+
+def binarizers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module whose output is binarized at a temperature (activation signs, binary convs)."""
+    for module in model.modules():
+        if isinstance(module, (HardSign, BinaryConv2d)):
+            yield module
+
+
+@torch.no_grad()
+def set_temperature(model: nn.Module, temperature: float) -> None:
+    """Set the temperature of every binarizer; below the sign threshold weights are exact signs."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    for module in binarizers(model):
+        module.temperature.fill_(temperature)
+
+
+@torch.no_grad()
+def get_temperature(model: nn.Module) -> float:
+    """The weight-binarization temperature of the model (that of its first binary conv).
+
+    Reads one scalar from the device: call it for logging, not inside a step.
+    """
+    for module in model.modules():
+        if isinstance(module, BinaryConv2d):
+            return float(module.temperature.item())
+    raise ValueError("the model has no binary convolution")
+
+
+@torch.no_grad()
+def apply_constraints(model: nn.Module) -> None:
+    """Project constrained parameters back into their range, in place.
+
+    Latent binary weights to ``±1.5`` and info-recoupling mixes to ``[0, 1]``. The
+    trainer calls this after every optimizer step; the official code does the same
+    clamps at the start of every forward, which yields the same values.
+    """
+    for module in model.modules():
+        if hasattr(module, "apply_constraints_"):
+            module.apply_constraints_()

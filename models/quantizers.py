@@ -1,0 +1,106 @@
+"""Binarizers: the sign of activations and the progressive binarization of weights.
+
+Both are straight-through estimators written as ``torch.autograd.Function`` so that
+the forward value is exactly ``±1`` (or the progressive ``clamp(W/T, -1, 1)``) and
+the backward is a single masked copy, with no host synchronisation. The official
+code builds the same estimators from ``(b - x).detach() + x``, which agrees with
+these to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Activations outside this range get no gradient through the sign (clipped STE).
+ACTIVATION_CLIP = 1.5
+#: Smallest temperature used as a divisor, as in the official code.
+MIN_TEMPERATURE = 1e-8
+
+
+class _SignSTE(torch.autograd.Function):
+    """``sign(x)`` forward; gradient passed where ``|x| <= clip``, zero elsewhere."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, clip: float) -> torch.Tensor:
+        return torch.sign(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, clip = inputs
+        # A boolean mask costs a quarter of the memory of saving x itself.
+        ctx.save_for_backward(x.abs() <= clip)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad_output * inside, None
+
+
+class _ProgressiveBinarizeSTE(torch.autograd.Function):
+    """Progressive weight binarization with an identity straight-through gradient.
+
+    ``clamp(W / T, -1, 1)`` while ``T >= threshold``, exact ``sign(W)`` below it.
+    The choice is a ``torch.where`` on the temperature tensor, not a Python branch,
+    so the temperature never has to be read on the host.
+    """
+
+    @staticmethod
+    def forward(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
+        soft = (weight / temperature.clamp(min=MIN_TEMPERATURE)).clamp(-1.0, 1.0)
+        return torch.where(temperature < threshold, torch.sign(weight), soft)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
+def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:
+    """Binarize ``x`` to ``sign(x)`` with the clipped straight-through gradient.
+
+    ``sign(0) == 0``, as in torch and in the official implementation.
+    """
+    return _SignSTE.apply(x, clip)
+
+
+def progressive_binarize(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Binarize latent weights at a temperature; the gradient reaches ``weight`` unchanged."""
+    return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold)
+
+
+class LearnableBias(nn.Module):
+    """Per-channel learnable threshold added before the sign (RSign-style ``x + beta``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class HardSign(nn.Module):
+    """1-bit activation quantizer: ``sign(x)`` with the STE clipped at ``±clip``.
+
+    It owns a ``temperature`` buffer because the official models do (released
+    checkpoints carry it, and the temperature schedule scales it), but, as in the
+    official code (``progressive=False``), the temperature does not change the
+    output: ``sign(clamp(x / T, -1, 1)) == sign(x)`` for every ``T > 0``.
+    """
+
+    output_bits = 1
+
+    def __init__(self, clip: float = ACTIVATION_CLIP) -> None:
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("temperature", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sign_ste(x, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"bits=1, clip={self.clip}"

@@ -1,0 +1,111 @@
+"""Binarization primitives: sign STE, progressive weight binarization, constraints, precision tags."""
+
+from __future__ import annotations
+
+import torch
+
+import models
+from models.layers import BinaryConv2d
+from models.quantizers import HardSign
+
+
+def test_sign_forward_is_exact_and_keeps_zero() -> None:
+    x = torch.tensor([-2.0, -0.3, 0.0, 1e-9, 0.7, 3.0])
+    assert torch.equal(HardSign()(x), torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+def test_sign_gradient_passes_inside_clip_only() -> None:
+    x = torch.tensor([-1.6, -1.5, -1.0, 0.2, 1.5, 1.50001, 4.0], requires_grad=True)
+    HardSign()(x).backward(torch.arange(1.0, 8.0))
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
+
+
+def test_activation_temperature_does_not_change_the_sign() -> None:
+    sign = HardSign()
+    x = torch.randn(100)
+    before = sign(x)
+    sign.temperature.fill_(1e-3)
+    assert torch.equal(sign(x), before)
+
+
+def test_weight_binarization_follows_the_temperature() -> None:
+    conv = BinaryConv2d(1, 1, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.5]).view(1, 1, 1, 1))
+    for temperature, expected in ((1.0, 0.5), (0.25, 1.0), (2.0, 0.25), (1e-6, 1.0), (1e-8, 1.0)):
+        conv.temperature.fill_(temperature)
+        assert conv.binary_weight().item() == expected
+    with torch.no_grad():
+        conv.weight.fill_(-1e-9)
+    conv.temperature.fill_(1e-6)  # soft: -1e-9 / 1e-6
+    assert abs(conv.binary_weight().item() + 1e-3) < 1e-9
+    conv.temperature.fill_(5e-8)  # below the 1e-7 threshold: exact sign, whatever |W|
+    assert conv.binary_weight().item() == -1.0
+
+
+def test_weight_gradient_is_identity() -> None:
+    conv = BinaryConv2d(2, 3, kernel_size=3)
+    with torch.no_grad():
+        conv.weight.uniform_(-1.4, 1.4)
+    conv.temperature.fill_(0.1)  # most weights saturate, yet the gradient is not masked
+    upstream = torch.randn_like(conv.weight)
+    conv.binary_weight().backward(upstream)
+    assert torch.equal(conv.weight.grad, upstream)
+
+
+def test_temperature_is_a_state_dict_buffer() -> None:
+    conv = BinaryConv2d(8, 8)
+    conv.temperature.fill_(0.25)
+    state = conv.state_dict()
+    assert state["temperature"].item() == 0.25
+    assert "temperature" not in dict(conv.named_parameters())
+
+
+def test_constraints_clip_latent_weights_and_recoupling_mix() -> None:
+    model = models.create_model("bnext_tiny", num_classes=4, stem="cifar", width_mult=0.25)
+    block = model.feature[2].Attention
+    with torch.no_grad():
+        block.binary_conv.weight.fill_(3.0)
+        block.binary_conv.weight[0].fill_(-2.0)
+        block.scale.fill_(1.7)
+        block.scale[0, 0].fill_(-0.2)
+    models.apply_constraints(model)
+    assert block.binary_conv.weight.max().item() == 1.5
+    assert block.binary_conv.weight.min().item() == -1.5
+    assert block.scale.max().item() == 1.0 and block.scale.min().item() == 0.0
+
+
+def test_set_temperature_reaches_every_binarizer() -> None:
+    model = models.create_model("bnext18", num_classes=10, stem="cifar", width_mult=0.125)
+    models.set_temperature(model, 0.125)
+    temps = {m.temperature.item() for m in models.binarizers(model)}
+    assert temps == {0.125}
+    assert models.get_temperature(model) == 0.125
+    count = sum(1 for m in model.modules() if isinstance(m, (HardSign, BinaryConv2d)))
+    assert count == 2 * 16  # 16 processors, each with a sign and a binary conv
+
+
+def test_precision_tags_drive_parameter_bits() -> None:
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.25)
+    binary = dict(models.latent_binary_parameters(model))
+    convs = [m for m in model.modules() if isinstance(m, BinaryConv2d)]
+    assert len(binary) == len(convs) == 13 + 13 + 5  # 3x3 per block, 1x1 per block, one more per doubling block
+    assert all(name.endswith("binary_conv.weight") for name in binary)
+    precision = models.layer_precision(convs[0])
+    assert precision.is_binary and precision.weight_bits == 1 and precision.input_bits == 1
+    assert models.layer_precision(model.fc) == models.LayerPrecision(32, 32)
+    assert models.layer_precision(model.prelu) is None
+    bits = models.parameter_bits(model)
+    assert {bits[name] for name in binary} == {1}
+    assert {b for name, b in bits.items() if name not in binary} == {32}
+
+
+def test_set_temperature_rejects_non_positive() -> None:
+    model = models.create_model("bnext_tiny", num_classes=2, width_mult=0.25)
+    for bad in (0.0, -1.0, float("nan")):
+        try:
+            models.set_temperature(model, bad)
+        except ValueError as error:
+            assert "positive" in str(error)
+        else:
+            raise AssertionError(f"accepted temperature {bad}")
