@@ -8,7 +8,7 @@ Importing the package also registers the model names with timm
 """
 
 from .bnext import BNext, BNext18
-from .checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, read_state_dict
 from .factory import MODEL_NAMES, create_model, list_models, register_with_timm
 from .layers import BinaryConv2d, SqueezeExcite
 from .precision import (
@@ -37,6 +37,7 @@ __all__ = [
     "SqueezeExcite",
     "apply_constraints",
     "binarizers",
+    "check_state_dict",
     "create_model",
     "get_temperature",
     "latent_binary_parameters",

@@ -93,7 +93,8 @@ class BinaryFFN(Processor):
     """Binary feed-forward module (3x3 or 1x1): ``y = BN(b) + r`` with ``r = x``.
 
     Without info-recoupling the official code skips ``norm2``: ``y = b + r``.
-    ``activation1`` exists only for checkpoint compatibility and is frozen.
+    ``activation1`` (and ``norm2`` when unused) exist only for checkpoint
+    compatibility and are frozen.
     """
 
     def __init__(
@@ -108,6 +109,10 @@ class BinaryFFN(Processor):
             raise ValueError("the 1x1 binary FFN has stride 1")
         super().__init__(channels, channels, kernel_size, stride, info_recoupling, sign_threshold)
         self.activation1 = frozen_prelu(channels)
+        if not info_recoupling:
+            # Without recoupling the official forward skips norm2: freeze its affine
+            # parameters too, so that every trainable parameter gets a gradient.
+            self.norm2.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = _avg_pool_if_strided(x, self.stride)

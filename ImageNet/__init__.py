@@ -1,0 +1,1 @@
+"""BNext training and evaluation on ImageNet-layout data."""

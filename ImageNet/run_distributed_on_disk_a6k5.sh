@@ -1,0 +1,1 @@
+../run_distributed_on_disk_a6k5.sh

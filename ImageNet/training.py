@@ -1,0 +1,433 @@
+"""The training run: set up data, model, optimizer and logging, then loop over epochs.
+
+``ImageNet/train.py`` is a thin wrapper around :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import models
+
+from . import checkpointing
+from .config import ConfigError, parse_args, resolved_config
+from .data import DataError, build_datasets, build_loaders, build_mixup
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .engine import NonFiniteLossError, Trainer, evaluate, train_one_epoch
+from .losses import ClassificationLoss
+from .optim import TemperatureSchedule, build_optimizer, build_scheduler
+
+LOG = logging.getLogger("bnext.train")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Wraps the training sampler so that a resumed epoch starts at the batch it stopped at."""
+
+    def __init__(self, base: torch.utils.data.Sampler[int]) -> None:
+        self.base = base
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the shuffling sampler (the order is a function of seed and epoch)."""
+        self.base.set_epoch(epoch)
+
+    def skip_next(self, count: int) -> None:
+        """Drop the first ``count`` indices of the next pass only."""
+        self._skip = count
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        for position, index in enumerate(self.base):
+            if position >= skip:
+                yield index
+
+    def __len__(self) -> int:
+        return len(self.base) - self._skip
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(output: Path, is_main: bool) -> None:
+    LOG.handlers.clear()
+    LOG.setLevel(logging.INFO if is_main else logging.WARNING)
+    LOG.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    LOG.addHandler(console)
+    if is_main:
+        file_handler = logging.FileHandler(output / "log.txt")
+        file_handler.setFormatter(formatter)
+        LOG.addHandler(file_handler)
+
+
+def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
+    if args.batch_size % info.world_size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+            f"{info.world_size} processes; use a multiple of {info.world_size}"
+        )
+    if args.dataset == "folder" and not args.data_dir:
+        raise ConfigError("--data-dir is required (a folder with train/<class>/ and val/<class>/ images)")
+    if args.amp == "fp16" and info.device.type == "cpu":
+        LOG.warning("fp16 autocast on the CPU is slow; bf16 is the CPU's mixed precision")
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The student network from the model flags (and ``--initial-checkpoint``)."""
+    model = models.create_model(
+        args.model,
+        num_classes=num_classes,
+        stem=args.stem,
+        elm_attention=args.elm_attention,
+        info_recoupling=args.info_recoupling,
+        stage_channels=args.stage_channels,
+        width_mult=args.width_mult,
+    )
+    if args.initial_checkpoint:
+        models.load_checkpoint(model, args.initial_checkpoint)
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _resume_path(args: argparse.Namespace, output: Path) -> Path | None:
+    if args.resume:
+        return Path(args.resume)
+    last = output / checkpointing.LAST
+    return last if args.auto_resume and last.is_file() else None
+
+
+class Run:
+    """State of one training run, with the checkpoint format in one place."""
+
+    def __init__(self, args: argparse.Namespace, info: DistInfo) -> None:
+        self.args = args
+        self.info = info
+        self.output = Path(args.output)
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_top1 = 0.0
+        self.history: list[dict[str, float]] = []
+        self.last_save = time.monotonic()
+
+    def state(self, trainer: Trainer, scheduler: Any, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        """Everything needed to continue exactly where the run is."""
+        return {
+            "model": _unwrap(trainer.model).state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "global_step": trainer.global_step,
+            "best_top1": self.best_top1,
+            "history": self.history,
+            "rng": checkpointing.rng_state(),
+            "config": resolved_config(self.args),
+        }
+
+    def save(self, trainer: Trainer, scheduler: Any, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
+        """Rank 0 writes ``last.pth`` (and ``best.pth``) atomically."""
+        if self.info.is_main:
+            state = self.state(trainer, scheduler, epoch, batch_in_epoch)
+            checkpointing.save_atomic(state, self.output / checkpointing.LAST)
+            if best:
+                checkpointing.save_atomic(state, self.output / checkpointing.BEST)
+        self.last_save = time.monotonic()
+
+    def restore(self, path: Path, trainer: Trainer, scheduler: Any) -> None:
+        """Load a checkpoint written by :meth:`save` into the live objects."""
+        state = checkpointing.load(path)
+        model = _unwrap(trainer.model)
+        models.check_state_dict(model, state["model"])
+        model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if trainer.scaler is not None and state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+        if trainer.ema is not None and state.get("ema"):
+            trainer.ema.module.load_state_dict(state["ema"])
+        trainer.global_step = state["global_step"]
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.best_top1, self.history = state["best_top1"], list(state["history"])
+        if self.info.is_main:
+            checkpointing.set_rng_state(state["rng"])
+        LOG.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
+
+
+def _progress(total: int, epoch: int, is_main: bool) -> Any:
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """Run (or resume) training as configured; returns the final metrics."""
+    info = init_distributed(args.device)
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create the output directory {str(output)!r}: {error}") from error
+    _setup_logging(output, info.is_main)
+    _check_args(args, info)
+    seed_everything(args.seed + info.rank)
+
+    train_set, val_set, classes = build_datasets(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        img_size=args.img_size,
+        download=args.download,
+        auto_augment=None if str(args.aa).lower() == "none" else args.aa,
+        interpolation=args.interpolation,
+        crop_pct=args.crop_pct,
+        re_prob=args.reprob,
+        hflip=args.hflip,
+        scale=tuple(args.scale),
+        skip_bad_images=args.skip_bad_images,
+    )
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise ConfigError(f"--num-classes {args.num_classes} does not match the {len(classes)} classes in the data")
+    num_classes = len(classes)
+    train_loader, val_loader, train_sampler = build_loaders(
+        train_set,
+        val_set,
+        batch_size=args.batch_size // info.world_size,
+        workers=args.workers,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=args.seed,
+        repeated_aug=args.aug_repeats,
+        pin_memory=args.pin_mem and info.device.type == "cuda",
+    )
+    sampler = ResumableSampler(train_sampler)
+    train_loader = torch.utils.data.DataLoader(
+        train_loader.dataset,
+        batch_size=train_loader.batch_size,
+        sampler=sampler,
+        num_workers=train_loader.num_workers,
+        pin_memory=train_loader.pin_memory,
+        drop_last=True,
+        persistent_workers=train_loader.num_workers > 0,
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"the per-process batch {args.batch_size // info.world_size} is larger than this process's share of "
+            f"the {len(train_set)} training images; lower --batch-size"
+        )
+
+    model = build_model(args, num_classes).to(info.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn and info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=args.model_ema_decay)
+    optimizer = build_optimizer(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        binary_weight_decay=args.binary_weight_decay,
+        betas=tuple(args.opt_betas),
+        eps=args.opt_eps,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        steps_per_epoch=len(train_loader),
+        on_updates=args.sched_on_updates,
+    )
+    core = model
+    forward_model: nn.Module = torch.compile(model) if args.compile else model
+    if info.distributed:
+        device_ids = [info.local_rank] if info.device.type == "cuda" else None
+        forward_model = DistributedDataParallel(forward_model, device_ids=device_ids)
+    amp_dtype = AMP_DTYPES[args.amp]
+    trainer = Trainer(
+        model=forward_model,
+        optimizer=optimizer,
+        loss_fn=ClassificationLoss(args.smoothing),
+        device=info.device,
+        scheduler=scheduler,
+        sched_on_updates=args.sched_on_updates,
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler(info.device.type) if args.amp == "fp16" else None,
+        clip_grad=args.clip_grad,
+        channels_last=args.channels_last,
+        mixup=build_mixup(
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+        ),
+        ema=ema,
+        constrained=core,
+        nan_at_step=args.debug_nan_at_step,
+    )
+    temperature = TemperatureSchedule(args.temperature_start, args.temperature_decay)
+
+    run = Run(args, info)
+    resume = _resume_path(args, output)
+    if resume is not None:
+        run.restore(resume, trainer, scheduler)
+    if info.is_main:
+        _write_config(output / "config.yaml", resolved_config(args))
+    writer = _tensorboard(output) if info.is_main else None
+    LOG.info(
+        "model %s: %d parameters (%d binary), %d classes, %d train / %d val images, %d process(es) on %s",
+        args.model,
+        sum(p.numel() for p in core.parameters()),
+        sum(p.numel() for _, p in models.latent_binary_parameters(core)),
+        num_classes,
+        len(train_set),
+        len(val_set),
+        info.world_size,
+        info.device,
+    )
+
+    final: dict[str, float] = {}
+    try:
+        if run.epoch >= args.epochs:
+            LOG.info("training is already complete (%d epochs) in %s", args.epochs, output)
+        for epoch in range(run.epoch, args.epochs):
+            final = _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+        barrier()
+    if not final and run.history:
+        final = run.history[-1]
+    LOG.info("final: %s", json.dumps({k: float(f"{v:.6g}") for k, v in final.items()}))
+    return final
+
+
+def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer) -> dict:
+    args, info = run.args, run.info
+    start_batch = run.batch_in_epoch if epoch == run.epoch else 0
+    sampler.set_epoch(epoch)
+    if start_batch:
+        sampler.skip_next(start_batch * train_loader.batch_size)
+    models.set_temperature(_unwrap(trainer.model), temperature(epoch))
+    if not args.sched_on_updates:
+        scheduler.step(epoch)
+
+    def maybe_checkpoint(batch_index: int) -> None:
+        if (time.monotonic() - run.last_save) / 60 >= args.checkpoint_minutes and batch_index < len(train_loader):
+            run.save(trainer, scheduler, epoch, batch_index)
+
+    progress = _progress(len(train_loader), epoch, info.is_main)
+    try:
+        stats = train_one_epoch(
+            trainer, train_loader, epoch, on_step=maybe_checkpoint, progress=progress, start_batch=start_batch
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    val = evaluate(
+        trainer.model, val_loader, info.device, amp_dtype=trainer.amp_dtype, channels_last=args.channels_last
+    )
+    metrics = {
+        "epoch": float(epoch),
+        "train_loss": stats["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "val_loss": val["loss"],
+        "lr": trainer.optimizer.param_groups[1]["lr"],
+        "temperature": temperature(epoch),
+        "images_per_second": stats["images_per_second"] * info.world_size,
+        "data_time": stats["data_time"],
+    }
+    if trainer.ema is not None:
+        ema_val = evaluate(trainer.ema.module, val_loader, info.device, amp_dtype=trainer.amp_dtype)
+        metrics["val_ema_top1"] = ema_val["top1"]
+    is_best = val["top1"] > run.best_top1
+    run.best_top1 = max(run.best_top1, val["top1"])
+    run.history.append(metrics)
+    run.save(trainer, scheduler, epoch + 1, 0, best=is_best)
+    LOG.info(
+        "epoch %d/%d  train loss %.4f  val top-1 %.2f  top-5 %.2f  lr %.3g  T %.3g  %.0f img/s",
+        epoch + 1,
+        args.epochs,
+        metrics["train_loss"],
+        metrics["val_top1"],
+        metrics["val_top5"],
+        metrics["lr"],
+        metrics["temperature"],
+        metrics["images_per_second"],
+    )
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "epoch":
+                writer.add_scalar(_tb_tag(key), value, epoch)
+        writer.flush()
+    return metrics
+
+
+def _tb_tag(key: str) -> str:
+    split, _, name = key.partition("_")
+    return f"{split}/{name}" if split in ("train", "val") else f"train/{key}"
+
+
+def _tensorboard(output: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(output / "tensorboard"))
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse flags, train, and turn known failures into messages and exit codes."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ConfigError, DataError, models.CheckpointMismatchError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}; stopped without saving, the last checkpoint is the last good one", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    return 0

@@ -1,0 +1,283 @@
+"""The training script end to end: torchrun with 2 gloo processes, resume, recipe pieces and errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import models
+from ImageNet import checkpointing
+from ImageNet.config import ConfigError, build_parser, load_yaml_defaults, parse_args
+from ImageNet.optim import TemperatureSchedule, build_optimizer, parameter_groups
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ("cat", "dog", "emu")
+# A BNext-T layout small enough for seconds per epoch: stem 8, then 16, 16, 32.
+TINY_MODEL = ["--model", "bnext_tiny", "--stem", "cifar", "--stage-channels", "8", "16", "16", "32"]
+FAST = ["--img-size", "32", "--workers", "0", "--aa", "none", "--warmup-epochs", "0", "--log-interval", "1"]
+
+
+def _write_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def make_image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """Real PNG and JPEG files of several sizes in train/ and val/."""
+    seed = 0
+    for split, count in per_class.items():
+        for label in CLASSES:
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                seed += 1
+                suffix = ".png" if index % 2 else ".JPEG"
+                _write_image(folder / f"{index}{suffix}", (24 + 8 * (index % 4), 20 + 6 * (index % 3)), seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), {"train": 8, "val": 3})
+
+
+def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ImageNet/train.py as a user would (torchrun when nproc > 1)."""
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        launcher = [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*launcher, "ImageNet/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _common(data: Path, output: Path, epochs: int, batch: int = 6) -> list[str]:
+    return [
+        "--data-dir",
+        str(data),
+        "--output",
+        str(output),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch),
+        *TINY_MODEL,
+        *FAST,
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(image_folder: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("run2p")
+    result = run_train(_common(image_folder, output, epochs=1), nproc=2)
+    return output, result
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_epoch_writes_checkpoints_config_and_events(two_process_run) -> None:
+    output, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    for name in ("last.pth", "best.pth", "config.yaml", "log.txt"):
+        assert (output / name).is_file(), name
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    state = torch.load(output / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
+    # 24 training images, global batch 6 -> 4 steps, each process sees its own 3-image shard
+    assert state["global_step"] == 4
+    assert state["history"][0]["temperature"] == 1.0
+    config = yaml.safe_load((output / "config.yaml").read_text())
+    assert config["batch_size"] == 6 and config["model"] == "bnext_tiny"
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_scalars(two_process_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "val/top1", "val/top5", "val/loss", "train/lr", "train/temperature"}
+    assert expected <= tags
+    assert "train/images_per_second" in tags and "train/data_time" in tags
+
+
+def test_resume_continues_at_the_next_epoch_with_optimizer_state(image_folder: Path, tmp_path: Path) -> None:
+    first = run_train(_common(image_folder, tmp_path, epochs=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    after_one = torch.load(tmp_path / "last.pth", weights_only=True)
+    second = run_train(_common(image_folder, tmp_path, epochs=2))  # the same command, one more epoch
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at epoch 1, batch 0" in second.stdout
+    assert "epoch 1/2" not in second.stdout and "epoch 2/2" in second.stdout
+    after_two = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert after_two["epoch"] == 2 and len(after_two["history"]) == 2
+    # AdamW's per-parameter step counter carried over: 4 steps per epoch, 8 in all.
+    steps = {float(s["step"]) for s in after_two["optimizer"]["state"].values()}
+    assert steps == {8.0}
+    assert after_two["history"][0] == after_one["history"][0]
+    assert after_two["history"][1]["temperature"] == pytest.approx(0.9)
+    # A finished run re-run with the same command does no more work.
+    third = run_train(_common(image_folder, tmp_path, epochs=2))
+    assert third.returncode == 0 and "already complete" in third.stdout
+
+
+def test_parameter_groups_follow_precision_tags() -> None:
+    model = models.create_model("bnext_tiny", num_classes=3, stem="cifar", width_mult=0.25)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
+    binary, real = optimizer.param_groups
+    assert (binary["group"], binary["weight_decay"]) == ("binary", 1e-8)
+    assert (real["group"], real["weight_decay"]) == ("real", 1e-3)
+    latent = {id(p) for _, p in models.latent_binary_parameters(model)}
+    assert {id(p) for p in binary["params"]} == latent
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in real["params"]} == trainable - latent
+    # the stem conv and the SE convs are real-valued even though they are 4-D
+    assert id(model.feature[0].conv1.weight) in {id(p) for p in real["params"]}
+    groups = parameter_groups(model, 0.5, 0.25)
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.5]
+
+
+def test_temperature_schedule_official_values() -> None:
+    schedule = TemperatureSchedule()
+    assert schedule(0) == 1.0
+    assert schedule(1) == pytest.approx(0.9)
+    assert schedule(10) == pytest.approx(0.9**10)
+    assert schedule(152) >= 1e-7 > schedule(153)  # exact sign weights from epoch 153 on
+    with pytest.raises(ValueError):
+        TemperatureSchedule(start=1.0, decay=1.5)
+
+
+def test_yaml_sets_defaults_and_the_command_line_wins(tmp_path: Path) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochs: 7\nlr: 0.01\nelm_attention: false\nstage-channels: [8, 16]\nmodel: bnext18\n")
+    args = parse_args(["-c", str(config), "--lr", "0.5"])
+    assert args.epochs == 7 and args.lr == 0.5 and args.elm_attention is False
+    assert args.stage_channels == [8, 16] and args.model == "bnext18"
+    args = parse_args(["-c", str(config), "--elm-attention"])
+    assert args.elm_attention is True
+    assert parse_args([]).epochs == 512
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epoch: 3\n", "unknown key 'epoch'.*did you mean epochs"),
+        ("lr: fast\n", "config key 'lr'"),
+        ("channels_last: 'yes'\n", "must be true or false"),
+        ("model: bnext_huge\n", "must be one of"),
+        ("stage_channels: 8\n", "must be a list"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+    ],
+)
+def test_bad_yaml_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_yaml_defaults(config, build_parser())
+
+
+def test_booleans_are_real_switches() -> None:
+    args = parse_args(["--no-elm-attention", "--no-info-recoupling", "--channels-last"])
+    assert args.elm_attention is False and args.info_recoupling is False and args.channels_last is True
+    with pytest.raises(SystemExit):  # the official `type=bool` accepted "False" as True
+        parse_args(["--elm-attention", "False"])
+
+
+def _error_of(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
+
+
+def test_errors_stop_before_training_with_a_fix(image_folder: Path, tmp_path: Path) -> None:
+    missing = run_train(_common(tmp_path / "nowhere", tmp_path / "o1", epochs=1))
+    assert "does not exist" in _error_of(missing)
+
+    unknown = run_train([*_common(image_folder, tmp_path / "o2", epochs=1), "--model", "bnext_huge"])
+    assert "invalid choice: 'bnext_huge'" in _error_of(unknown)
+
+    odd = run_train(_common(image_folder, tmp_path / "o3", epochs=1, batch=5), nproc=2)
+    assert "must be divisible by the 2 processes" in _error_of(odd)
+
+
+def test_data_layout_errors(tmp_path: Path) -> None:
+    empty_class = make_image_folder(tmp_path / "a", {"train": 2, "val": 1})
+    for image in (empty_class / "train" / "dog").iterdir():
+        image.unlink()
+    assert "dog" in _error_of(run_train(_common(empty_class, tmp_path / "oa", epochs=1)))
+
+    mismatch = make_image_folder(tmp_path / "b", {"train": 2, "val": 1})
+    (mismatch / "val" / "emu").rename(mismatch / "val" / "owl")
+    error = _error_of(run_train(_common(mismatch, tmp_path / "ob", epochs=1)))
+    assert "emu" in error and "owl" in error
+
+    broken = make_image_folder(tmp_path / "c", {"train": 2, "val": 1})
+    (broken / "train" / "cat" / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    error = _error_of(run_train(_common(broken, tmp_path / "oc", epochs=1, batch=7)))  # one batch: every file
+    assert "bad.JPEG" in error
+
+
+def test_checkpoint_of_another_architecture_or_class_count(image_folder: Path, tmp_path: Path) -> None:
+    other = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 16, 16, 32])
+    checkpointing.save_atomic({"model": other.state_dict()}, tmp_path / "ten_classes.pth")
+    result = run_train(
+        [*_common(image_folder, tmp_path / "o", epochs=1), "--initial-checkpoint", str(tmp_path / "ten_classes.pth")]
+    )
+    error = _error_of(result)
+    assert "fc.weight: checkpoint (10, 32) vs model (3, 32)" in error
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    assert run_train(_common(image_folder, tmp_path, epochs=1)).returncode == 0
+    good = (tmp_path / "last.pth").read_bytes()
+    result = run_train([*_common(image_folder, tmp_path, epochs=2), "--debug-nan-at-step", "6"])
+    error = _error_of(result)
+    assert result.returncode == 1
+    assert "global step 6" in error and "last good one" in error
+    assert (tmp_path / "last.pth").read_bytes() == good
+
+
+def run_validate(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run ImageNet/validate.py (torchrun when nproc > 1)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*launcher, "ImageNet/validate.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_validate_reproduces_the_run_and_reduces_exactly_over_processes(two_process_run, image_folder) -> None:
+    import json
+
+    output, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = torch.load(output / "best.pth", weights_only=True)
+    args = ["--checkpoint", str(output / "best.pth"), "--data-dir", str(image_folder), "--img-size", "32"]
+    args += ["--workers", "0", "--batch-size", "4"]
+    single = run_validate(args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_result = json.loads(single.stdout.strip().splitlines()[-1])
+    assert single_result["count"] == 9  # 3 classes x 3 val images: every image once
+    assert single_result["top1"] == pytest.approx(best["history"][-1]["val_top1"])
+    double = run_validate(args, nproc=2)  # 9 images over 2 processes: 5 + 4, no padding
+    assert double.returncode == 0, double.stderr[-3000:]
+    double_result = json.loads(double.stdout.strip().splitlines()[-1])
+    assert double_result["count"] == 9
+    assert double_result["top1"] == pytest.approx(single_result["top1"])
+    assert double_result["top5"] == pytest.approx(single_result["top5"])
