@@ -329,6 +329,31 @@ class ShardedEvalSampler(Sampler[int]):
         return len(range(self.rank, self.dataset_len, self.world_size))
 
 
+class ResumableSampler(Sampler[int]):
+    """Wraps the training sampler so that a resumed epoch starts at the sample it stopped at."""
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base = base
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the shuffling sampler (the order is a function of seed and epoch)."""
+        self.base.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def skip_next(self, count: int) -> None:
+        """Drop the first ``count`` indices of the next pass only."""
+        self._skip = count
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        for position, index in enumerate(self.base):
+            if position >= skip:
+                yield index
+
+    def __len__(self) -> int:
+        return len(self.base) - self._skip  # type: ignore[arg-type]
+
+
 def build_loaders(
     train_set: Dataset,
     val_set: Dataset,
@@ -341,12 +366,13 @@ def build_loaders(
     repeated_aug: int = 1,
     pin_memory: bool = False,
     drop_last: bool = True,
-) -> tuple[DataLoader, DataLoader, Sampler]:
+) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     """The (train loader, val loader, train sampler) of one process; ``batch_size`` is per process.
 
-    The train sampler is a DistributedSampler even for one process, so ``set_epoch(epoch)``
-    gives a deterministic, resumable order; ``repeated_aug > 1`` uses timm's RepeatAugSampler
-    (whose order depends on the epoch only, not on ``seed``). Validation is sharded without padding.
+    The train sampler wraps a DistributedSampler even for one process, so that
+    ``set_epoch(epoch)`` gives a deterministic, resumable order and ``skip_next`` resumes
+    inside an epoch; ``repeated_aug > 1`` uses timm's RepeatAugSampler (whose order
+    depends on the epoch only, not on ``seed``). Validation is sharded without padding.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -355,13 +381,14 @@ def build_loaders(
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if repeated_aug > 1:
-        train_sampler: Sampler = RepeatAugSampler(
+        base: Sampler = RepeatAugSampler(
             train_set, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeated_aug
         )
     else:
-        train_sampler = DistributedSampler(
+        base = DistributedSampler(
             train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
         )
+    train_sampler = ResumableSampler(base)
     # A seeded generator makes the workers' augmentation seeds reproducible and different per rank.
     generator = torch.Generator().manual_seed(seed + rank)
     common: dict[str, Any] = {

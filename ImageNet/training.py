@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +34,6 @@ from .optim import TemperatureSchedule, build_optimizer, build_scheduler
 
 LOG = logging.getLogger("bnext.train")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ResumableSampler(torch.utils.data.Sampler[int]):
-    """Wraps the training sampler so that a resumed epoch starts at the batch it stopped at."""
-
-    def __init__(self, base: torch.utils.data.Sampler[int]) -> None:
-        self.base = base
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the shuffling sampler (the order is a function of seed and epoch)."""
-        self.base.set_epoch(epoch)
-
-    def skip_next(self, count: int) -> None:
-        """Drop the first ``count`` indices of the next pass only."""
-        self._skip = count
-
-    def __iter__(self) -> Iterator[int]:
-        skip, self._skip = self._skip, 0
-        for position, index in enumerate(self.base):
-            if position >= skip:
-                yield index
-
-    def __len__(self) -> int:
-        return len(self.base) - self._skip
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +65,8 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         )
     if args.dataset == "folder" and not args.data_dir:
         raise ConfigError("--data-dir is required (a folder with train/<class>/ and val/<class>/ images)")
+    if args.sync_bn and info.device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only there); drop it on the CPU")
     if args.amp == "fp16" and info.device.type == "cpu":
         LOG.warning("fp16 autocast on the CPU is slow; bf16 is the CPU's mixed precision")
 
@@ -218,7 +195,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ConfigError(f"--num-classes {args.num_classes} does not match the {len(classes)} classes in the data")
     num_classes = len(classes)
-    train_loader, val_loader, train_sampler = build_loaders(
+    train_loader, val_loader, sampler = build_loaders(
         train_set,
         val_set,
         batch_size=args.batch_size // info.world_size,
@@ -229,21 +206,6 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         repeated_aug=args.aug_repeats,
         pin_memory=args.pin_mem and info.device.type == "cuda",
     )
-    sampler = ResumableSampler(train_sampler)
-    train_loader = torch.utils.data.DataLoader(
-        train_loader.dataset,
-        batch_size=train_loader.batch_size,
-        sampler=sampler,
-        num_workers=train_loader.num_workers,
-        pin_memory=train_loader.pin_memory,
-        drop_last=True,
-        persistent_workers=train_loader.num_workers > 0,
-    )
-    if len(train_loader) == 0:
-        raise ConfigError(
-            f"the per-process batch {args.batch_size // info.world_size} is larger than this process's share of "
-            f"the {len(train_set)} training images; lower --batch-size"
-        )
 
     model = build_model(args, num_classes).to(info.device)
     if args.channels_last:

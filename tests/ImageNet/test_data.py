@@ -20,6 +20,7 @@ from ImageNet import demo_data
 from ImageNet.data import (
     CheckedImageFolder,
     DataError,
+    ResumableSampler,
     ShardedEvalSampler,
     build_datasets,
     build_loaders,
@@ -270,7 +271,7 @@ def test_train_loader_shards_are_disjoint_and_deterministic_per_epoch() -> None:
         return build_loaders(dataset, _Indices(11), batch_size=4, workers=0, world_size=2, rank=rank, seed=seed)
 
     rank0, rank1 = loaders(0), loaders(1)
-    assert isinstance(rank0[2], DistributedSampler)
+    assert isinstance(rank0[2].base, DistributedSampler)
     first0, first1 = _epoch(rank0, 0), _epoch(rank1, 0)
     assert len(first0) == len(first1) == 8  # 10 per rank, last partial batch dropped
     assert not set(first0) & set(first1)
@@ -284,12 +285,12 @@ def test_train_loader_shards_are_disjoint_and_deterministic_per_epoch() -> None:
 
 def test_loader_options() -> None:
     single = build_loaders(_Indices(8), _Indices(3), batch_size=4, workers=0, world_size=1, rank=0, seed=0)
-    assert isinstance(single[2], DistributedSampler)  # also for one process: set_epoch works
+    assert isinstance(single[2].base, DistributedSampler)  # also for one process: set_epoch works
     assert sorted(_epoch(single, 3)) == list(range(8))
     repeated = build_loaders(
         _Indices(8), _Indices(3), batch_size=2, workers=2, world_size=2, rank=1, seed=0, repeated_aug=3
     )
-    assert isinstance(repeated[2], RepeatAugSampler)
+    assert isinstance(repeated[2].base, RepeatAugSampler)
     assert repeated[0].persistent_workers and repeated[1].persistent_workers
     with pytest.raises(DataError, match="batch"):
         build_loaders(_Indices(8), _Indices(3), batch_size=16, workers=0, world_size=1, rank=0, seed=0)
@@ -394,3 +395,13 @@ def test_mnist_cli_prints_the_path(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["--output", str(tmp_path / "cli"), "--n-train", "10", "--n-val", "10"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
     assert len(_pngs(tmp_path / "cli", "train")) == 10
+
+
+def test_resumable_sampler_skips_only_the_next_pass() -> None:
+    sampler = ResumableSampler(DistributedSampler(list(range(10)), num_replicas=1, rank=0, shuffle=True, seed=3))
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip_next(4)
+    assert len(sampler) == 6
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the skip applies once

@@ -281,3 +281,32 @@ def test_validate_reproduces_the_run_and_reduces_exactly_over_processes(two_proc
     assert double_result["count"] == 9
     assert double_result["top1"] == pytest.approx(single_result["top1"])
     assert double_result["top5"] == pytest.approx(single_result["top5"])
+
+
+def test_mid_epoch_checkpoint_resumes_at_the_batch(image_folder: Path, tmp_path: Path) -> None:
+    # --checkpoint-minutes 0 saves after every step; the NaN at global step 2 stops the run
+    # after two good steps, whose checkpoint records batch 2 of epoch 0.
+    stopped = run_train(
+        [*_common(image_folder, tmp_path, epochs=1), "--checkpoint-minutes", "0", "--debug-nan-at-step", "2"]
+    )
+    assert stopped.returncode == 1
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, 2, 2)
+    resumed = run_train(_common(image_folder, tmp_path, epochs=1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at epoch 0, batch 2" in resumed.stdout
+    final = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert (final["epoch"], final["batch_in_epoch"], final["global_step"]) == (1, 0, 4)
+
+
+def test_amp_channels_last_and_ema_options_run(image_folder: Path, tmp_path: Path) -> None:
+    result = run_train([*_common(image_folder, tmp_path, epochs=1), "--amp", "bf16", "--channels-last", "--model-ema"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["ema"] is not None and "val_ema_top1" in state["history"][0]
+
+
+def test_sync_bn_on_the_cpu_is_refused_with_a_reason(image_folder: Path, tmp_path: Path) -> None:
+    # torch's SyncBatchNorm runs only on CUDA devices; the CPU run says so before training.
+    result = run_train([*_common(image_folder, tmp_path, epochs=1), "--sync-bn"], nproc=2)
+    assert "--sync-bn needs CUDA" in _error_of(result)
