@@ -1,0 +1,720 @@
+"""Training-step speed against its convolution floor, measured side by side in one run.
+
+For a model, input size and batch this times, alternately after warm-up:
+
+* the full training step: forward, cross-entropy, backward, ``torch.optim.AdamW`` step
+  and :func:`models.apply_constraints` (the binarization constraints), and
+* the *convolution floor*: every convolution and linear layer the model calls (binary
+  and real-valued alike), with the shapes, strides, paddings and groups recorded from
+  one forward, run as bare ``F.conv2d``/``F.linear`` forward plus backward and nothing
+  else. The floor is what the step would cost if everything but the convolutions were
+  free, so ``step / floor`` says how much room the non-convolution work leaves.
+
+Usage::
+
+    python benchmarks/train_step.py --model bnext_tiny --width-mult 0.25 --batch 16 --mode eager --mode channels_last
+    python -m benchmarks.train_step --device cuda --img-size 224 --stem imagenet --batch 128 --mode all --json out.json
+
+The functions (:func:`collect_conv_shapes`, :func:`make_floor`, :func:`make_step`,
+:func:`measure`) are importable for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+
+#: Modules whose calls make up the floor; every other weight-multiplying layer is refused.
+FLOOR_MODULES = (models.BinaryConv2d, nn.Conv2d, nn.Linear)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One convolution or linear call of a forward pass, as the floor replays it.
+
+    ``input_requires_grad`` is False for the first layer (its input is the image
+    batch): the training step never computes that input gradient, so neither does
+    the floor.
+    """
+
+    name: str
+    kind: str  # "conv2d" or "linear"
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    binary: bool = False
+    input_requires_grad: bool = True
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward call."""
+        if self.kind == "linear":
+            rows = 1
+            for size in self.output_shape[:-1]:
+                rows *= size
+            return rows * self.weight_shape[0] * self.weight_shape[1]
+        n, c_out, h_out, w_out = self.output_shape
+        _, c_in_per_group, k_h, k_w = self.weight_shape
+        return n * c_out * h_out * w_out * c_in_per_group * k_h * k_w
+
+    @property
+    def training_macs(self) -> int:
+        """Multiply-accumulates of forward, weight gradient and (when needed) input gradient."""
+        return self.macs * (3 if self.input_requires_grad else 2)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    first, second = value
+    return (int(first), int(second))
+
+
+def _check_floor_covers(model: nn.Module) -> None:
+    # A weight layer the hooks do not see would silently lower the floor: refuse instead.
+    for name, module in model.named_modules():
+        if models.layer_precision(module) is not None and not isinstance(module, FLOOR_MODULES):
+            raise NotImplementedError(f"{name}: {type(module).__name__} is not covered by the convolution floor")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise NotImplementedError(f"{name}: padding_mode={module.padding_mode!r} is not covered by the floor")
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+            raise NotImplementedError(f"{name}: string padding {module.padding!r} is not covered by the floor")
+
+
+def _conv_shape(name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> ConvShape:
+    common = {
+        "name": name,
+        "input_shape": tuple(x.shape),
+        "weight_shape": tuple(module.weight.shape),
+        "output_shape": tuple(output.shape),
+        "input_requires_grad": x.requires_grad,
+    }
+    if isinstance(module, nn.Linear):
+        return ConvShape(kind="linear", bias=module.bias is not None, **common)
+    if isinstance(module, models.BinaryConv2d):
+        return ConvShape(
+            kind="conv2d",
+            stride=_pair(module.stride),
+            padding=_pair(module.padding),
+            groups=module.groups,
+            binary=True,
+            **common,
+        )
+    return ConvShape(
+        kind="conv2d",
+        stride=_pair(module.stride),
+        padding=_pair(module.padding),
+        dilation=_pair(module.dilation),
+        groups=module.groups,
+        bias=module.bias is not None,
+        **common,
+    )
+
+
+def collect_conv_shapes(model: nn.Module, example: torch.Tensor) -> list[ConvShape]:
+    """Every convolution and linear call of one forward of ``model`` on ``example``, in call order.
+
+    A module called twice gives two entries. The forward runs in eval mode (so that
+    batch-norm running statistics are left alone) but with gradients enabled, to see
+    which inputs need a gradient; the model's train/eval mode is restored. Pass the
+    eager model, not a ``torch.compile`` wrapper.
+    """
+    _check_floor_covers(model)
+    shapes: list[ConvShape] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, FLOOR_MODULES):
+
+            def hook(mod: nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name) -> None:
+                shapes.append(_conv_shape(name, mod, args[0], output))
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+# --------------------------------------------------------------------------- floor
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ConvFloor:
+    """The floor: each recorded call run as a bare forward plus backward, on preallocated tensors.
+
+    Inputs, weights and output gradients are created once, in the compute dtype (under
+    autocast the step's convolutions also compute in that dtype; the casts of the
+    fp32 master weights belong to the step, not to the floor). Biases take part in the
+    forward, as in the model, but get no gradient. Gradients are returned by
+    :func:`torch.autograd.grad`, so nothing is accumulated between calls.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[ConvShape],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        self.shapes = list(shapes)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        for shape in self.shapes:
+            self._tensors.append(self._allocate(shape))
+
+    def _allocate(self, shape: ConvShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        def tensor(size: tuple[int, ...]) -> torch.Tensor:
+            # Random normal values: zeros or denormals could make CPU kernels take other paths.
+            t = torch.randn(size, device=self.device, dtype=self.dtype)
+            if self.channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            return t
+
+        x = tensor(shape.input_shape).requires_grad_(shape.input_requires_grad)
+        weight = tensor(shape.weight_shape).requires_grad_(True)
+        bias = torch.randn(shape.weight_shape[0], device=self.device, dtype=self.dtype) if shape.bias else None
+        grad_output = tensor(shape.output_shape)
+        return x, weight, bias, grad_output
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def run_one(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Forward and backward of call ``index``; returns ``(grad_input, grad_weight)`` or ``(grad_weight,)``."""
+        shape = self.shapes[index]
+        x, weight, bias, grad_output = self._tensors[index]
+        with _autocast(self.device, self.dtype):
+            if shape.kind == "linear":
+                y = F.linear(x, weight, bias)
+            else:
+                y = F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, shape.groups)
+        wanted = (x, weight) if shape.input_requires_grad else (weight,)
+        return torch.autograd.grad(y, wanted, grad_output)
+
+    def __call__(self) -> None:
+        for index in range(len(self.shapes)):
+            self.run_one(index)
+
+    def resident_bytes(self) -> int:
+        """Bytes held by the preallocated tensors (excluded from the step's peak memory on CUDA)."""
+        total = 0
+        for tensors in self._tensors:
+            for t in tensors:
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def make_floor(
+    shapes: Sequence[ConvShape],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> ConvFloor:
+    """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`)."""
+    return ConvFloor(shapes, device, dtype, channels_last)
+
+
+# --------------------------------------------------------------------------- step
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that get gradients (frozen checkpoint-compatibility PReLUs are left out)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Callable[[], None]:
+    """A callable doing one full training step of ``model`` on ``batch = (images, targets)``.
+
+    Forward (through ``forward``, e.g. ``torch.compile(model)``, default ``model``)
+    under autocast when ``amp_dtype`` is given, float32 cross-entropy, backward
+    (through ``scaler`` when given), optimizer step (default ``AdamW`` with its
+    default ``foreach`` implementation), then :func:`models.apply_constraints` on
+    ``model``. The model is put in train mode. No host synchronisation is added.
+    """
+    images, targets = batch
+    model.train()
+    run_forward = forward if forward is not None else model
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(trainable_parameters(model))
+    device = images.device
+
+    def step() -> None:
+        with _autocast(device, amp_dtype):
+            logits = run_forward(images)
+        # The loss in float32 also under autocast, as the trainer does.
+        loss = F.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        models.apply_constraints(model)
+
+    return step
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    step: Callable[[], None],
+    floor: Callable[[], None],
+    warmup: int = 3,
+    iters: int = 10,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Time ``step`` and ``floor`` alternately (step, floor, step, floor, ...) and take medians.
+
+    ``warmup`` untimed pairs come first (they absorb ``torch.compile``, allocator and
+    autotuning start-up). On CUDA the device is synchronised around every timed call,
+    and the peak memory allocated during the step calls is returned as
+    ``step_peak_bytes`` (None elsewhere). ``ratio`` is ``step_ms_median / floor_ms_median``.
+    """
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    device = torch.device(device) if device is not None else None
+    on_cuda = device is not None and device.type == "cuda"
+    for _ in range(warmup):
+        step()
+        floor()
+    _synchronize(device)
+
+    step_ms: list[float] = []
+    floor_ms: list[float] = []
+    step_peak = 0
+    for _ in range(iters):
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        if on_cuda:
+            step_peak = max(step_peak, torch.cuda.max_memory_allocated(device))
+
+        start = time.perf_counter()
+        floor()
+        _synchronize(device)
+        floor_ms.append((time.perf_counter() - start) * 1e3)
+
+    step_median = statistics.median(step_ms)
+    floor_median = statistics.median(floor_ms)
+    return {
+        "step_ms": step_ms,
+        "floor_ms": floor_ms,
+        "step_ms_median": step_median,
+        "floor_ms_median": floor_median,
+        "ratio": step_median / floor_median if floor_median > 0 else float("inf"),
+        "step_peak_bytes": step_peak if on_cuda else None,
+    }
+
+
+# --------------------------------------------------------------------------- modes
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the step runs: mixed precision, memory format, compilation, loss scaling."""
+
+    name: str
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+    grad_scaler: bool = False
+
+
+MODES: dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        Mode("eager"),
+        Mode("channels_last", channels_last=True),
+        Mode("compile", compile=True),
+        Mode("bf16", amp_dtype=torch.bfloat16),
+        Mode("fp16", amp_dtype=torch.float16, grad_scaler=True),
+        Mode("bf16_compile_cl", amp_dtype=torch.bfloat16, channels_last=True, compile=True),
+    )
+}
+
+
+def expand_modes(requested: Sequence[str] | None) -> list[str]:
+    """Mode names in the order asked, ``all`` expanded, duplicates dropped; ``eager`` when none."""
+    names: list[str] = []
+    for name in requested or ["eager"]:
+        for expanded in MODES if name == "all" else [name]:
+            if expanded not in MODES:
+                raise ValueError(f"unknown mode {expanded!r}; valid: {', '.join(MODES)}, all")
+            if expanded not in names:
+                names.append(expanded)
+    return names
+
+
+def _cpu_flags() -> set[str]:
+    for line in _read_cpuinfo():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _read_cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cpp_compiler() -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # private API or no compiler found: fall back to a PATH lookup
+        for candidate in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+            if candidate and shutil.which(candidate):
+                return candidate
+        return None
+
+
+def unsupported_reason(mode: Mode, device: torch.device) -> str | None:
+    """Why ``mode`` cannot run on ``device``, or None when it can."""
+    if mode.grad_scaler and device.type != "cuda":
+        return "fp16 autocast with GradScaler is benchmarked on CUDA only (bf16 is the CPU's mixed precision)"
+    if mode.amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} does not support bfloat16"
+    if mode.compile:
+        if not torch._dynamo.is_dynamo_supported():
+            return f"torch.compile is not supported on Python {platform.python_version()}"
+        if device.type == "cpu" and _cpp_compiler() is None:
+            return "torch.compile (inductor) on the CPU needs a C++ compiler; none found"
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "torch.compile (inductor) on CUDA needs Triton; it is not installed"
+    return None
+
+
+def mode_notes(mode: Mode, device: torch.device) -> list[str]:
+    """Caveats that do not prevent a mode from running but matter when reading its numbers."""
+    notes = []
+    if mode.amp_dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        notes.append(f"{mode.name}: this CPU has no native bf16 instructions (avx512_bf16/amx_bf16); bf16 is emulated")
+    return notes
+
+
+# --------------------------------------------------------------------------- machine and memory
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU model, core counts, torch version and threads, and the GPU name on CUDA."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_cpuinfo() if line.startswith("model name")), "")
+    info: dict[str, Any] = {
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": device.type,
+        # Other work on the machine skews CPU timings (and oversubscribed OpenMP threads spin): record it.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line describing the machine, printed first."""
+    line = (
+        f"machine: CPU {info['cpu']} | {info['logical_cores']} logical cores ({info['usable_cores']} usable) | "
+        f"torch {info['torch']} | {info['torch_threads']} torch threads | device {info['device']}"
+    )
+    if "gpu" in info:
+        line += f" ({info['gpu']})"
+    if info.get("load_average_1min") is not None:
+        line += f" | load {info['load_average_1min']:.2f}"
+    return line
+
+
+def process_max_rss_mb() -> float | None:
+    """The process's peak resident set size in MB (``ru_maxrss``), or None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# --------------------------------------------------------------------------- one mode
+
+
+def _default_num_classes(stem: str) -> int:
+    return 10 if stem == "cifar" else 1000
+
+
+def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Build a fresh model for ``mode``, its step and floor, and measure them side by side."""
+    torch.manual_seed(0)
+    num_classes = args.num_classes or _default_num_classes(args.stem)
+    model = models.create_model(args.model, num_classes=num_classes, stem=args.stem, width_mult=args.width_mult)
+    models.set_temperature(model, args.temperature)
+    model.to(device)
+    memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
+    if mode.channels_last:
+        model.to(memory_format=memory_format)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+    targets = torch.randint(0, num_classes, (args.batch,), device=device)
+
+    shapes = collect_conv_shapes(model, images)
+    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last)
+
+    forward = torch.compile(model) if mode.compile else model
+    scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
+    step = make_step(model, (images, targets), forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
+
+    rss_before = process_max_rss_mb()
+    timings = measure(step, floor, args.warmup, args.iters, device)
+    if device.type == "cuda":
+        # The floor's preallocated tensors stay allocated while the step runs: take them out.
+        peak_mb = (timings["step_peak_bytes"] - floor.resident_bytes()) / 2**20
+        peak_kind = "CUDA max_memory_allocated during the step, floor tensors excluded"
+    else:
+        peak_mb = process_max_rss_mb()
+        peak_kind = "process max RSS (ru_maxrss), cumulative over the run's modes, floor tensors included"
+    floor_gmac = sum(shape.training_macs for shape in shapes) / 1e9
+    result = {
+        "mode": mode.name,
+        "step_ms_median": timings["step_ms_median"],
+        "floor_ms_median": timings["floor_ms_median"],
+        "ratio": timings["ratio"],
+        "images_per_second": args.batch / (timings["step_ms_median"] / 1e3),
+        "peak_mem_mb": peak_mb,
+        "peak_mem_kind": peak_kind,
+        "step_ms": timings["step_ms"],
+        "floor_ms": timings["floor_ms"],
+        "conv_calls": len(shapes),
+        "binary_conv_calls": sum(shape.binary for shape in shapes),
+        "floor_gmac": floor_gmac,
+        "floor_gflops_per_s": 2 * floor_gmac / (timings["floor_ms_median"] / 1e3),
+    }
+    if device.type == "cpu" and rss_before is not None and peak_mb is not None:
+        result["max_rss_growth_mb"] = peak_mb - rss_before
+    return result
+
+
+def _release(device: torch.device) -> None:
+    # Compiled graphs and cached blocks of one mode must not weigh on the next.
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """The plain-text table: one row per measured mode."""
+    header = f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'img/s':>10} {'peak mem MB':>12}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        peak = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else "n/a"
+        lines.append(
+            f"{r['mode']:<16} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
+            f"{r['images_per_second']:>10.1f} {peak:>12}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(
+        description="Time the BNext training step against its convolution floor (same convs, bare fwd+bwd)."
+    )
+    parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
+    parser.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="default: %(default)s")
+    parser.add_argument("--img-size", type=int, default=32, help="square input side (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classifier size (default: 10 with the cifar stem, else 1000)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="default: cuda when available (here: %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=[*MODES, "all"],
+        help="may be repeated; 'all' runs every mode (default: eager)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed step+floor pairs, >= 1 for compile modes (default: %(default)s)"
+    )
+    parser.add_argument("--iters", type=int, default=10, help="timed step+floor pairs (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="binarizer temperature during the benchmark (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns 0, or 1 when a mode failed while running."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    for flag in ("batch", "img_size", "iters"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # Both the step and the floor let cuDNN pick its fastest algorithms.
+        torch.backends.cudnn.benchmark = True
+
+    info = machine_info(device)
+    print(machine_line(info), flush=True)
+    print(
+        f"config: {args.model} stem={args.stem} img={args.img_size} batch={args.batch} width_mult={args.width_mult} "
+        f"temperature={args.temperature} warmup={args.warmup} iters={args.iters}",
+        flush=True,
+    )
+
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    failed: list[dict[str, str]] = []
+    notes: list[str] = []
+    for name in expand_modes(args.mode):
+        mode = MODES[name]
+        reason = unsupported_reason(mode, device)
+        if reason is not None:
+            skipped.append({"mode": name, "reason": reason})
+            print(f"skip {name}: {reason}", file=sys.stderr, flush=True)
+            continue
+        if mode.compile and args.warmup < 1:
+            notes.append(f"{name}: --warmup 0, so the first timed step includes compilation")
+        notes.extend(mode_notes(mode, device))
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(run_mode(mode, args, device))
+        except Exception as error:  # report and go on: one broken mode should not hide the others
+            failed.append({"mode": name, "error": f"{type(error).__name__}: {error}"})
+            print(f"FAILED {name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        finally:
+            _release(device)
+
+    if results:
+        print(format_table(results))
+        print(
+            f"{results[0]['conv_calls']} conv/linear calls per forward ({results[0]['binary_conv_calls']} binary); "
+            f"peak mem = {results[0]['peak_mem_kind']}"
+        )
+    for entry in skipped:
+        print(f"skipped {entry['mode']}: {entry['reason']}")
+    for entry in failed:
+        print(f"failed {entry['mode']}: {entry['error']}")
+    for note in notes:
+        print(f"note: {note}")
+
+    if args.json is not None:
+        config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+        payload = {"machine": info, "config": config, "results": results, "skipped": skipped, "failed": failed}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+__all__ = [
+    "MODES",
+    "ConvFloor",
+    "ConvShape",
+    "Mode",
+    "collect_conv_shapes",
+    "expand_modes",
+    "machine_info",
+    "main",
+    "make_floor",
+    "make_step",
+    "measure",
+    "run_mode",
+    "unsupported_reason",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
