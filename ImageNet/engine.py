@@ -59,7 +59,7 @@ class Trainer:
         return images, targets.to(self.device, non_blocking=non_blocking)
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns the detached loss and logits."""
+        """One optimizer step on a batch with class-index targets; returns the detached loss and logits."""
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with self.autocast():
@@ -112,25 +112,25 @@ def train_one_epoch(
     progress: Any = None,
     start_batch: int = 0,
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns this process's mean loss and timings.
+    """Train for one pass over ``loader``; returns loss, top-1/top-5 and timings.
 
-    ``on_step(batch_index)`` runs after every step (the caller uses it for time-based
-    checkpoints); ``start_batch`` is where a resumed epoch begins, for the indices
-    reported to ``on_step``.
+    Loss and accuracies (against the batch's class labels, before mixup) are summed
+    over all processes, so they describe the whole epoch, not one shard.
+    ``on_step(batch_index)`` runs after every step (the caller uses it for
+    time-based checkpoints); ``start_batch`` is where a resumed epoch begins.
     """
     trainer.model.train()
-    loss_sum = torch.zeros((), device=trainer.device)
-    seen = 0
+    totals = torch.zeros(4, dtype=torch.float64, device=trainer.device)  # loss sum, correct1, correct5, count
     data_time = compute_time = 0.0
     tick = time.perf_counter()
-    batch_index = start_batch
     for batch_index, (images, targets) in enumerate(loader, start=start_batch):
         images, targets = trainer.to_device(images, targets)
         started = time.perf_counter()
         data_time += started - tick
-        loss, _ = trainer.step(images, targets, epoch)
-        loss_sum += loss.float() * images.shape[0]
-        seen += images.shape[0]
+        loss, logits = trainer.step(images, targets, epoch)
+        top1, top5 = accuracy_counts(logits.float(), targets)
+        count = torch.tensor(float(images.shape[0]), dtype=torch.float64, device=trainer.device)
+        totals += torch.stack([loss.double() * count, top1.double(), top5.double(), count])
         tick = time.perf_counter()
         compute_time += tick - started
         if progress is not None:
@@ -138,11 +138,16 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if on_step is not None:
             on_step(batch_index + 1)
+    local_images = totals[3].item()
+    all_reduce_sum(totals)
+    loss_sum, correct1, correct5, count = totals.tolist()
     elapsed = data_time + compute_time
     return {
-        "loss": (loss_sum.item() / seen) if seen else float("nan"),
-        "images": float(seen),
-        "images_per_second": seen / elapsed if elapsed > 0 else 0.0,
+        "loss": loss_sum / count if count else float("nan"),
+        "top1": 100.0 * correct1 / count if count else float("nan"),
+        "top5": 100.0 * correct5 / count if count else float("nan"),
+        "images": count,
+        "images_per_second": local_images / elapsed if elapsed > 0 else 0.0,
         "data_time": data_time,
     }
 

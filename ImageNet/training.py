@@ -328,6 +328,8 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
     metrics = {
         "epoch": float(epoch),
         "train_loss": stats["loss"],
+        "train_top1": stats["top1"],
+        "train_top5": stats["top5"],
         "val_top1": val["top1"],
         "val_top5": val["top5"],
         "val_loss": val["loss"],
@@ -344,10 +346,11 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
     run.history.append(metrics)
     run.save(trainer, scheduler, epoch + 1, 0, best=is_best)
     LOG.info(
-        "epoch %d/%d  train loss %.4f  val top-1 %.2f  top-5 %.2f  lr %.3g  T %.3g  %.0f img/s",
+        "epoch %d/%d  train loss %.4f  top-1 %.2f  val top-1 %.2f  top-5 %.2f  lr %.3g  T %.3g  %.0f img/s",
         epoch + 1,
         args.epochs,
         metrics["train_loss"],
+        metrics["train_top1"],
         metrics["val_top1"],
         metrics["val_top5"],
         metrics["lr"],

@@ -82,3 +82,17 @@ def test_accuracy_counts_and_evaluate_totals() -> None:
     result = evaluate(Fixed(), loader, torch.device("cpu"))
     assert result["count"] == 3
     assert result["top1"] == pytest.approx(100 / 3) and result["top5"] == pytest.approx(200 / 3)
+
+
+def test_train_one_epoch_reports_whole_epoch_metrics() -> None:
+    from ImageNet.engine import train_one_epoch
+
+    trainer = _trainer()
+    images, targets = _batch()
+    loader = DataLoader(TensorDataset(images, targets), batch_size=3)
+    steps = []
+    stats = train_one_epoch(trainer, loader, epoch=0, on_step=steps.append)
+    assert steps == [1, 2] and trainer.global_step == 2
+    assert stats["images"] == 6
+    assert 0 <= stats["top1"] <= stats["top5"] <= 100
+    assert stats["loss"] > 0
