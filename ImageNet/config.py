@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip-bad-images", action="store_true", help="skip undecodable images instead of stopping")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="network")
+    model.add_argument(
+        "--model",
+        default="bnext_tiny",
+        help=f"network: {', '.join(models.list_models())}, or any timm model (e.g. a full-precision teacher)",
+    )
     model.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"], help="stride-2 or stride-1 stem")
     model.add_argument("--width-mult", type=float, default=1.0, help="width multiplier (multiples of 8)")
     model.add_argument("--stage-channels", type=int, nargs="+", default=None, help="replacement width list")
@@ -80,6 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--info-recoupling", action=argparse.BooleanOptionalAction, default=True, help="mix-to-binary attention"
     )
     model.add_argument("--initial-checkpoint", default=None, help="weights to start from (not a resume)")
+
+    kd = parser.add_argument_group("distillation (off unless --teacher is given)")
+    kd.add_argument("--teacher", default=None, help="main teacher: a timm model name (e.g. efficientnet_b2)")
+    kd.add_argument("--assistant-teachers", nargs="*", default=[], help="one assistant teacher per CKD round, in order")
+    kd.add_argument(
+        "--round-starts", type=int, nargs="*", default=None, help="first epoch of each round (default: equal splits)"
+    )
+    kd.add_argument(
+        "--teacher-weights",
+        nargs="*",
+        default=[],
+        help="NAME=PATH local weights (safetensors or state dict) per teacher; others use timm pretrained=True",
+    )
+    kd.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (official 1)")
+    kd.add_argument("--kd-label-weight", type=float, default=0.0, help="weight of a label loss term (official 0)")
+    kd.add_argument(
+        "--kd-weighting",
+        default="sample",
+        choices=["sample", "batch", "uniform"],
+        help="per-sample teacher weights; 'batch' is what the official code computes",
+    )
+    kd.add_argument(
+        "--kd-sign",
+        default="hard",
+        choices=["hard", "easy"],
+        help="hard: weight the teacher the student matches worse (official); easy: the closer one",
+    )
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=_positive_int, default=512, help="training epochs")

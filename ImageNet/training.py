@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,11 +28,13 @@ import models
 
 from . import checkpointing
 from .config import ConfigError, parse_args, resolved_config
-from .data import DataError, build_datasets, build_loaders, build_mixup
+from .data import CIFAR_MEAN, CIFAR_STD, DataError, build_datasets, build_loaders, build_mixup
+from .distillation import DistillationLoss, RoundSchedule
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import NonFiniteLossError, Trainer, evaluate, train_one_epoch
-from .losses import ClassificationLoss
+from .losses import ClassificationLoss, TrainLoss
 from .optim import TemperatureSchedule, build_optimizer, build_scheduler
+from .teachers import TeacherError, load_teachers, parse_weight_files
 
 LOG = logging.getLogger("bnext.train")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +69,10 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         )
     if args.dataset == "folder" and not args.data_dir:
         raise ConfigError("--data-dir is required (a folder with train/<class>/ and val/<class>/ images)")
+    if not timm.is_model(args.model):
+        raise ConfigError(
+            f"unknown model {args.model!r}: use one of {', '.join(models.list_models())} or a timm model name"
+        )
     if args.sync_bn and info.device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only there); drop it on the CPU")
     if args.amp == "fp16" and info.device.type == "cpu":
@@ -72,19 +80,68 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The student network from the model flags (and ``--initial-checkpoint``)."""
-    model = models.create_model(
-        args.model,
-        num_classes=num_classes,
-        stem=args.stem,
-        elm_attention=args.elm_attention,
-        info_recoupling=args.info_recoupling,
-        stage_channels=args.stage_channels,
-        width_mult=args.width_mult,
-    )
+    """The network from the model flags (and ``--initial-checkpoint``).
+
+    BNext names go through :func:`models.create_model` with the BNext flags; any other
+    timm name (a full-precision teacher, say) through ``timm.create_model``.
+    """
+    if args.model in models.MODEL_NAMES:
+        model = models.create_model(
+            args.model,
+            num_classes=num_classes,
+            stem=args.stem,
+            elm_attention=args.elm_attention,
+            info_recoupling=args.info_recoupling,
+            stage_channels=args.stage_channels,
+            width_mult=args.width_mult,
+        )
+    else:
+        LOG.info("%s is not a BNext model: the BNext flags (stem, widths, ablations) do not apply", args.model)
+        model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
     if args.initial_checkpoint:
         models.load_checkpoint(model, args.initial_checkpoint)
     return model
+
+
+def build_loss(args: argparse.Namespace, num_classes: int, device: torch.device) -> TrainLoss:
+    """Cross-entropy, or consecutive multi-teacher distillation when ``--teacher`` is given."""
+    if not args.teacher:
+        if args.assistant_teachers or args.teacher_weights:
+            raise ConfigError("--assistant-teachers and --teacher-weights need a main teacher (--teacher NAME)")
+        return ClassificationLoss(args.smoothing)
+    try:
+        schedule = RoundSchedule(args.teacher, args.assistant_teachers, args.epochs, args.round_starts)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    cifar = args.dataset.startswith("cifar")
+    teachers = load_teachers(
+        schedule.all_teachers(),
+        num_classes=num_classes,
+        weight_files=parse_weight_files(args.teacher_weights),
+        device=device,
+        student_mean=CIFAR_MEAN if cifar else IMAGENET_DEFAULT_MEAN,
+        student_std=CIFAR_STD if cifar else IMAGENET_DEFAULT_STD,
+        amp_dtype=AMP_DTYPES[args.amp],
+        channels_last=args.channels_last,
+    )
+    LOG.info(
+        "distillation: main teacher %s, rounds %s, weighting %s/%s, temperature %g, label weight %g",
+        schedule.main,
+        [(r.start_epoch, r.assistant) for r in schedule.rounds] or "none",
+        args.kd_weighting,
+        args.kd_sign,
+        args.kd_temperature,
+        args.kd_label_weight,
+    )
+    return DistillationLoss(
+        teachers,
+        schedule,
+        temperature=args.kd_temperature,
+        label_weight=args.kd_label_weight,
+        weighting=args.kd_weighting,
+        sign=args.kd_sign,
+        label_smoothing=args.smoothing,
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -243,7 +300,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     trainer = Trainer(
         model=forward_model,
         optimizer=optimizer,
-        loss_fn=ClassificationLoss(args.smoothing),
+        loss_fn=build_loss(args, num_classes, info.device),
         device=info.device,
         scheduler=scheduler,
         sched_on_updates=args.sched_on_updates,
@@ -338,6 +395,11 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
         "images_per_second": stats["images_per_second"] * info.world_size,
         "data_time": stats["data_time"],
     }
+    if isinstance(trainer.loss_fn, DistillationLoss):
+        metrics["kd_round"] = float(trainer.loss_fn.schedule.round_index(epoch))
+        for key, value in trainer.loss_fn.pop_epoch_stats().items():
+            metrics[f"kd_weight_{key.replace(':', '_')}"] = value
+        LOG.info("epoch %d teachers %s", epoch + 1, trainer.loss_fn.schedule.teachers(epoch))
     if trainer.ema is not None:
         ema_val = evaluate(trainer.ema.module, val_loader, info.device, amp_dtype=trainer.amp_dtype)
         metrics["val_ema_top1"] = ema_val["top1"]
@@ -367,7 +429,7 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
 
 def _tb_tag(key: str) -> str:
     split, _, name = key.partition("_")
-    return f"{split}/{name}" if split in ("train", "val") else f"train/{key}"
+    return f"{split}/{name}" if split in ("train", "val", "kd") else f"train/{key}"
 
 
 def _tensorboard(output: Path):
@@ -387,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (ConfigError, DataError, models.CheckpointMismatchError, FileNotFoundError) as error:
+    except (ConfigError, DataError, TeacherError, models.CheckpointMismatchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

@@ -179,7 +179,7 @@ def test_yaml_sets_defaults_and_the_command_line_wins(tmp_path: Path) -> None:
         ("epoch: 3\n", "unknown key 'epoch'.*did you mean epochs"),
         ("lr: fast\n", "config key 'lr'"),
         ("channels_last: 'yes'\n", "must be true or false"),
-        ("model: bnext_huge\n", "must be one of"),
+        ("amp: fp8\n", "must be one of"),
         ("stage_channels: 8\n", "must be a list"),
         ("- 1\n- 2\n", "must hold a mapping"),
     ],
@@ -208,7 +208,7 @@ def test_errors_stop_before_training_with_a_fix(image_folder: Path, tmp_path: Pa
     assert "does not exist" in _error_of(missing)
 
     unknown = run_train([*_common(image_folder, tmp_path / "o2", epochs=1), "--model", "bnext_huge"])
-    assert "invalid choice: 'bnext_huge'" in _error_of(unknown)
+    assert "unknown model 'bnext_huge': use one of bnext_tiny" in _error_of(unknown)
 
     odd = run_train(_common(image_folder, tmp_path / "o3", epochs=1, batch=5), nproc=2)
     assert "must be divisible by the 2 processes" in _error_of(odd)
