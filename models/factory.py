@@ -114,15 +114,24 @@ def _default_channels(name: str) -> list[int]:
 
 def _timm_entry(name: str):
     def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(
-                f"{name}: no download location is registered for the official weights; build the model with "
-                "pretrained=False and load the released file with models.load_checkpoint(model, path)"
-            )
-        # timm passes its own bookkeeping arguments; keep only the ones create_model knows.
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        # timm passes its own bookkeeping arguments; a local weights file may come as
+        # pretrained_cfg_overlay=dict(file=PATH), timm's way of naming a checkpoint on disk.
+        overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+        for key in ("pretrained_cfg", "cache_dir"):
             kwargs.pop(key, None)
-        return create_model(name, **kwargs)
+        model = create_model(name, **kwargs)
+        if pretrained:
+            weights = overlay.get("file")
+            if not weights:
+                raise ValueError(
+                    f"{name}: the official weights are published as Google-Drive files, which timm cannot fetch; "
+                    "download one and pass pretrained_cfg_overlay=dict(file=PATH), or build the model and call "
+                    "models.load_checkpoint(model, PATH)"
+                )
+            from .checkpoint import load_checkpoint
+
+            load_checkpoint(model, weights)
+        return model
 
     build.__name__ = name
     build.__qualname__ = name

@@ -96,6 +96,18 @@ def test_timm_pretrained_without_a_source_is_a_clear_error() -> None:
         timm.create_model("bnext_tiny", pretrained=True)
 
 
+def test_timm_pretrained_from_a_local_official_file(tmp_path) -> None:
+    source = models.create_model("bnext_tiny", num_classes=10, width_mult=0.25)
+    with torch.no_grad():
+        source.fc.weight.fill_(0.125)
+    path = tmp_path / "BNext-T.pth.tar"  # the official release layout: state_dict with module. prefixes
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    model = timm.create_model(
+        "bnext_tiny", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=10, width_mult=0.25
+    )
+    assert torch.equal(model.fc.weight, source.fc.weight)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
