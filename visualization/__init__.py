@@ -1,0 +1,1 @@
+"""Analysis figures for BNext: loss landscapes, training curves, binary feature maps, accuracy vs OPs."""
