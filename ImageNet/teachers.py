@@ -43,9 +43,11 @@ class Teacher(nn.Module):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
+        # The statistics the teacher was trained with: its pretrained configuration's, or
+        # (None, for a teacher trained by this project) the student's own.
         config = getattr(model, "pretrained_cfg", None) or {}
-        teacher_mean = tuple(config.get("mean", student_mean))
-        teacher_std = tuple(config.get("std", student_std))
+        teacher_mean = tuple(config.get("mean") or student_mean)
+        teacher_std = tuple(config.get("std") or student_std)
         self.renormalize = teacher_mean != tuple(student_mean) or teacher_std != tuple(student_std)
         # x_teacher = (x_student * std_s + mean_s - mean_t) / std_t, as one scale and shift per channel
         scale = torch.tensor(student_std) / torch.tensor(teacher_std)
@@ -89,9 +91,11 @@ def parse_weight_files(entries: Sequence[str]) -> dict[str, str]:
 def build_teacher_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """A timm classifier for ``name``: from a local weights file when given, else timm's pretrained weights.
 
-    Local files are safetensors or torch files (read with ``weights_only=True``; our
-    training checkpoints work too). Every failure raises :class:`TeacherError` naming
-    the teacher.
+    Local files are safetensors or torch files (read with ``weights_only=True``). A
+    checkpoint written by ``ImageNet/train.py`` is marked as expecting the student's input
+    normalization; any other file (timm's pretrained weights saved for offline use, say)
+    keeps the timm configuration's. Pretrained weights must classify as many classes as
+    the data has. Every failure raises :class:`TeacherError` naming the teacher.
     """
     if not timm.is_model(name):
         raise TeacherError(f"teacher {name!r} is not a timm model name (see timm.list_models())")
@@ -103,14 +107,37 @@ def build_teacher_model(name: str, num_classes: int, weights: str | None = None)
             models.load_checkpoint(model, weights)
         except (ValueError, OSError) as error:
             raise TeacherError(f"teacher {name!r}: cannot load {weights!r}: {error}") from error
+        if _trained_by_this_project(weights):
+            # It saw the inputs our data pipeline makes, not those of its timm pretrained config.
+            model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": None, "std": None}
         return model
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as error:  # hub, network and format errors all mean "no pretrained weights here"
         raise TeacherError(
             f"teacher {name!r}: timm could not provide pretrained weights ({error.__class__.__name__}: {error}); "
             f"on a machine without internet pass a local file with --teacher-weights {name}=PATH"
         ) from error
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", num_classes)
+    if pretrained_classes != num_classes:
+        # timm would silently give the teacher a fresh, random classifier.
+        raise TeacherError(
+            f"teacher {name!r}: its pretrained weights classify {pretrained_classes} classes, the data has "
+            f"{num_classes}; fine-tune it on this data (ImageNet/train.py --model {name}) and pass the file "
+            f"with --teacher-weights {name}=PATH"
+        )
+    return model
+
+
+def _trained_by_this_project(path: str) -> bool:
+    """True for a checkpoint written by ImageNet/train.py (it records its configuration)."""
+    if path.endswith(".safetensors"):
+        return False
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable files were already refused by load_checkpoint
+        return False
+    return isinstance(raw, dict) and "config" in raw and "model" in raw
 
 
 def load_teachers(
