@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from run_helpers import CLASSES
+from run_helpers import common_args as _common
+from run_helpers import run_script as run_module
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -23,54 +21,8 @@ from ImageNet.distillation import distribution_loss
 from ImageNet.teacher_ranking import TeacherScore, predictive_entropy, rank, recalibrate_batch_norm, student_kd_loss
 from ImageNet.teachers import Teacher
 
-# Helpers duplicated from test_training.py (importing a test module would also import its fixtures).
-REPO = Path(__file__).resolve().parents[2]
-CLASSES = ("cat", "dog", "emu")
-TINY_MODEL = ["--model", "bnext_tiny", "--stem", "cifar", "--stage-channels", "8", "16", "16", "32"]
-FAST = ["--img-size", "32", "--workers", "0", "--aa", "none", "--warmup-epochs", "0", "--log-interval", "1"]
 # timm's test_* architectures: real timm classifiers of a few hundred thousand parameters.
 MAIN, ASSISTANT = "test_resnet", "test_efficientnet"
-
-
-def make_image_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """Random-pixel PNG and JPEG files of several sizes in train/<class>/ and val/<class>/."""
-    seed = 0
-    for split, count in per_class.items():
-        for label in CLASSES:
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                seed += 1
-                rng = np.random.default_rng(seed)
-                size = (24 + 8 * (index % 4), 20 + 6 * (index % 3))
-                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}{'.png' if index % 2 else '.JPEG'}")
-    return root
-
-
-def run_module(args: list[str], *, nproc: int = 1, script: str = "ImageNet/train.py") -> subprocess.CompletedProcess:
-    """Run a script as a user would (torchrun when nproc > 1); ``script`` may be ``-m module``."""
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        launcher = [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*launcher, *script.split(), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def _common(data: Path, output: Path, epochs: int = 1, batch: int = 6) -> list[str]:
-    return [
-        *("--data-dir", str(data), "--output", str(output), "--epochs", str(epochs), "--batch-size", str(batch)),
-        *TINY_MODEL,
-        *FAST,
-    ]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"), {"train": 8, "val": 3})
 
 
 @pytest.fixture(scope="module")

@@ -2,79 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from run_helpers import common_args, make_image_folder, run_script
 
 import models
 from ImageNet import checkpointing
 from ImageNet.config import ConfigError, build_parser, load_yaml_defaults, parse_args
 from ImageNet.optim import TemperatureSchedule, build_optimizer, parameter_groups
 
-REPO = Path(__file__).resolve().parents[2]
-CLASSES = ("cat", "dog", "emu")
-# A BNext-T layout small enough for seconds per epoch: stem 8, then 16, 16, 32.
-TINY_MODEL = ["--model", "bnext_tiny", "--stem", "cifar", "--stage-channels", "8", "16", "16", "32"]
-FAST = ["--img-size", "32", "--workers", "0", "--aa", "none", "--warmup-epochs", "0", "--log-interval", "1"]
 
-
-def _write_image(path: Path, size: tuple[int, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def make_image_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """Real PNG and JPEG files of several sizes in train/ and val/."""
-    seed = 0
-    for split, count in per_class.items():
-        for label in CLASSES:
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                seed += 1
-                suffix = ".png" if index % 2 else ".JPEG"
-                _write_image(folder / f"{index}{suffix}", (24 + 8 * (index % 4), 20 + 6 * (index % 3)), seed)
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"), {"train": 8, "val": 3})
-
-
-def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
     """Run ImageNet/train.py as a user would (torchrun when nproc > 1)."""
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        launcher = [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*launcher, "ImageNet/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_script(args, nproc=nproc)
 
 
-def _common(data: Path, output: Path, epochs: int, batch: int = 6) -> list[str]:
-    return [
-        "--data-dir",
-        str(data),
-        "--output",
-        str(output),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        str(batch),
-        *TINY_MODEL,
-        *FAST,
-    ]
+_common = common_args
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +200,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: 
 
 def run_validate(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
     """Run ImageNet/validate.py (torchrun when nproc > 1)."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*launcher, "ImageNet/validate.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_script(args, nproc=nproc, script="ImageNet/validate.py")
 
 
 @pytest.mark.slow
