@@ -284,3 +284,24 @@ def test_a_teacher_trained_here_keeps_the_students_normalization(tmp_path: Path)
     )
     assert not ours.renormalize
     assert plain.renormalize
+
+
+def test_rounds_switch_at_the_configured_epoch_across_a_resume(image_folder, teacher_files, tmp_path) -> None:
+    # Round 0 (epoch 0): ASSISTANT next to MAIN; round 1 (from epoch 1): MAIN as its own assistant.
+    # The run stops after epoch 0 and is resumed by the same command with one more epoch.
+    kd = [
+        *("--teacher", MAIN, "--assistant-teachers", ASSISTANT, MAIN, "--round-starts", "0", "1"),
+        *("--teacher-weights", f"{MAIN}={teacher_files[MAIN]}", f"{ASSISTANT}={teacher_files[ASSISTANT]}"),
+    ]
+    first = run_module([*_common(image_folder, tmp_path, epochs=1), *kd])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_module([*_common(image_folder, tmp_path, epochs=2), *kd])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at epoch 1, batch 0" in second.stdout
+    epoch0, epoch1 = torch.load(tmp_path / "last.pth", weights_only=True)["history"]
+    assert epoch0["kd_round"] == 0 and f"kd_weight_assistant_{ASSISTANT}" in epoch0
+    assert epoch1["kd_round"] == 1 and f"kd_weight_assistant_{MAIN}" in epoch1
+    assert f"kd_weight_assistant_{ASSISTANT}" not in epoch1
+    # the same teacher twice: equal weights
+    assert epoch1[f"kd_weight_assistant_{MAIN}"] == pytest.approx(0.5)
+    assert epoch1[f"kd_weight_main_{MAIN}"] == pytest.approx(0.5)
