@@ -10,7 +10,7 @@ Importing the package also registers the model names with timm
 from .bnext import BNext, BNext18
 from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, read_state_dict
 from .factory import MODEL_NAMES, create_model, list_models, register_with_timm
-from .layers import BinaryConv2d, SqueezeExcite
+from .layers import BinaryConv2d, QuantConv2d, QuantLinear, SqueezeExcite
 from .precision import (
     LayerPrecision,
     apply_constraints,
@@ -19,9 +19,10 @@ from .precision import (
     latent_binary_parameters,
     layer_precision,
     parameter_bits,
+    quantize_real_layers,
     set_temperature,
 )
-from .quantizers import HardSign, LearnableBias, progressive_binarize, sign_ste
+from .quantizers import HardSign, LearnableBias, fake_quantize, progressive_binarize, sign_ste
 
 register_with_timm()
 
@@ -34,11 +35,14 @@ __all__ = [
     "HardSign",
     "LayerPrecision",
     "LearnableBias",
+    "QuantConv2d",
+    "QuantLinear",
     "SqueezeExcite",
     "apply_constraints",
     "binarizers",
     "check_state_dict",
     "create_model",
+    "fake_quantize",
     "get_temperature",
     "latent_binary_parameters",
     "layer_precision",
@@ -46,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "parameter_bits",
     "progressive_binarize",
+    "quantize_real_layers",
     "read_state_dict",
     "register_with_timm",
     "set_temperature",

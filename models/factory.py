@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .bnext import STEMS, BNext, BNext18
+from .precision import FULL_PRECISION, quantize_real_layers
 
 #: Official channel lists; index 0 is the stem (``src/bnext.py``).
 BNEXT_CHANNELS: dict[str, list[int]] = {
@@ -68,6 +69,7 @@ def create_model(
     info_recoupling: bool = True,
     stage_channels: Sequence[int] | None = None,
     width_mult: float = 1.0,
+    real_bits: int = FULL_PRECISION,
 ) -> nn.Module:
     """Build a BNext network.
 
@@ -81,6 +83,10 @@ def create_model(
         stage_channels: replaces the channel list with the same block layout rule
             (stem width first for BNext-T/S/M/L; the four stage widths for BNext-18).
         width_mult: scales the channel list, rounded to multiples of 8.
+        real_bits: 32 keeps the real-valued convolutions and the classifier in float;
+            2 to 16 (usually 8) fake-quantizes them (stem, squeeze-excitation, BNext-18's
+            shortcuts, classifier; see :func:`models.precision.quantize_real_layers`).
+            The state-dict keys are the same either way.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
@@ -90,11 +96,26 @@ def create_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not width_mult > 0:
         raise ValueError(f"width_mult must be positive, got {width_mult}")
+    if real_bits != FULL_PRECISION and not (isinstance(real_bits, int) and 2 <= real_bits <= 16):
+        raise ValueError(f"real_bits must be {FULL_PRECISION} (float) or an integer from 2 to 16, got {real_bits!r}")
     for flag, value in (("elm_attention", elm_attention), ("info_recoupling", info_recoupling)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool, got {value!r}")
 
     channels = _check_channels(name, stage_channels if stage_channels is not None else _default_channels(name))
+    model = _build(name, channels, num_classes, stem, elm_attention, info_recoupling, width_mult)
+    return quantize_real_layers(model, real_bits) if real_bits != FULL_PRECISION else model
+
+
+def _build(
+    name: str,
+    channels: list[int],
+    num_classes: int,
+    stem: str,
+    elm_attention: bool,
+    info_recoupling: bool,
+    width_mult: float,
+) -> nn.Module:
     if name == "bnext18":
         if not (elm_attention and info_recoupling):
             raise ValueError(

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import progressive_binarize
+from .quantizers import CONV_INPUT_CLIP, LINEAR_INPUT_CLIP, fake_quantize, progressive_binarize
 
 #: Latent binary weights are kept inside ``±WEIGHT_CLIP`` (official value).
 WEIGHT_CLIP = 1.5
@@ -75,6 +75,77 @@ class BinaryConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"groups={self.groups}, bits=1"
         )
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weights (per output channel) and inputs (per sample).
+
+    The 8-bit variant of a real-valued convolution (official ``bnext_quant.py``).
+    Parameters and state-dict keys are those of ``nn.Conv2d``, so a float checkpoint
+    loads unchanged. ``quantize_input=False`` is for the stem: its input is the
+    normalized image, which already holds 256 levels per channel, so it is tagged
+    8-bit without being re-quantized (as in the official code). The official code
+    quantizes conv inputs per (sample, channel); on the 1x1 inputs of the
+    squeeze-excitation that leaves a single value per slice, so here a slice is a
+    whole sample.
+    """
+
+    def __init__(self, *args, bits: int = 8, quantize_input: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_bits = bits
+        self.input_bits = bits
+        self.quantize_input = quantize_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_input:
+            x = fake_quantize(x, self.input_bits, CONV_INPUT_CLIP)
+        return self._conv_forward(x, fake_quantize(self.weight, self.weight_bits), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.weight_bits}, quantize_input={self.quantize_input}"
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with fake-quantized weights (per row) and inputs (per sample), official clip ``±25``."""
+
+    def __init__(self, *args, bits: int = 8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_bits = bits
+        self.input_bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quantize(x, self.input_bits, LINEAR_INPUT_CLIP)
+        return F.linear(x, fake_quantize(self.weight, self.weight_bits), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.weight_bits}"
+
+
+def quantized_copy(layer: nn.Module, bits: int, quantize_input: bool = True) -> nn.Module:
+    """A :class:`QuantConv2d`/:class:`QuantLinear` sharing ``layer``'s parameters (same keys, same tensors)."""
+    if type(layer) is nn.Conv2d:
+        copy: nn.Module = QuantConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            bits=bits,
+            quantize_input=quantize_input,
+            device="meta",
+        )
+    elif type(layer) is nn.Linear:
+        copy = QuantLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, bits=bits, device="meta")
+    else:
+        raise TypeError(f"only plain nn.Conv2d and nn.Linear layers can be quantized, got {type(layer).__name__}")
+    copy.weight = layer.weight
+    copy.bias = layer.bias
+    copy.train(layer.training)
+    return copy
 
 
 class SqueezeExcite(nn.Module):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import BinaryConv2d
+from .layers import BinaryConv2d, quantized_copy
 from .quantizers import HardSign
 
 FULL_PRECISION = 32
@@ -104,3 +104,27 @@ def apply_constraints(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "apply_constraints_"):
             module.apply_constraints_()
+
+
+def quantize_real_layers(model: nn.Module, bits: int = 8) -> nn.Module:
+    """Turn every full-precision conv/linear layer into its ``bits``-bit fake-quantized twin, in place.
+
+    The layers keep their parameters (same tensors, same state-dict keys), so float
+    checkpoints load into the quantized model and back. The first convolution in
+    module order receives the image and is not given an input quantizer (see
+    :class:`~models.layers.QuantConv2d`). Binary layers are left alone. Returns ``model``.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in (nn.Conv2d, nn.Linear)
+        and layer_precision(module) == LayerPrecision(FULL_PRECISION, FULL_PRECISION)
+    ]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no full-precision conv or linear layer to quantize")
+    image_layer = next((module for _, module in targets if isinstance(module, nn.Conv2d)), None)
+    for name, module in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, quantized_copy(module, bits, quantize_input=module is not image_layer))
+    return model

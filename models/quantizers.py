@@ -1,4 +1,5 @@
-"""Binarizers: the sign of activations and the progressive binarization of weights.
+"""Quantizers: the sign of activations, the progressive binarization of weights, and
+the 8-bit (or other low-bit) fake quantizer of the real-valued parts.
 
 Both are straight-through estimators written as ``torch.autograd.Function`` so that
 the forward value is exactly ``±1`` (or the progressive ``clamp(W/T, -1, 1)``) and
@@ -16,6 +17,9 @@ from torch import nn
 ACTIVATION_CLIP = 1.5
 #: Smallest temperature used as a divisor, as in the official code.
 MIN_TEMPERATURE = 1e-8
+#: Official activation clips of the low-bit real layers (``bnext_quant.py``): convolutions, linear.
+CONV_INPUT_CLIP = 1000.0
+LINEAR_INPUT_CLIP = 25.0
 
 
 class _SignSTE(torch.autograd.Function):
@@ -57,6 +61,49 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output, None, None
+
+
+class _MinMaxQuantizeSTE(torch.autograd.Function):
+    """Asymmetric min-max fake quantization to ``2**bits`` levels per slice along dim 0.
+
+    Each slice (an output channel of a weight, a sample of an activation) is clipped
+    to ``±clip``, then rounded onto ``2**bits - 1`` equal steps between its own minimum
+    and maximum. The gradient passes straight through inside the clip range.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+        clipped = x.clamp(-clip, clip)
+        flat = clipped.reshape(clipped.shape[0], -1)
+        low = flat.amin(dim=1, keepdim=True)
+        high = flat.amax(dim=1, keepdim=True)
+        # A constant slice has no range: a tiny step rounds it onto itself.
+        step = ((high - low) / (2**bits - 1)).clamp(min=torch.finfo(x.dtype).tiny)
+        return (torch.round((flat - low) / step) * step + low).reshape(x.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _, clip = inputs
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x.abs() <= clip)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad_output * inside, None, None
+
+
+def fake_quantize(x: torch.Tensor, bits: int, clip: float = float("inf")) -> torch.Tensor:
+    """Round ``x`` to ``2**bits`` levels per slice along dim 0 (min-max, asymmetric), STE gradient.
+
+    Used per output channel for weights and per sample for activations, as the
+    official ``bnext_quant.py`` does. Its weight quantizer first divides a row by
+    ``2 * mean|W|`` and multiplies back afterwards; a min-max quantizer is invariant
+    to that positive scale, so it is left out here.
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"fake quantization needs 2 to 16 bits, got {bits}")
+    return _MinMaxQuantizeSTE.apply(x, bits, clip)
 
 
 def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:

@@ -8,10 +8,14 @@ come from the shapes seen in one forward pass. Conventions (spec §1.7):
   thresholds and element-wise products and additions are not counted, as in ReActNet.
 * ``bops``: MACs of layers with 1-bit weights *and* 1-bit inputs; ``flops``: the
   MACs of every other conv/linear layer (stem, squeeze-excitation, classifier,
-  BNext-18's downsampling shortcuts).
-* ``ops = bops / 64 + flops``: the ReActNet convention.
-* ``ops_readme = bops / 64 + flops / 8``: the official README's convention, which
-  counts the real-valued layers as 8-bit; its "BOPs (G)" column is this number.
+  BNext-18's downsampling shortcuts) that computes in floating point;
+  ``macs_int8``: the MACs of those layers when they are tagged with at most 8-bit
+  weights and inputs (the ``--quant`` variant, ``create_model(..., real_bits=8)``).
+* ``ops = bops / 64 + flops + macs_int8 / 8``: the ReActNet convention, with an 8-bit
+  MAC counted as 1/8 of an OP.
+* ``ops_readme = bops / 64 + (flops + macs_int8) / 8``: the official README's
+  convention, which counts every real-valued layer as 8-bit; its "BOPs (G)" column
+  is this number. For the ``--quant`` variant both conventions agree.
 * ``binarization_degree = (bops / 64) / ops_readme``, as a fraction: the README's
   "Binarization Degree (BOPs/(64*OPs))" column.
 * Sizes are in megabytes of 10**6 bytes (not MiB). Every parameter is stored with
@@ -21,7 +25,7 @@ come from the shapes seen in one forward pass. Conventions (spec §1.7):
 
 Command line::
 
-    python -m models.summary bnext_tiny [--img-size 224] [--stem imagenet] [--json]
+    python -m models.summary bnext_tiny [--img-size 224] [--stem imagenet] [--quant] [--json]
     python -m models.summary --markdown-table
 
 The command line builds the network on the ``meta`` device, so the forward pass
@@ -49,8 +53,8 @@ MEGABYTE = 10**6
 BITS_PER_BYTE = 8
 #: A 64-bit word holds 64 XNOR/popcount MACs, so 64 BOPs make one OP (ReActNet).
 BOPS_PER_OP = 64
-#: The README counts a real-valued MAC as an 8-bit one, i.e. 1/8 of an OP.
-README_REAL_MACS_PER_OP = 8
+#: An 8-bit MAC is 1/8 of an OP; the README counts every real-valued MAC that way.
+INT8_MACS_PER_OP = 8
 INT8_BITS = 8
 #: The order of the keys of :meth:`Summary.to_dict` (and of ``--json``).
 TOTAL_KEYS = (
@@ -62,6 +66,7 @@ TOTAL_KEYS = (
     "size_mb_packed_int8",
     "bops",
     "flops",
+    "macs_int8",
     "ops",
     "ops_readme",
     "binarization_degree",
@@ -116,6 +121,7 @@ class Summary:
     size_mb_packed_int8: float
     bops: int
     flops: int
+    macs_int8: int = 0
 
     @property
     def params_total(self) -> int:
@@ -124,13 +130,13 @@ class Summary:
 
     @property
     def ops(self) -> float:
-        """ReActNet's OPs: ``bops / 64 + flops``."""
-        return self.bops / BOPS_PER_OP + self.flops
+        """ReActNet's OPs: ``bops / 64 + flops + macs_int8 / 8``."""
+        return self.bops / BOPS_PER_OP + self.flops + self.macs_int8 / INT8_MACS_PER_OP
 
     @property
     def ops_readme(self) -> float:
-        """The official README's OPs: ``bops / 64 + flops / 8`` (real layers counted as 8-bit)."""
-        return self.bops / BOPS_PER_OP + self.flops / README_REAL_MACS_PER_OP
+        """The official README's OPs: ``bops / 64 + (flops + macs_int8) / 8`` (real layers counted as 8-bit)."""
+        return self.bops / BOPS_PER_OP + (self.flops + self.macs_int8) / INT8_MACS_PER_OP
 
     @property
     def binarization_degree(self) -> float:
@@ -176,9 +182,10 @@ class Summary:
             f"size packed: {self.size_mb_packed:.2f} MB (1-bit binary, 32-bit real; MB = 10^6 bytes)",
             f"size packed, int8 real: {self.size_mb_packed_int8:.2f} MB (1-bit binary, 8-bit real)",
             f"BOPs (binary MACs): {self.bops / 1e9:.3f} G",
-            f"FLOPs (real MACs): {self.flops / 1e9:.4f} G",
-            f"OPs = BOPs/64 + FLOPs: {self.ops / 1e9:.4f} G",
-            f"OPs, README convention = BOPs/64 + FLOPs/8: {self.ops_readme / 1e9:.4f} G",
+            f"FLOPs (float MACs): {self.flops / 1e9:.4f} G",
+            f"8-bit MACs: {self.macs_int8 / 1e9:.4f} G",
+            f"OPs = BOPs/64 + FLOPs + 8-bit MACs/8: {self.ops / 1e9:.4f} G",
+            f"OPs, README convention = BOPs/64 + (FLOPs + 8-bit MACs)/8: {self.ops_readme / 1e9:.4f} G",
             f"binarization degree = (BOPs/64) / OPs_README: {100 * self.binarization_degree:.2f} %",
         ]
         return "\n".join(out)
@@ -308,8 +315,13 @@ def summarize(model: nn.Module, img_size: int = 224, in_channels: int = 3, name:
         size_mb_packed=packed_bits / BITS_PER_BYTE / MEGABYTE,
         size_mb_packed_int8=packed_bits_int8 / BITS_PER_BYTE / MEGABYTE,
         bops=sum(layer.binary_macs for layer in layers),
-        flops=sum(layer.real_macs for layer in layers),
+        flops=sum(layer.real_macs for layer in layers if not _is_int8(layer)),
+        macs_int8=sum(layer.real_macs for layer in layers if _is_int8(layer)),
     )
+
+
+def _is_int8(layer: LayerSummary) -> bool:
+    return max(layer.weight_bits, layer.input_bits) <= INT8_BITS
 
 
 def build_on_meta(name: str, **kwargs: Any) -> nn.Module:
@@ -319,17 +331,23 @@ def build_on_meta(name: str, **kwargs: Any) -> nn.Module:
 
 
 def summarize_by_name(
-    name: str, img_size: int = 224, stem: str = "imagenet", num_classes: int = 1000, width_mult: float = 1.0
+    name: str,
+    img_size: int = 224,
+    stem: str = "imagenet",
+    num_classes: int = 1000,
+    width_mult: float = 1.0,
+    real_bits: int = 32,
 ) -> Summary:
-    """Build a named network on the ``meta`` device and :func:`summarize` it."""
-    model = build_on_meta(name, num_classes=num_classes, stem=stem, width_mult=width_mult)
+    """Build a named network on the ``meta`` device and :func:`summarize` it (``real_bits=8``: the 8-bit variant)."""
+    model = build_on_meta(name, num_classes=num_classes, stem=stem, width_mult=width_mult, real_bits=real_bits)
     return summarize(model, img_size=img_size, name=name)
 
 
 MARKDOWN_HEADER = (
     "| model | params (M): total (binary / real) | size packed (MB): fp32 real / int8 real | BOPs (G) "
-    "| FLOPs (G) | OPs = BOPs/64 + FLOPs (G) | OPs README = BOPs/64 + FLOPs/8 (G) | binarization degree (%) |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| FLOPs (G) | 8-bit MACs (G) | OPs = BOPs/64 + FLOPs + 8-bit MACs/8 (G) "
+    "| OPs README = BOPs/64 + (FLOPs + 8-bit MACs)/8 (G) | binarization degree (%) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -339,7 +357,8 @@ def markdown_row(summary: Summary) -> str:
         f"| {summary.model} "
         f"| {summary.params_total / 1e6:.2f} ({summary.params_binary / 1e6:.2f} / {summary.params_real / 1e6:.2f}) "
         f"| {summary.size_mb_packed:.2f} / {summary.size_mb_packed_int8:.2f} "
-        f"| {summary.bops / 1e9:.3f} | {summary.flops / 1e9:.4f} | {summary.ops / 1e9:.4f} "
+        f"| {summary.bops / 1e9:.3f} | {summary.flops / 1e9:.4f} | {summary.macs_int8 / 1e9:.4f} "
+        f"| {summary.ops / 1e9:.4f} "
         f"| {summary.ops_readme / 1e9:.4f} | {100 * summary.binarization_degree:.2f} |"
     )
 
@@ -350,9 +369,10 @@ def markdown_table(
     stem: str = "imagenet",
     num_classes: int = 1000,
     width_mult: float = 1.0,
+    real_bits: int = 32,
 ) -> str:
     """A markdown table (header and one row per model) of the complexity of the named networks."""
-    rows = [markdown_row(summarize_by_name(name, img_size, stem, num_classes, width_mult)) for name in names]
+    rows = [markdown_row(summarize_by_name(name, img_size, stem, num_classes, width_mult, real_bits)) for name in names]
     return "\n".join([MARKDOWN_HEADER, *rows])
 
 
@@ -373,6 +393,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stem", choices=("imagenet", "cifar"), default="imagenet", help="stem type")
     parser.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier size (default 1000)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default 1.0)")
+    parser.add_argument(
+        "--quant",
+        action="store_true",
+        help="summarize the 8-bit variant: stem, squeeze-excitation, shortcuts and classifier at 8 bits "
+        "(create_model(..., real_bits=8)); their MACs then count as 8-bit MACs",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the totals as one line of JSON")
     output.add_argument(
@@ -390,7 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.name is None and not args.markdown_table:
         parser.error("NAME is required unless --markdown-table is given")
     names = [args.name] if args.name is not None else list(MODEL_NAMES)
-    options = {"num_classes": args.num_classes, "stem": args.stem, "width_mult": args.width_mult}
+    options = {
+        "num_classes": args.num_classes,
+        "stem": args.stem,
+        "width_mult": args.width_mult,
+        "real_bits": 8 if args.quant else 32,
+    }
     models_by_name = {}
     for name in names:
         try:
