@@ -1,0 +1,271 @@
+"""Turn a float BNext model into its binary inference form.
+
+Each binary "processor" input chain ``BinaryConv2d(HardSign(x + beta))`` becomes one
+:class:`PackedBinaryConv2d`: a per-channel threshold compare that packs the signs into
+64-bit words, and an XNOR/popcount convolution (:mod:`models.binary_kernels`) with
+1-bit packed weights. Everything else stays ordinary PyTorch, in NCHW, so with
+``fold=False`` the real-valued arithmetic is the float model's own, operation for
+operation, and the logits are bit-identical to it.
+
+Folds applied with ``fold=True`` (all algebraically exact; see :data:`FOLDS`):
+
+1. ``sign(x + beta)`` -> ``compare(x, -beta)``: exact in IEEE float32 even after
+   rounding, because ``fl(x + beta)`` is 0 only when ``x == -beta`` and has the sign
+   of the exact sum otherwise (sums of floats never underflow to 0; this assumes
+   denormals are not flushed, PyTorch's default). ``-beta`` is an exact negation.
+2. Weights: ``sign(W)`` stored at 1 bit. ``sign(0) == 0`` weights, if any, are listed
+   (``weight_zero_index``) and corrected exactly.
+3. Every eval-mode batch norm -> ``x * a + c`` with ``a = gamma / sqrt(var + eps)``,
+   ``c = beta - mean * a`` (computed in float64, stored in float32): 2 vectors instead
+   of 4. Exact algebra; the result differs from PyTorch's own batch-norm kernel by
+   float32 rounding only.
+4. Binarizer temperatures are dropped (in hard-sign mode they no longer change any
+   value), and so are modules the float forward never calls (the stem's PReLU, the
+   1x1/3x3 FFNs' ``activation1``, and ``norm2`` of FFNs without info-recoupling).
+
+Not folded, on purpose: the batch norm after a binary conv cannot enter the integer
+convolution (a PReLU and the real-valued SE gate follow it), and the stem's batch norm
+is kept as an affine step after the stem conv rather than folded into its weights,
+because that would change the rounding of the values that feed the first sign.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import binary_kernels, bitpack
+from .blocks import BinaryFFN, Processor
+from .bnext import Stem
+from .layers import BinaryConv2d
+from .precision import layer_precision
+from .quantizers import HardSign, LearnableBias
+
+FOLDS = (
+    "sign(x + beta) -> compare(x, -beta) inside the packing step (exact in IEEE float32)",
+    "binary weights sign(W) -> 1 bit, 64 input channels per word (exact; sign(0) = 0 weights corrected)",
+    "eval batch norm -> per-channel x * a + c (exact algebra, float32 rounding)",
+    "temperature buffers and never-called modules dropped (no effect on any output)",
+)
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel ``x * scale + shift`` on NCHW tensors: a folded eval-mode batch norm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("shift", torch.zeros(channels))
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d) -> ChannelAffine:
+        """Fold an eval-mode batch norm (running statistics) into one scale and one shift per channel."""
+        affine = cls(bn.num_features)
+        var = bn.running_var.double()
+        mean = bn.running_mean.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        affine.scale.copy_(scale.float())
+        affine.shift.copy_((beta - mean * scale).float())
+        return affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift.view(1, -1, 1, 1), x, self.scale.view(1, -1, 1, 1))
+
+
+class PackedBinaryConv2d(nn.Module):
+    """``conv(sign(x - threshold), sign(W))`` with XNOR/popcount on 64-bit packed words.
+
+    Buffers (what an export file stores):
+
+    * ``threshold`` float32 ``[C]``: the sign threshold, ``-beta`` of the learnable bias;
+    * ``packed_weight`` int64 ``[O, K, K, ceil(C / 64)]``: ``sign(W)`` at 1 bit
+      (layout in :mod:`models.bitpack`);
+    * ``weight_zero_index`` int64 ``[Z, 4]``: ``(o, c, kh, kw)`` of weights whose
+      sign is 0 (almost always empty).
+
+    The output holds the exact integers of the float model's zero-padded
+    convolution, as float32 NCHW. Inputs equal to their threshold (sign 0) are packed
+    as ``+1`` and their contribution removed again, as is that of zero weights; both
+    corrections are ordinary convolutions of sparse integer tensors and run only when
+    such values occur.
+    """
+
+    weight_bits = 1
+    input_bits = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        words = bitpack.words_for(in_channels)
+        self.register_buffer("threshold", torch.zeros(in_channels))
+        self.register_buffer(
+            "packed_weight", torch.zeros(out_channels, kernel_size, kernel_size, words, dtype=torch.int64)
+        )
+        self.register_buffer("weight_zero_index", torch.zeros(0, 4, dtype=torch.int64))
+        self._derived: tuple | None = None
+
+    @classmethod
+    def from_float(cls, move: LearnableBias, conv: BinaryConv2d, pack: bool = True) -> PackedBinaryConv2d:
+        """Build from a processor's learnable bias and binary conv (hard-sign mode required)."""
+        if conv.groups != 1:
+            raise ValueError(f"grouped binary convolutions are not supported (groups={conv.groups})")
+        packed = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+        if pack:
+            with torch.no_grad():
+                packed.threshold.copy_(-move.bias.detach().reshape(-1).float())
+                weight = conv.weight.detach().float()
+                packed.packed_weight.copy_(bitpack.pack_weights(torch.sign(weight)))
+                packed.weight_zero_index = torch.nonzero(weight == 0)
+        return packed
+
+    def _derived_weights(self) -> tuple:
+        # Kernel layout, tap sums and the dense +-1 weights are derived from the packed
+        # buffer; recompute them whenever that buffer changed (load_state_dict, .to()).
+        key = (self.packed_weight.data_ptr(), self.packed_weight._version, binary_kernels.backend())
+        if self._derived is None or self._derived[0] != key:
+            sums = bitpack.tap_sums(self.packed_weight, self.in_channels)
+            self._derived = (key, binary_kernels.prepare_weights(self.packed_weight), sums)
+        return self._derived[1], self._derived[2]
+
+    def integer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution's exact integers (float32 NCHW) for a real input ``x``."""
+        x = x.float().contiguous()
+        height, width = x.shape[-2:]
+        kernel_weights, sums = self._derived_weights()
+        packed, zeros = binary_kernels.pack_activations(x, self.threshold, self.padding)
+        y = binary_kernels.xnor_conv2d(
+            packed,
+            self.packed_weight,
+            kernel_weights,
+            sums,
+            self.in_channels,
+            self.stride,
+            self.padding,
+            height,
+            width,
+        )
+        if zeros or self.weight_zero_index.numel():
+            y = y - self._zero_corrections(x, zeros)
+        return y
+
+    def _zero_corrections(self, x: torch.Tensor, zeros: int) -> torch.Tensor:
+        """What packing 0 as +1 added: ``conv(z, w') + conv(a, zw)`` (see the class docstring).
+
+        With ``a`` the true ternary input, ``z = [a == 0]``, ``w'`` the packed +-1 weights
+        and ``zw = [sign(W) == 0]``: ``(a + z)(w + zw) - z*w' - a*zw = a*w``.
+        """
+        signs = torch.sign(x - self.threshold.view(1, -1, 1, 1))
+        correction = torch.zeros(())
+        conv = dict(stride=self.stride, padding=self.padding)
+        if zeros:
+            stored = bitpack.unpack_weights(self.packed_weight, self.in_channels)
+            correction = correction + F.conv2d((signs == 0).float(), stored, **conv)
+        if self.weight_zero_index.numel():
+            zero_weights = torch.zeros(
+                self.out_channels, self.in_channels, self.kernel_size, self.kernel_size, device=x.device
+            )
+            zero_weights[tuple(self.weight_zero_index.t())] = 1.0
+            correction = correction + F.conv2d(signs, zero_weights, **conv)
+        return correction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.integer_output(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bits=1, packed"
+        )
+
+
+def _check_hard_sign(name: str, conv: BinaryConv2d) -> None:
+    temperature = float(conv.temperature.max())
+    if not temperature < conv.sign_threshold:
+        raise ValueError(
+            f"{name}: temperature {temperature:g} is not below the sign threshold {conv.sign_threshold:g}, so its "
+            "weights are not yet binary (progressive binarization is still running). Export a checkpoint from the "
+            "end of training, or call models.set_temperature(model, 1e-9) to evaluate with hard signs."
+        )
+
+
+def _parents(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    parents: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        for child_name, _ in module.named_children():
+            parents[f"{name}.{child_name}" if name else child_name] = (module, child_name)
+    return parents
+
+
+def convert_to_binary(model: nn.Module, fold: bool = True, pack: bool = True) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose binary convolutions run on packed bits.
+
+    Binary layers are found by their precision tags (:func:`models.layer_precision`);
+    each must sit in a :class:`~models.blocks.Processor` whose input chain is
+    ``move`` (learnable bias) -> ``binary_activation`` (sign) -> ``binary_conv``.
+    ``fold`` also folds batch norms into per-channel affines and drops the modules
+    the float forward never calls (module docstring). ``pack=False`` skips packing the
+    weights (for a skeleton that a state dict will fill) and the temperature check.
+    """
+    model = copy.deepcopy(model).eval()
+    parents = _parents(model)
+    binary = [(name, module) for name, module in model.named_modules() if _is_binary(module)]
+    if not binary:
+        raise ValueError("the model has no binary layer (no module tagged weight_bits=1, input_bits=1)")
+    for name, conv in binary:
+        parent, attr = parents[name]
+        if not (isinstance(parent, Processor) and attr == "binary_conv" and isinstance(conv, BinaryConv2d)):
+            raise ValueError(
+                f"{name}: a binary layer outside a BNext processor; only the move -> sign -> binary_conv chain of "
+                "models.blocks.Processor can be converted"
+            )
+        if not (isinstance(parent.move, LearnableBias) and isinstance(parent.binary_activation, HardSign)):
+            raise ValueError(f"{name}: its processor's input chain is not learnable bias -> sign")
+        if pack:
+            _check_hard_sign(name, conv)
+        parent.binary_conv = PackedBinaryConv2d.from_float(parent.move, conv, pack=pack)
+        # The threshold now lives in the packed conv (fold 1); the sign is the packing.
+        parent.move = nn.Identity()
+        parent.binary_activation = nn.Identity()
+    if fold:
+        _drop_unused(model)
+        _fold_batch_norms(model)
+    return model
+
+
+def _is_binary(module: nn.Module) -> bool:
+    precision = layer_precision(module)
+    return precision is not None and precision.is_binary and not isinstance(module, PackedBinaryConv2d)
+
+
+def _drop_unused(model: nn.Module) -> None:
+    # Modules that exist only so that official checkpoints load; the float forward
+    # never calls them (models/blocks.py, models/bnext.py).
+    for module in model.modules():
+        if isinstance(module, Stem):
+            module.prelu = nn.Identity()
+        if isinstance(module, BinaryFFN):
+            module.activation1 = nn.Identity()
+            if not module.info_recoupling:
+                module.norm2 = nn.Identity()
+
+
+def _fold_batch_norms(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, child_name, ChannelAffine.from_batch_norm(child))
+        del name
+
+
+def binary_layers(model: nn.Module) -> list[tuple[str, PackedBinaryConv2d]]:
+    """The packed binary convolutions of a converted model, by name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedBinaryConv2d)]

@@ -1,0 +1,141 @@
+"""The XNOR/popcount convolution: a JIT-built C++ extension, or the pure-PyTorch fallback.
+
+The extension (``models/csrc/xnor_conv.cpp``) is compiled on first use with
+``torch.utils.cpp_extension.load`` (needs a C++ compiler and the ``ninja`` package),
+for the CPU it runs on (``-march=native``: AVX2/AVX-512 popcount where present) and
+with OpenMP threads (``torch.set_num_threads`` decides how many). The build is cached
+in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name that
+includes a hash of the CPU's feature flags, so a cache shared between machines never
+hands a binary to a CPU that lacks its instructions.
+
+Where it cannot be built, :func:`backend` is ``"torch"``, a warning says so once, and
+:mod:`models.bitpack` computes the same integers. ``BNEXT_BINARY_BACKEND=torch`` forces
+the fallback (tests use it); ``BNEXT_BINARY_BACKEND=cpp`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import bitpack
+
+SOURCE = Path(__file__).with_name("csrc") / "xnor_conv.cpp"
+BACKEND_ENV = "BNEXT_BINARY_BACKEND"
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's identity and feature flags (part of the extension's cache name)."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "model name", "Features")):
+                    flags += line
+                if line.strip() == "":
+                    break  # the first processor describes them all
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+@lru_cache(maxsize=1)
+def load_extension() -> ModuleType | None:
+    """The compiled extension, or None (with a warning) when it cannot be built or is disabled."""
+    choice = os.environ.get(BACKEND_ENV, "auto").lower()
+    if choice == "torch":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        flags = ["-O3", "-fopenmp"]
+        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+            # -march=native turns on POPCNT/AVX2/AVX-512 VPOPCNTDQ where the CPU has them.
+            flags.append("-march=native")
+        return cpp_extension.load(
+            name=f"bnext_xnor_{_cpu_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # compiler, ninja or headers missing: every failure means "fall back"
+        if choice == "cpp":
+            raise RuntimeError(f"{BACKEND_ENV}=cpp but the XNOR extension could not be built: {error}") from error
+        warnings.warn(
+            f"the XNOR/popcount C++ extension could not be built ({error.__class__.__name__}: {error}); "
+            "binary convolutions use the pure-PyTorch fallback, which gives the same results but is much slower. "
+            "Install a C++ compiler and the 'ninja' package to build it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def backend() -> str:
+    """``"cpp"`` when the compiled kernel is in use, ``"torch"`` for the pure-PyTorch fallback."""
+    return "cpp" if load_extension() is not None else "torch"
+
+
+def build_features() -> str:
+    """Instruction-set features the extension was compiled with ("" for the fallback)."""
+    ext = load_extension()
+    return ext.build_features().strip() if ext is not None else ""
+
+
+def pack_activations(x: torch.Tensor, threshold: torch.Tensor, padding: int) -> tuple[torch.Tensor, int]:
+    """Pack ``sign(x - threshold)`` (NCHW float32) into padded NHWC words; also count exact zeros."""
+    ext = load_extension()
+    if ext is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return ext.pack_activations(x, threshold, padding)
+    return bitpack.pack_activations(x, threshold, padding)
+
+
+def prepare_weights(packed_weights: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's interleaved weight layout, or None for the fallback (which reads the canonical layout)."""
+    ext = load_extension()
+    return ext.interleave_weights(packed_weights) if ext is not None else None
+
+
+def xnor_conv2d(
+    packed: torch.Tensor,
+    packed_weights: torch.Tensor,
+    kernel_weights: torch.Tensor | None,
+    weight_tap_sums: torch.Tensor,
+    channels: int,
+    stride: int,
+    padding: int,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """Exact integer results (float32 NCHW) of the zero-padded ``±1`` convolution.
+
+    ``packed`` comes from :func:`pack_activations`; ``packed_weights`` is the
+    canonical ``[O, K, K, Cw]`` layout and ``kernel_weights`` its
+    :func:`prepare_weights` form (None selects the fallback).
+    """
+    ext = load_extension()
+    if ext is not None and kernel_weights is not None and packed.device.type == "cpu":
+        kernel = packed_weights.shape[1]
+        return ext.xnor_conv2d(
+            packed,
+            kernel_weights,
+            weight_tap_sums,
+            channels,
+            packed_weights.shape[0],
+            kernel,
+            stride,
+            padding,
+            height,
+            width,
+        )
+    return bitpack.xnor_conv2d_reference(
+        packed, packed_weights, weight_tap_sums, channels, stride, padding, height, width
+    )

@@ -1,0 +1,314 @@
+// XNOR/popcount convolution on bit-packed activations and weights (CPU).
+//
+// Bit convention (shared with models/bitpack.py): a value of -1 is stored as bit 1,
+// a value of +1 as bit 0. Channel c lives in bit (c % 64) of word (c / 64); the
+// unused high bits of the last word are 0 in activations and weights alike, so their
+// XOR is 0 and they never reach a popcount. For two +-1 vectors of length C,
+//     dot = C - 2 * popcount(a XOR w).
+//
+// Activations are packed into a spatially padded NHWC word buffer whose border
+// words are 0 (= +1). The float model pads with zeros, not +1, so for border output
+// positions the contribution of the padded taps, sum_c w[o, c, tap], is subtracted
+// again (a per-(output channel, tap) table computed when the weights are prepared).
+//
+// Weights are interleaved in blocks of kOB output channels,
+//     wt[ob][kh][kw * Cw + j][lane],   o = ob * kOB + lane,
+// so that one activation word meets kOB weight words held contiguously: the inner
+// lane loop becomes XOR + vector popcount + add (vpopcntq with AVX512-VPOPCNTDQ,
+// otherwise the compiler's popcount sequence).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kOB = 16;  // output channels per block (two 512-bit vectors of 64-bit lanes)
+constexpr int64_t kPB = 4;   // output positions per block (reuse of each weight vector)
+
+// Packs sign(x - thr) into the padded NHWC word buffer. ``x`` is NHWC contiguous
+// here (the caller transposes), so the 64 channels of one word are 64 consecutive
+// floats: with AVX-512 four compares give the word, with AVX2 eight.
+// Returns the number of elements with x == thr exactly (sign 0), which the caller
+// corrects for: they are packed as +1.
+int64_t pack_rows(const float* x, const float* thr, uint64_t* out, int64_t N, int64_t C, int64_t H, int64_t W,
+                  int64_t pad) {
+  const int64_t Cw = (C + 63) / 64;
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
+  std::vector<int64_t> zeros(N * H, 0);
+  // One task per input row (n, h): every task writes its own row of words, so no two
+  // threads touch the same word.
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      uint64_t* row = out + ((n * Hp + h + pad) * Wp + pad) * Cw;
+      const float* src_row = x + (n * H + h) * W * C;
+      int64_t zero_count = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        const float* src = src_row + w * C;
+        uint64_t* dst = row + w * Cw;
+        for (int64_t j = 0; j < Cw; ++j) {
+          const int64_t c0 = j * 64;
+          const int64_t len = std::min<int64_t>(64, C - c0);
+          uint64_t word = 0;
+          int64_t c = 0;
+#if defined(__AVX512F__)
+          for (; c + 16 <= len; c += 16) {
+            const __m512 v = _mm512_loadu_ps(src + c0 + c);
+            const __m512 t = _mm512_loadu_ps(thr + c0 + c);
+            word |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, t, _CMP_LT_OQ)) << c;
+            zero_count += __builtin_popcount(_mm512_cmp_ps_mask(v, t, _CMP_EQ_OQ));
+          }
+#elif defined(__AVX2__)
+          for (; c + 8 <= len; c += 8) {
+            const __m256 v = _mm256_loadu_ps(src + c0 + c);
+            const __m256 t = _mm256_loadu_ps(thr + c0 + c);
+            word |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_LT_OQ))) << c;
+            zero_count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_EQ_OQ)));
+          }
+#endif
+          for (; c < len; ++c) {
+            const float v = src[c0 + c], t = thr[c0 + c];
+            word |= static_cast<uint64_t>(v < t) << c;
+            zero_count += (v == t);
+          }
+          dst[j] = word;
+        }
+      }
+      zeros[r] = zero_count;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t z : zeros) total += z;
+  return total;
+}
+
+// acc[p][lane] = sum over the window of popcount(a XOR w) for kPB output positions
+// and kOB output channels. The window of position p is K rows of ``len`` = K*Cw
+// consecutive words starting at abase[p], rows ``row_stride`` words apart; the
+// weights are K*len blocks of kOB words. The sums stay in registers for the whole
+// window, so small channel counts (Cw = 1 or 2) do not pay a store per row.
+inline void accumulate_window(const uint64_t* const* abase, int64_t row_stride, const uint64_t* wblock, int64_t K,
+                              int64_t len, uint64_t (*acc)[kOB]) {
+#if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
+  static_assert(kOB == 16, "the AVX-512 path holds one weight block in two registers");
+  __m512i s[kPB][2];
+  for (int64_t p = 0; p < kPB; ++p) s[p][0] = s[p][1] = _mm512_setzero_si512();
+  for (int64_t kh = 0; kh < K; ++kh) {
+    const uint64_t* wrow = wblock + kh * len * kOB;
+    const uint64_t* a0 = abase[0] + kh * row_stride;
+    const uint64_t* a1 = abase[1] + kh * row_stride;
+    const uint64_t* a2 = abase[2] + kh * row_stride;
+    const uint64_t* a3 = abase[3] + kh * row_stride;
+    static_assert(kPB == 4, "the AVX-512 path is unrolled for four positions");
+    for (int64_t j = 0; j < len; ++j) {
+      const __m512i w0 = _mm512_loadu_si512(wrow + j * kOB);
+      const __m512i w1 = _mm512_loadu_si512(wrow + j * kOB + 8);
+      const __m512i b0 = _mm512_set1_epi64(static_cast<long long>(a0[j]));
+      const __m512i b1 = _mm512_set1_epi64(static_cast<long long>(a1[j]));
+      const __m512i b2 = _mm512_set1_epi64(static_cast<long long>(a2[j]));
+      const __m512i b3 = _mm512_set1_epi64(static_cast<long long>(a3[j]));
+      s[0][0] = _mm512_add_epi64(s[0][0], _mm512_popcnt_epi64(_mm512_xor_si512(b0, w0)));
+      s[0][1] = _mm512_add_epi64(s[0][1], _mm512_popcnt_epi64(_mm512_xor_si512(b0, w1)));
+      s[1][0] = _mm512_add_epi64(s[1][0], _mm512_popcnt_epi64(_mm512_xor_si512(b1, w0)));
+      s[1][1] = _mm512_add_epi64(s[1][1], _mm512_popcnt_epi64(_mm512_xor_si512(b1, w1)));
+      s[2][0] = _mm512_add_epi64(s[2][0], _mm512_popcnt_epi64(_mm512_xor_si512(b2, w0)));
+      s[2][1] = _mm512_add_epi64(s[2][1], _mm512_popcnt_epi64(_mm512_xor_si512(b2, w1)));
+      s[3][0] = _mm512_add_epi64(s[3][0], _mm512_popcnt_epi64(_mm512_xor_si512(b3, w0)));
+      s[3][1] = _mm512_add_epi64(s[3][1], _mm512_popcnt_epi64(_mm512_xor_si512(b3, w1)));
+    }
+  }
+  for (int64_t p = 0; p < kPB; ++p) {
+    _mm512_store_si512(acc[p], s[p][0]);
+    _mm512_store_si512(acc[p] + 8, s[p][1]);
+  }
+#elif defined(__AVX2__)
+  // No vector popcount: count bits per byte with the nibble lookup (vpshufb), add
+  // byte counts for up to 31 words (31 * 8 < 256), then widen with vpsadbw.
+  static_assert(kOB == 16, "the AVX2 path holds one weight block in four registers");
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256i total[kPB][4];
+  for (int64_t p = 0; p < kPB; ++p)
+    for (int q = 0; q < 4; ++q) total[p][q] = _mm256_setzero_si256();
+  for (int64_t kh = 0; kh < K; ++kh)
+  for (int64_t j0 = 0; j0 < len; j0 += 31) {
+    const uint64_t* wrow = wblock + kh * len * kOB;
+    const int64_t j1 = std::min<int64_t>(len, j0 + 31);
+    __m256i bytes[kPB][4];
+    for (int64_t p = 0; p < kPB; ++p)
+      for (int q = 0; q < 4; ++q) bytes[p][q] = _mm256_setzero_si256();
+    for (int64_t j = j0; j < j1; ++j) {
+      __m256i w[4];
+      for (int q = 0; q < 4; ++q) w[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + j * kOB + 4 * q));
+      for (int64_t p = 0; p < kPB; ++p) {
+        const __m256i a = _mm256_set1_epi64x(static_cast<long long>(abase[p][kh * row_stride + j]));
+        for (int q = 0; q < 4; ++q) {
+          const __m256i v = _mm256_xor_si256(a, w[q]);
+          const __m256i cnt = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, low)),
+                                              _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)));
+          bytes[p][q] = _mm256_add_epi8(bytes[p][q], cnt);
+        }
+      }
+    }
+    for (int64_t p = 0; p < kPB; ++p)
+      for (int q = 0; q < 4; ++q)
+        total[p][q] = _mm256_add_epi64(total[p][q], _mm256_sad_epu8(bytes[p][q], _mm256_setzero_si256()));
+  }
+  for (int64_t p = 0; p < kPB; ++p) {
+    alignas(32) uint64_t tmp[kOB];
+    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4 * q), total[p][q]);
+    for (int64_t l = 0; l < kOB; ++l) acc[p][l] = tmp[l];
+  }
+#else
+  for (int64_t p = 0; p < kPB; ++p)
+    for (int64_t l = 0; l < kOB; ++l) acc[p][l] = 0;
+  for (int64_t kh = 0; kh < K; ++kh) {
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t* wv = wblock + (kh * len + j) * kOB;
+      for (int64_t p = 0; p < kPB; ++p) {
+        const uint64_t av = abase[p][kh * row_stride + j];
+        for (int64_t l = 0; l < kOB; ++l) acc[p][l] += static_cast<uint64_t>(__builtin_popcountll(av ^ wv[l]));
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+// x: float32 [N, C, H, W]; thr: float32 [C]. Returns (packed int64 [N, H+2p, W+2p, Cw], zero count).
+std::tuple<torch::Tensor, int64_t> pack_activations(torch::Tensor x, torch::Tensor thr, int64_t pad) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "x must be a float32 NCHW tensor");
+  TORCH_CHECK(thr.scalar_type() == torch::kFloat32 && thr.numel() == x.size(1), "one float32 threshold per channel");
+  // NHWC puts the channels of one word next to each other (see pack_rows).
+  x = x.permute({0, 2, 3, 1}).contiguous();
+  thr = thr.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t Cw = (C + 63) / 64;
+  auto out = torch::zeros({N, H + 2 * pad, W + 2 * pad, Cw}, x.options().dtype(torch::kInt64));
+  const int64_t zeros = pack_rows(x.data_ptr<float>(), thr.data_ptr<float>(),
+                                  reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()), N, C, H, W, pad);
+  return {out, zeros};
+}
+
+// packed: int64 [N, H+2p, W+2p, Cw] from pack_activations.
+// wt: int64 [nOB, K, K*Cw, kOB] interleaved weights; tap_sums: int32 [O, K*K].
+// Returns float32 [N, O, OH, OW] holding the exact integer dot products of the
+// float model's zero-padded convolution.
+torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor tap_sums, int64_t C, int64_t O,
+                          int64_t K, int64_t stride, int64_t pad, int64_t H, int64_t W) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt64, "packed activations must be int64 NHWC");
+  TORCH_CHECK(wt.dim() == 4 && wt.scalar_type() == torch::kInt64 && wt.size(3) == kOB, "bad weight layout");
+  const int64_t N = packed.size(0), Hp = packed.size(1), Wp = packed.size(2), Cw = packed.size(3);
+  TORCH_CHECK(Hp == H + 2 * pad && Wp == W + 2 * pad && Cw == (C + 63) / 64, "packed shape does not fit");
+  const int64_t KCw = K * Cw;
+  TORCH_CHECK(wt.size(1) == K && wt.size(2) == KCw && wt.size(0) * kOB >= O, "weights do not fit the input");
+  TORCH_CHECK(tap_sums.scalar_type() == torch::kInt32 && tap_sums.size(0) == O && tap_sums.size(1) == K * K,
+              "tap_sums must be int32 [O, K*K]");
+  packed = packed.contiguous();
+  wt = wt.contiguous();
+  tap_sums = tap_sums.contiguous();
+  const int64_t OH = (H + 2 * pad - K) / stride + 1, OW = (W + 2 * pad - K) / stride + 1;
+  const int64_t nOB = wt.size(0);
+  auto out = torch::empty({N, O, OH, OW}, packed.options().dtype(torch::kFloat32));
+  const uint64_t* A = reinterpret_cast<const uint64_t*>(packed.data_ptr<int64_t>());
+  const uint64_t* Wt = reinterpret_cast<const uint64_t*>(wt.data_ptr<int64_t>());
+  const int32_t* S = tap_sums.data_ptr<int32_t>();
+  float* Y = out.data_ptr<float>();
+  const int32_t full = static_cast<int32_t>(K * K * C);
+
+  // Tasks are (n, output row, output-channel block): enough of them to keep every
+  // thread busy even at 7x7 resolution, and each task's weight block (K*K*Cw*kOB
+  // words, at most 9*32*16*8 = 36 KiB) stays in L1/L2 while it sweeps the row.
+  const int64_t tasks = N * OH * nOB;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ob = task % nOB;
+      const int64_t row = task / nOB;
+      const int64_t n = row / OH, oh = row % OH;
+      const uint64_t* wblock = Wt + ob * K * KCw * kOB;
+      const int64_t lanes = std::min<int64_t>(kOB, O - ob * kOB);
+      // Rows of the window that fall inside the unpadded input.
+      const int64_t ih0 = oh * stride - pad;
+      for (int64_t ow0 = 0; ow0 < OW; ow0 += kPB) {
+        const int64_t np = std::min<int64_t>(kPB, OW - ow0);
+        alignas(64) uint64_t acc[kPB][kOB];
+        const uint64_t* abase[kPB];
+        for (int64_t p = 0; p < kPB; ++p) {
+          // Positions past the row end reuse the last valid one; their sums are discarded.
+          const int64_t ow = ow0 + std::min<int64_t>(p, np - 1);
+          abase[p] = A + ((n * Hp + oh * stride) * Wp + ow * stride) * Cw;
+        }
+        accumulate_window(abase, Wp * Cw, wblock, K, KCw, acc);
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t ow = ow0 + p;
+          const int64_t iw0 = ow * stride - pad;
+          const bool inside = ih0 >= 0 && ih0 + K <= H && iw0 >= 0 && iw0 + K <= W;
+          for (int64_t l = 0; l < lanes; ++l) {
+            const int64_t o = ob * kOB + l;
+            int32_t value = full - 2 * static_cast<int32_t>(acc[p][l]);
+            if (!inside) {
+              // Padded taps were read as +1; the float model reads 0 there.
+              for (int64_t kh = 0; kh < K; ++kh) {
+                const bool row_ok = ih0 + kh >= 0 && ih0 + kh < H;
+                for (int64_t kw = 0; kw < K; ++kw) {
+                  const bool col_ok = iw0 + kw >= 0 && iw0 + kw < W;
+                  if (!(row_ok && col_ok)) value -= S[o * K * K + kh * K + kw];
+                }
+              }
+            }
+            Y[((n * O + o) * OH + oh) * OW + ow] = static_cast<float>(value);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Canonical packed weights int64 [O, K, K, Cw] -> interleaved [nOB, K, K*Cw, kOB] (zero-padded lanes).
+torch::Tensor interleave_weights(torch::Tensor packed) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt64, "weights must be int64 [O, K, K, Cw]");
+  const int64_t O = packed.size(0), K = packed.size(1), Cw = packed.size(3);
+  const int64_t nOB = (O + kOB - 1) / kOB;
+  auto padded = torch::zeros({nOB * kOB, K, K * Cw}, packed.options());
+  padded.narrow(0, 0, O).copy_(packed.contiguous().view({O, K, K * Cw}));
+  return padded.view({nOB, kOB, K, K * Cw}).permute({0, 2, 3, 1}).contiguous();
+}
+
+int64_t block_lanes() { return kOB; }
+
+std::string build_features() {
+  std::string f;
+#if defined(__AVX512VPOPCNTDQ__)
+  f += "avx512-vpopcntdq ";
+#endif
+#if defined(__AVX512F__)
+  f += "avx512f ";
+#endif
+#if defined(__AVX2__)
+  f += "avx2 ";
+#endif
+#if defined(__POPCNT__)
+  f += "popcnt ";
+#endif
+#if defined(_OPENMP)
+  f += "openmp";
+#endif
+  return f;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_activations", &pack_activations, "sign-pack an NCHW tensor into padded NHWC 64-bit words");
+  m.def("xnor_conv2d", &xnor_conv2d, "XNOR/popcount convolution of packed activations and weights");
+  m.def("interleave_weights", &interleave_weights, "reorder packed weights into output-channel blocks");
+  m.def("block_lanes", &block_lanes, "output channels per weight block");
+  m.def("build_features", &build_features, "instruction-set features the extension was compiled with");
+}
