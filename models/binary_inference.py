@@ -269,3 +269,33 @@ def _fold_batch_norms(model: nn.Module) -> None:
 def binary_layers(model: nn.Module) -> list[tuple[str, PackedBinaryConv2d]]:
     """The packed binary convolutions of a converted model, by name."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedBinaryConv2d)]
+
+
+@torch.no_grad()
+def randomize_for_inference(model: nn.Module, inputs: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give a randomly initialized model trained-like statistics, in place, for tests and benchmarks.
+
+    A fresh model has all thresholds at 0, unit batch-norm affines and running
+    statistics of (0, 1), so its activations grow without bound and many values sit
+    exactly on a threshold. This draws thresholds, batch-norm affines (including
+    negative scales) and then sets the running statistics to the exact statistics of
+    one forward pass on ``inputs``. The binarizers are put in hard-sign mode.
+    """
+    from .precision import set_temperature
+
+    generator = torch.Generator().manual_seed(seed)
+    set_temperature(model, 1e-12)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for module in model.modules():
+        if isinstance(module, LearnableBias):
+            module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    for norm in norms:
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=generator) * 0.5 + 1.0)
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator) * 0.3)
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one pass gives that batch's statistics
+    model.train()
+    model(inputs)
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
