@@ -42,9 +42,26 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over the two precision groups."""
-    return torch.optim.AdamW(
-        parameter_groups(model, weight_decay, binary_weight_decay), lr=lr, betas=tuple(betas), eps=eps
+    """AdamW over the two precision groups, with the fused kernel where torch has one.
+
+    The fused implementation updates every parameter in one kernel instead of a
+    Python loop of element-wise operations per tensor: on the CPU it takes BNext-T's
+    optimizer step from about 280 ms to 50 ms (one thread), as much as all its batch
+    norms. It computes the same update to float rounding. Parameters on a device
+    without the fused kernel get the default implementation.
+    """
+    groups = parameter_groups(model, weight_decay, binary_weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_fused_supported(model) or None)
+
+
+#: Devices with a fused AdamW kernel for floating-point parameters (torch 2.4+).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _fused_supported(model: nn.Module) -> bool:
+    params = [param for param in model.parameters() if param.requires_grad]
+    return bool(params) and all(
+        param.device.type in FUSED_ADAMW_DEVICES and param.is_floating_point() for param in params
     )
 
 

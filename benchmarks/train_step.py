@@ -2,8 +2,10 @@
 
 For a model, input size and batch this times, alternately after warm-up:
 
-* the full training step: forward, cross-entropy, backward, ``torch.optim.AdamW`` step
-  and :func:`models.apply_constraints` (the binarization constraints), and
+* the full training step: forward, cross-entropy, backward, the AdamW step the
+  training script builds (:func:`ImageNet.optim.build_optimizer`: precision-tag
+  groups, the fused kernel where torch has one) and :func:`models.apply_constraints`
+  (the binarization constraints), and
 * the *convolution floor*: every convolution and linear layer the model calls (binary
   and real-valued alike), with the shapes, strides, paddings and groups recorded from
   one forward, run as bare ``F.conv2d``/``F.linear`` forward plus backward and nothing
@@ -44,6 +46,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from ImageNet.optim import build_optimizer  # noqa: E402
 
 #: Modules whose calls make up the floor; every other weight-multiplying layer is refused.
 FLOOR_MODULES = (models.BinaryConv2d, nn.Conv2d, nn.Linear)
@@ -278,15 +281,15 @@ def make_step(
 
     Forward (through ``forward``, e.g. ``torch.compile(model)``, default ``model``)
     under autocast when ``amp_dtype`` is given, float32 cross-entropy, backward
-    (through ``scaler`` when given), optimizer step (default ``AdamW`` with its
-    default ``foreach`` implementation), then :func:`models.apply_constraints` on
+    (through ``scaler`` when given), optimizer step (default: the training script's
+    AdamW with the official recipe's learning rate and decays), then :func:`models.apply_constraints` on
     ``model``. The model is put in train mode. No host synchronisation is added.
     """
     images, targets = batch
     model.train()
     run_forward = forward if forward is not None else model
     if optimizer is None:
-        optimizer = torch.optim.AdamW(trainable_parameters(model))
+        optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
     device = images.device
 
     def step() -> None:

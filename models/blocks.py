@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import SIGN_THRESHOLD, BinaryConv2d, SqueezeExcite, frozen_prelu
+from .layers import SIGN_THRESHOLD, AvgPool2x2, BinaryConv2d, PReLU, SqueezeExcite, avg_pool_2x2, frozen_prelu
 from .quantizers import HardSign, LearnableBias
 
 #: BNext-18's binary convs switch to exact signs below this temperature (official ``birealnet.py``).
@@ -49,8 +49,8 @@ class Processor(nn.Module):
         self.binary_conv = BinaryConv2d(in_channels, out_channels, kernel_size, stride, sign_threshold=sign_threshold)
         self.norm1 = nn.BatchNorm2d(out_channels)
         self.norm2 = nn.BatchNorm2d(out_channels)
-        self.activation1 = nn.PReLU(in_channels)
-        self.activation2 = nn.PReLU(out_channels)
+        self.activation1 = PReLU(in_channels)
+        self.activation2 = PReLU(out_channels)
         if info_recoupling:
             self.se = SqueezeExcite(out_channels)
 
@@ -70,7 +70,7 @@ class Processor(nn.Module):
 
 def _avg_pool_if_strided(x: torch.Tensor, stride: int) -> torch.Tensor:
     # The parameter-free shortcut of a stride-2 binary conv (official AvgPool2d(2, 2)).
-    return nn.functional.avg_pool2d(x, 2, 2) if stride == 2 else x
+    return avg_pool_2x2(x) if stride == 2 else x
 
 
 class ELMAttention(Processor):
@@ -185,7 +185,7 @@ class BNext18Attention(Processor):
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
-                nn.AvgPool2d(kernel_size=2, stride=stride),
+                AvgPool2x2() if stride == 2 else nn.AvgPool2d(kernel_size=2, stride=stride),
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
                 nn.BatchNorm2d(out_channels),
             )

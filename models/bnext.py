@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import BasicBlock, BNext18Block
-from .layers import frozen_prelu
+from .layers import PReLU, frozen_prelu
 
 STEMS = ("imagenet", "cifar")
 
@@ -34,7 +34,7 @@ class _ClassifierNet(nn.Module):
     """Shared head of the BNext networks: ``PReLU -> GAP -> Linear`` (real-valued, no dropout)."""
 
     def _build_head(self, channels: int, num_classes: int) -> None:
-        self.prelu = nn.PReLU(channels)
+        self.prelu = PReLU(channels)
         self.pool1 = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 

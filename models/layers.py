@@ -148,6 +148,105 @@ def quantized_copy(layer: nn.Module, bits: int, quantize_input: bool = True) -> 
     return copy
 
 
+def _window_mean_2x2(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    return (x[..., 0::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) * 0.25
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """``avg_pool2d(x, 2, 2)`` as four strided slices, with a one-copy backward.
+
+    The sum ``((a + b) + c) + d`` in the kernel's window order times ``0.25`` (a power
+    of two, so exactly ``/ 4``) gives the same bits as ``F.avg_pool2d``, at about a
+    third of its CPU time in the NCHW layout; the backward spreads ``grad / 4`` over
+    each window with one expand-and-copy instead of the pooling backward kernel.
+    Odd trailing rows and columns get no gradient, as with ``avg_pool2d``'s floor.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _window_mean_2x2(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.input_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        *lead, h, w = grad_output.shape
+        spread = (grad_output * 0.25)[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
+        height, width = ctx.input_shape[-2:]
+        if (height, width) != (2 * h, 2 * w):
+            spread = F.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
+        return spread
+
+
+def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2, 2)`` bit for bit on 4-D inputs, faster on the CPU (see :class:`_AvgPool2x2`)."""
+    if x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2:
+        raise ValueError(
+            f"avg_pool_2x2 expects an N x C x H x W tensor with H, W >= 2, got shape {tuple(x.shape)}; "
+            "the input image is too small for this network's strides"
+        )
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AvgPool2x2.apply(x)
+    # Without autograd the slices alone suffice, and exporters (ONNX) see plain operators.
+    return _window_mean_2x2(x)
+
+
+class AvgPool2x2(nn.Module):
+    """Module form of :func:`avg_pool_2x2` (``nn.AvgPool2d(2, 2)`` with the same output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_pool_2x2(x)
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """``F.prelu`` forward with a faster backward of the same values.
+
+    The backward splits the incoming gradient by the sign of the input with one
+    ``threshold_backward`` (the ReLU backward): ``g_pos`` where ``x > 0``, and
+    ``g_neg = g - g_pos``; then ``grad_x = g_pos + w * g_neg`` (the same bits as the
+    native kernel: one of the two terms is zero) and ``grad_w = sum(g_neg * x)``.
+    On the CPU this is two to three times faster than ``_prelu_kernel_backward`` on
+    BNext's activation shapes; ``grad_w`` is the same sum in another order.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        slope = weight.view(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 1 else weight
+        positive = torch.ops.aten.threshold_backward(grad_output, x, 0)
+        negative = grad_output - positive
+        grad_x = torch.addcmul(positive, negative, slope) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            per_element = negative * x
+            if weight.numel() == 1:
+                grad_weight = per_element.sum().reshape(weight.shape)
+            else:
+                grad_weight = per_element.sum([d for d in range(x.dim()) if d != 1])
+        return grad_x, grad_weight
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` (same parameter, same outputs) with the faster backward of :class:`_PReLUFunction`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and x.dim() > 1:
+            return _PReLUFunction.apply(x, self.weight)
+        return F.prelu(x, self.weight)
+
+
 class SqueezeExcite(nn.Module):
     """Channel gate ``sigmoid(W2 relu(W1 GAP(x) + b1) + b2)`` with reduction ``ratio``.
 
@@ -171,12 +270,12 @@ class SqueezeExcite(nn.Module):
         return torch.sigmoid(self.se(x))
 
 
-def frozen_prelu(channels: int) -> nn.PReLU:
+def frozen_prelu(channels: int) -> PReLU:
     """A PReLU kept only so that official checkpoints load: the official forward never calls it.
 
     It is frozen (``requires_grad=False``): it would get no gradient anyway, and a
     frozen parameter lets DDP run without ``find_unused_parameters=True``.
     """
-    prelu = nn.PReLU(channels)
+    prelu = PReLU(channels)
     prelu.weight.requires_grad_(False)
     return prelu

@@ -10,6 +10,8 @@ these to float32 rounding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,7 +25,16 @@ LINEAR_INPUT_CLIP = 25.0
 
 
 class _SignSTE(torch.autograd.Function):
-    """``sign(x)`` forward; gradient passed where ``|x| <= clip``, zero elsewhere."""
+    """``sign(x)`` forward; gradient passed where ``|x| <= clip``, zero elsewhere.
+
+    The forward is one ``sign``; nothing is computed for the backward unless a
+    gradient is needed. The backward is one fused ``hardtanh_backward`` on the saved
+    input, which passes the gradient where ``lo < x < hi`` (strictly); with ``hi`` the
+    next representable number above ``clip`` that is exactly ``|x| <= clip``, the
+    inclusive clip of the official ``clamp`` STE. Building a boolean mask in the
+    forward instead costs about four times a ``sign`` on the CPU (``abs``, ``le``),
+    at a quarter of the memory of the saved input.
+    """
 
     @staticmethod
     def forward(x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -32,27 +43,51 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, clip = inputs
-        # A boolean mask costs a quarter of the memory of saving x itself.
-        ctx.save_for_backward(x.abs() <= clip)
+        ctx.clip = clip
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (inside,) = ctx.saved_tensors
-        return grad_output * inside, None
+        (x,) = ctx.saved_tensors
+        bound = _just_above(ctx.clip, x.dtype)
+        return torch.ops.aten.hardtanh_backward(grad_output, x, -bound, bound), None
+
+
+def _just_above(value: float, dtype: torch.dtype) -> float:
+    """The next number above the positive ``value`` in ``dtype``'s precision, as a Python float.
+
+    ``hardtanh_backward`` compares in the tensor's precision (float32 for the
+    reduced-precision types). Written with ``math.frexp``/``ldexp`` on constants so
+    that ``torch.compile`` folds it instead of breaking the graph.
+    """
+    mantissa_bits = 52 if dtype == torch.float64 else 23
+    _, exponent = math.frexp(value)
+    return value + math.ldexp(1.0, exponent - 1 - mantissa_bits)
 
 
 class _ProgressiveBinarizeSTE(torch.autograd.Function):
     """Progressive weight binarization with an identity straight-through gradient.
 
     ``clamp(W / T, -1, 1)`` while ``T >= threshold``, exact ``sign(W)`` below it.
-    The choice is a ``torch.where`` on the temperature tensor, not a Python branch,
-    so the temperature never has to be read on the host.
+    Both regimes are one division chain, ``clamp(W / d1 / d2, -1, 1)``, whose divisors
+    are picked on the device from the temperature tensor (no host synchronisation,
+    and no second branch computed and thrown away as a ``torch.where`` would):
+    ``d1 = max(T, 1e-8)``, ``d2 = 1`` gives the official soft weights bit for bit;
+    ``d1 = d2 = tiny`` (the smallest normal number of the dtype) sends every nonzero
+    weight, subnormal ones included, beyond ``±1`` and keeps zeros at zero, which is
+    ``sign(W)`` exactly.
     """
 
     @staticmethod
     def forward(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
-        soft = (weight / temperature.clamp(min=MIN_TEMPERATURE)).clamp(-1.0, 1.0)
-        return torch.where(temperature < threshold, torch.sign(weight), soft)
+        # The divisors in the dtype of the division (a float32 temperature promotes bf16 weights).
+        dtype = torch.promote_types(weight.dtype, temperature.dtype)
+        tiny = torch.finfo(dtype).tiny
+        hard = temperature < threshold
+        first = temperature.clamp(min=MIN_TEMPERATURE).to(dtype).masked_fill(hard, tiny)
+        second = torch.ones_like(first).masked_fill(hard, tiny)
+        return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

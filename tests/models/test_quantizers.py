@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 import models
 from models.layers import BinaryConv2d
-from models.quantizers import HardSign
+from models.quantizers import MIN_TEMPERATURE, HardSign, progressive_binarize, sign_ste
 
 
 def test_sign_forward_is_exact_and_keeps_zero() -> None:
@@ -18,6 +21,43 @@ def test_sign_gradient_passes_inside_clip_only() -> None:
     x = torch.tensor([-1.6, -1.5, -1.0, 0.2, 1.5, 1.50001, 4.0], requires_grad=True)
     HardSign()(x).backward(torch.arange(1.0, 8.0))
     assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sign_gradient_clip_is_inclusive_to_the_last_bit(dtype: torch.dtype) -> None:
+    # The official STE is the gradient of clamp(x, -1.5, 1.5): 1 at exactly ±1.5, 0 one step beyond.
+    clip = torch.tensor(1.5, dtype=dtype)
+    beyond = torch.nextafter(clip, torch.tensor(math.inf, dtype=dtype))
+    below = torch.nextafter(clip, torch.tensor(0.0, dtype=dtype))
+    x = torch.stack([-beyond, -clip, -below, below, clip, beyond]).requires_grad_(True)
+    sign_ste(x, 1.5).backward(torch.ones_like(x))
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_sign_saves_nothing_without_a_gradient() -> None:
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        y = sign_ste(x)
+    assert y.grad_fn is None and torch.equal(y, torch.sign(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_hard_binarization_is_exactly_sign_even_for_subnormal_weights(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, info.tiny, -info.tiny, info.tiny / 4, -info.tiny / 1024, 1e-30, 0.3, -1.4, info.max]
+    weight = torch.tensor(values, dtype=dtype)
+    out = progressive_binarize(weight, torch.tensor([5e-8], dtype=dtype), 1e-7)
+    assert torch.equal(out, torch.sign(weight))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-7, 5e-9])
+def test_soft_binarization_is_the_official_formula_bit_for_bit(temperature: float) -> None:
+    weight = torch.randn(64, 32, 3, 3) * 1e-3
+    t = torch.tensor([temperature])
+    expected = (weight / t.clamp(min=MIN_TEMPERATURE)).clamp(-1.0, 1.0)
+    # 5e-9 is below the threshold 1e-7 but above 1e-9: exact sign there.
+    threshold = 1e-9 if temperature == 5e-9 else 1e-7
+    assert torch.equal(progressive_binarize(weight, t, threshold), expected)
 
 
 def test_activation_temperature_does_not_change_the_sign() -> None:
