@@ -55,7 +55,9 @@ def load_extension() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-fopenmp"]
+        # -ffp-contract=off: the float epilogue must round exactly like PyTorch's kernels
+        # (explicit fma where they use one, nothing fused behind our back).
+        flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
             # -march=native turns on POPCNT/AVX2/AVX-512 VPOPCNTDQ where the CPU has them.
             flags.append("-march=native")
@@ -114,28 +116,46 @@ def xnor_conv2d(
     padding: int,
     height: int,
     width: int,
+    epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Exact integer results (float32 NCHW) of the zero-padded ``±1`` convolution.
 
     ``packed`` comes from :func:`pack_activations`; ``packed_weights`` is the
     canonical ``[O, K, K, Cw]`` layout and ``kernel_weights`` its
-    :func:`prepare_weights` form (None selects the fallback).
+    :func:`prepare_weights` form (None selects the fallback). ``epilogue`` =
+    ``(scale, shift, slope)`` applies ``prelu(y * scale + shift, slope)`` per output
+    channel to the integers (a folded batch norm and its PReLU), with the same
+    rounding as PyTorch's batch-norm and PReLU kernels.
     """
     ext = load_extension()
     if ext is not None and kernel_weights is not None and packed.device.type == "cpu":
-        kernel = packed_weights.shape[1]
+        empty = packed.new_empty(0, dtype=torch.float32)
+        scale, shift, slope = epilogue if epilogue is not None else (empty, empty, empty)
         return ext.xnor_conv2d(
             packed,
             kernel_weights,
             weight_tap_sums,
             channels,
             packed_weights.shape[0],
-            kernel,
+            packed_weights.shape[1],
             stride,
             padding,
             height,
             width,
+            scale,
+            shift,
+            slope,
         )
-    return bitpack.xnor_conv2d_reference(
-        packed, packed_weights, weight_tap_sums, channels, stride, padding, height, width
-    )
+    y = bitpack.xnor_conv2d_reference(packed, packed_weights, weight_tap_sums, channels, stride, padding, height, width)
+    return apply_epilogue(y, epilogue)
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``prelu(y * scale + shift, slope)`` per channel with PyTorch's own kernels (identity for None)."""
+    if epilogue is None:
+        return y
+    scale, shift, slope = epilogue
+    # Eval batch norm with mean 0, variance 1, eps 0 is exactly fma(y, scale, shift).
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    y = torch.nn.functional.batch_norm(y, zeros, ones, scale, shift, False, 0.0, 0.0)
+    return torch.nn.functional.prelu(y, slope)

@@ -48,6 +48,8 @@ def export_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter announces its deprecation; it is chosen on purpose (module docstring).
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Shape checks in the model become constants of the trace; the input size is fixed anyway.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             (example,),

@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -31,9 +32,11 @@ namespace {
 constexpr int64_t kOB = 16;  // output channels per block (two 512-bit vectors of 64-bit lanes)
 constexpr int64_t kPB = 4;   // output positions per block (reuse of each weight vector)
 
-// Packs sign(x - thr) into the padded NHWC word buffer. ``x`` is NHWC contiguous
-// here (the caller transposes), so the 64 channels of one word are 64 consecutive
-// floats: with AVX-512 four compares give the word, with AVX2 eight.
+// Packs sign(x - thr) of an NCHW float tensor into the padded NHWC word buffer,
+// without transposing the tensor first. With AVX-512, 16 positions of one input row
+// are handled at once: for each channel c, one compare of 16 consecutive floats
+// gives a 16-bit mask, and a masked OR sets bit c in the words of the positions
+// whose value is below the threshold (two registers of eight 64-bit words).
 // Returns the number of elements with x == thr exactly (sign 0), which the caller
 // corrects for: they are packed as +1.
 int64_t pack_rows(const float* x, const float* thr, uint64_t* out, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -42,44 +45,58 @@ int64_t pack_rows(const float* x, const float* thr, uint64_t* out, int64_t N, in
   const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
   std::vector<int64_t> zeros(N * H, 0);
   // One task per input row (n, h): every task writes its own row of words, so no two
-  // threads touch the same word.
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  // threads touch the same word. Small layers stay on the calling thread: waking the
+  // pool costs more than they do (and much more on an oversubscribed machine).
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * W));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, h = r % H;
       uint64_t* row = out + ((n * Hp + h + pad) * Wp + pad) * Cw;
-      const float* src_row = x + (n * H + h) * W * C;
+      const float* src = x + (n * C * H + h) * W;  // channel c of this row: src + c * H * W
+      const int64_t plane = H * W;
       int64_t zero_count = 0;
-      for (int64_t w = 0; w < W; ++w) {
-        const float* src = src_row + w * C;
-        uint64_t* dst = row + w * Cw;
-        for (int64_t j = 0; j < Cw; ++j) {
-          const int64_t c0 = j * 64;
-          const int64_t len = std::min<int64_t>(64, C - c0);
-          uint64_t word = 0;
-          int64_t c = 0;
 #if defined(__AVX512F__)
-          for (; c + 16 <= len; c += 16) {
-            const __m512 v = _mm512_loadu_ps(src + c0 + c);
-            const __m512 t = _mm512_loadu_ps(thr + c0 + c);
-            word |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, t, _CMP_LT_OQ)) << c;
-            zero_count += __builtin_popcount(_mm512_cmp_ps_mask(v, t, _CMP_EQ_OQ));
+      const __m512i stride_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m512i word_index = _mm512_mullo_epi64(stride_index, _mm512_set1_epi64(Cw));
+      for (int64_t w0 = 0; w0 < W; w0 += 16) {
+        const int64_t len = std::min<int64_t>(16, W - w0);
+        const __mmask16 valid = static_cast<__mmask16>((len == 16) ? 0xFFFF : ((1u << len) - 1));
+        for (int64_t j = 0; j < Cw; ++j) {
+          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          const int64_t c_end = std::min<int64_t>(C, (j + 1) * 64);
+          for (int64_t c = j * 64; c < c_end; ++c) {
+            const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * plane + w0);
+            const __m512 t = _mm512_set1_ps(thr[c]);
+            const __mmask16 below = _mm512_mask_cmp_ps_mask(valid, v, t, _CMP_LT_OQ);
+            zero_count += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, v, t, _CMP_EQ_OQ));
+            const __m512i bit = _mm512_set1_epi64(static_cast<long long>(1ULL << (c & 63)));
+            lo = _mm512_mask_or_epi64(lo, static_cast<__mmask8>(below), lo, bit);
+            hi = _mm512_mask_or_epi64(hi, static_cast<__mmask8>(below >> 8), hi, bit);
           }
-#elif defined(__AVX2__)
-          for (; c + 8 <= len; c += 8) {
-            const __m256 v = _mm256_loadu_ps(src + c0 + c);
-            const __m256 t = _mm256_loadu_ps(thr + c0 + c);
-            word |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_LT_OQ))) << c;
-            zero_count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_EQ_OQ)));
+          uint64_t* dst = row + w0 * Cw + j;
+          const __mmask8 lo_valid = static_cast<__mmask8>(valid), hi_valid = static_cast<__mmask8>(valid >> 8);
+          if (Cw == 1) {
+            _mm512_mask_storeu_epi64(dst, lo_valid, lo);
+            _mm512_mask_storeu_epi64(dst + 8, hi_valid, hi);
+          } else {
+            _mm512_mask_i64scatter_epi64(dst, lo_valid, word_index, lo, 8);
+            _mm512_mask_i64scatter_epi64(dst + 8 * Cw, hi_valid, word_index, hi, 8);
           }
-#endif
-          for (; c < len; ++c) {
-            const float v = src[c0 + c], t = thr[c0 + c];
-            word |= static_cast<uint64_t>(v < t) << c;
-            zero_count += (v == t);
-          }
-          dst[j] = word;
         }
       }
+#else
+      for (int64_t c = 0; c < C; ++c) {
+        const float t = thr[c];
+        const uint64_t shift = static_cast<uint64_t>(c & 63);
+        uint64_t* dst = row + (c >> 6);
+        const float* values = src + c * plane;
+        for (int64_t w = 0; w < W; ++w) {
+          const float v = values[w];
+          dst[w * Cw] |= static_cast<uint64_t>(v < t) << shift;
+          zero_count += (v == t);
+        }
+      }
+#endif
       zeros[r] = zero_count;
     }
   });
@@ -187,10 +204,9 @@ inline void accumulate_window(const uint64_t* const* abase, int64_t row_stride, 
 std::tuple<torch::Tensor, int64_t> pack_activations(torch::Tensor x, torch::Tensor thr, int64_t pad) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "x must be a float32 NCHW tensor");
   TORCH_CHECK(thr.scalar_type() == torch::kFloat32 && thr.numel() == x.size(1), "one float32 threshold per channel");
-  // NHWC puts the channels of one word next to each other (see pack_rows).
-  x = x.permute({0, 2, 3, 1}).contiguous();
+  x = x.contiguous();
   thr = thr.contiguous();
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cw = (C + 63) / 64;
   auto out = torch::zeros({N, H + 2 * pad, W + 2 * pad, Cw}, x.options().dtype(torch::kInt64));
   const int64_t zeros = pack_rows(x.data_ptr<float>(), thr.data_ptr<float>(),
@@ -198,12 +214,69 @@ std::tuple<torch::Tensor, int64_t> pack_activations(torch::Tensor x, torch::Tens
   return {out, zeros};
 }
 
+// The per-output-channel step applied to the integers before they are stored:
+// y -> prelu(fma(y, scale, shift), slope) when ``fused`` (a folded batch norm and the
+// PReLU after it; fma and "v > 0 ? v : slope * v" are what PyTorch's batch-norm and
+// PReLU CPU kernels compute, so the result has the same bits as those two modules),
+// otherwise y unchanged.
+struct Epilogue {
+  bool fused = false;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const float* slope = nullptr;
+
+  inline float apply(float y, int64_t o) const {
+    if (!fused) return y;
+    const float v = std::fma(y, scale[o], shift[o]);
+    return v > 0.0f ? v : slope[o] * v;
+  }
+};
+
+#if defined(__AVX512F__)
+// Writes a block of kPB = 4 positions x kOB = 16 channels (acc, already complete and
+// free of border corrections) to the NCHW output: the 4 x 16 block is transposed in
+// registers so that each channel's 4 consecutive positions go out as one 16-byte store.
+inline void store_block_avx512(const uint64_t (*acc)[kOB], int32_t full, const Epilogue& ep, int64_t o0, float* y,
+                               int64_t plane) {
+  static_assert(kPB == 4 && kOB == 16, "the store is written for 4 x 16 blocks");
+  __m512 f[kPB];
+  const __m512i full_v = _mm512_set1_epi64(full);
+  for (int64_t p = 0; p < kPB; ++p) {
+    // value = full - 2 * mismatches, exact in int64, then exactly representable in float32.
+    const __m512i lo = _mm512_sub_epi64(full_v, _mm512_slli_epi64(_mm512_load_si512(acc[p]), 1));
+    const __m512i hi = _mm512_sub_epi64(full_v, _mm512_slli_epi64(_mm512_load_si512(acc[p] + 8), 1));
+    f[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)), _mm512_cvtepi64_ps(hi), 1);
+    if (ep.fused) {
+      const __m512 v = _mm512_fmadd_ps(f[p], _mm512_loadu_ps(ep.scale + o0), _mm512_loadu_ps(ep.shift + o0));
+      const __mmask16 positive = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+      f[p] = _mm512_mask_blend_ps(positive, _mm512_mul_ps(_mm512_loadu_ps(ep.slope + o0), v), v);
+    }
+  }
+  const __m512 t0 = _mm512_unpacklo_ps(f[0], f[1]), t1 = _mm512_unpackhi_ps(f[0], f[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(f[2], f[3]), t3 = _mm512_unpackhi_ps(f[2], f[3]);
+  __m512 u[4];
+  u[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  u[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  u[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  u[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  // 128-bit lane k of u[r] holds channel 4k + r at the 4 positions.
+  for (int r = 0; r < 4; ++r) {
+    _mm_storeu_ps(y + (4 * 0 + r) * plane, _mm512_extractf32x4_ps(u[r], 0));
+    _mm_storeu_ps(y + (4 * 1 + r) * plane, _mm512_extractf32x4_ps(u[r], 1));
+    _mm_storeu_ps(y + (4 * 2 + r) * plane, _mm512_extractf32x4_ps(u[r], 2));
+    _mm_storeu_ps(y + (4 * 3 + r) * plane, _mm512_extractf32x4_ps(u[r], 3));
+  }
+}
+#endif
+
 // packed: int64 [N, H+2p, W+2p, Cw] from pack_activations.
 // wt: int64 [nOB, K, K*Cw, kOB] interleaved weights; tap_sums: int32 [O, K*K].
-// Returns float32 [N, O, OH, OW] holding the exact integer dot products of the
-// float model's zero-padded convolution.
+// scale, shift, slope: float32 [O] each for the fused epilogue, or all empty for none.
+// Returns float32 [N, O, OH, OW]: the exact integer dot products of the float model's
+// zero-padded convolution, passed through the epilogue.
 torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor tap_sums, int64_t C, int64_t O,
-                          int64_t K, int64_t stride, int64_t pad, int64_t H, int64_t W) {
+                          int64_t K, int64_t stride, int64_t pad, int64_t H, int64_t W, torch::Tensor scale,
+                          torch::Tensor shift, torch::Tensor slope) {
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt64, "packed activations must be int64 NHWC");
   TORCH_CHECK(wt.dim() == 4 && wt.scalar_type() == torch::kInt64 && wt.size(3) == kOB, "bad weight layout");
   const int64_t N = packed.size(0), Hp = packed.size(1), Wp = packed.size(2), Cw = packed.size(3);
@@ -212,6 +285,22 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
   TORCH_CHECK(wt.size(1) == K && wt.size(2) == KCw && wt.size(0) * kOB >= O, "weights do not fit the input");
   TORCH_CHECK(tap_sums.scalar_type() == torch::kInt32 && tap_sums.size(0) == O && tap_sums.size(1) == K * K,
               "tap_sums must be int32 [O, K*K]");
+  Epilogue ep;
+  if (scale.numel() > 0) {
+    TORCH_CHECK(scale.numel() == O && shift.numel() == O && slope.numel() == O &&
+                    scale.scalar_type() == torch::kFloat32 && shift.scalar_type() == torch::kFloat32 &&
+                    slope.scalar_type() == torch::kFloat32,
+                "epilogue scale, shift and slope must be float32 [O]");
+    // Padded to a whole block so the vector path may read 16 lanes past the last channel.
+    const int64_t padded = ((O + kOB - 1) / kOB) * kOB;
+    scale = torch::constant_pad_nd(scale.contiguous(), {0, padded - O});
+    shift = torch::constant_pad_nd(shift.contiguous(), {0, padded - O});
+    slope = torch::constant_pad_nd(slope.contiguous(), {0, padded - O});
+    ep.fused = true;
+    ep.scale = scale.data_ptr<float>();
+    ep.shift = shift.data_ptr<float>();
+    ep.slope = slope.data_ptr<float>();
+  }
   packed = packed.contiguous();
   wt = wt.contiguous();
   tap_sums = tap_sums.contiguous();
@@ -223,12 +312,16 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
   const int32_t* S = tap_sums.data_ptr<int32_t>();
   float* Y = out.data_ptr<float>();
   const int32_t full = static_cast<int32_t>(K * K * C);
+  const int64_t plane = OH * OW;
 
   // Tasks are (n, output row, output-channel block): enough of them to keep every
   // thread busy even at 7x7 resolution, and each task's weight block (K*K*Cw*kOB
   // words, at most 9*32*16*8 = 36 KiB) stays in L1/L2 while it sweeps the row.
   const int64_t tasks = N * OH * nOB;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // At least ~32K word operations per chunk, so that small layers run on the calling thread.
+  const int64_t task_words = std::max<int64_t>(1, OW * kOB * K * KCw);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / task_words);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ob = task % nOB;
       const int64_t row = task / nOB;
@@ -237,6 +330,7 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
       const int64_t lanes = std::min<int64_t>(kOB, O - ob * kOB);
       // Rows of the window that fall inside the unpadded input.
       const int64_t ih0 = oh * stride - pad;
+      const bool rows_inside = ih0 >= 0 && ih0 + K <= H;
       for (int64_t ow0 = 0; ow0 < OW; ow0 += kPB) {
         const int64_t np = std::min<int64_t>(kPB, OW - ow0);
         alignas(64) uint64_t acc[kPB][kOB];
@@ -247,10 +341,18 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
           abase[p] = A + ((n * Hp + oh * stride) * Wp + ow * stride) * Cw;
         }
         accumulate_window(abase, Wp * Cw, wblock, K, KCw, acc);
+        float* y = Y + (n * O + ob * kOB) * plane + oh * OW + ow0;
+#if defined(__AVX512F__)
+        const bool block_inside = rows_inside && ow0 * stride - pad >= 0 && (ow0 + kPB - 1) * stride - pad + K <= W;
+        if (np == kPB && lanes == kOB && block_inside) {
+          store_block_avx512(acc, full, ep, ob * kOB, y, plane);
+          continue;
+        }
+#endif
         for (int64_t p = 0; p < np; ++p) {
           const int64_t ow = ow0 + p;
           const int64_t iw0 = ow * stride - pad;
-          const bool inside = ih0 >= 0 && ih0 + K <= H && iw0 >= 0 && iw0 + K <= W;
+          const bool inside = rows_inside && iw0 >= 0 && iw0 + K <= W;
           for (int64_t l = 0; l < lanes; ++l) {
             const int64_t o = ob * kOB + l;
             int32_t value = full - 2 * static_cast<int32_t>(acc[p][l]);
@@ -264,7 +366,7 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
                 }
               }
             }
-            Y[((n * O + o) * OH + oh) * OW + ow] = static_cast<float>(value);
+            y[l * plane + p] = ep.apply(static_cast<float>(value), o);
           }
         }
       }

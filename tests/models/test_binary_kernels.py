@@ -184,7 +184,7 @@ def test_folded_binary_path_integers_and_logits(name: str) -> None:
     with torch.no_grad():
         for layer_name, layer in layers:
             processor = layer_name.rsplit(".", 1)[0]
-            assert torch.equal(layer(inputs[processor]), outputs[processor]), layer_name
+            assert torch.equal(layer.integer_output(inputs[processor]), outputs[processor]), layer_name
         logits = converted(x)
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
@@ -246,3 +246,26 @@ def test_conversion_refuses_progressive_weights() -> None:
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.25)
     with pytest.raises(ValueError, match="not below the sign threshold"):
         convert_to_binary(model)
+
+
+def test_fused_epilogue_matches_the_modules(backend) -> None:
+    """prelu(batch_norm(y)) applied by the conv as it stores y has the bits of the two PyTorch modules."""
+    generator = torch.Generator().manual_seed(5)
+    move, conv = _packed_layer(40, 35, 3, 1, generator)
+    layer = PackedBinaryConv2d.from_float(move, conv)
+    norm = torch.nn.BatchNorm2d(35).eval()
+    prelu = torch.nn.PReLU(35)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(35, generator=generator))
+        norm.bias.copy_(torch.randn(35, generator=generator))
+        norm.running_mean.copy_(torch.randn(35, generator=generator) * 3)
+        norm.running_var.copy_(torch.rand(35, generator=generator) + 0.5)
+        prelu.weight.copy_(torch.randn(35, generator=generator))
+    from models.binary_inference import ChannelAffine
+
+    affine = ChannelAffine.from_batch_norm(norm)
+    x = torch.randn(2, 40, 9, 11, generator=generator)
+    with torch.no_grad():
+        expected = prelu(affine(layer.integer_output(x)))
+        layer.fuse_epilogue(affine, prelu)
+        assert torch.equal(layer(x), expected)
