@@ -25,6 +25,10 @@ Folds applied with ``fold=True`` (all algebraically exact; see :data:`FOLDS`):
 5. The folded batch norm and the PReLU right after each binary conv are applied by
    the convolution as it stores its integers: ``prelu(fma(y, a, c))``, the operations
    (and so the rounding) of the two PyTorch modules, in one pass instead of three.
+6. The real-valued tail of every info-recoupling module, ``norm2(SE(m) * b [* r]) + r``
+   with ``m = g * x_mix + (1 - g) * b``, runs in two passes: the mean of ``m`` (never
+   stored), then one fused pass; each element sees the same float operations as in
+   :mod:`models.blocks`, only the order of the pooling sum differs.
 
 Not folded, on purpose: the batch norm after a binary conv cannot enter the integer
 convolution (a PReLU and the real-valued SE gate follow it), and the stem's batch norm
@@ -35,15 +39,16 @@ because that would change the rounding of the values that feed the first sign.
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import binary_kernels, bitpack
-from .blocks import BinaryFFN, Processor
+from .blocks import BinaryFFN, BNext18Attention, ELMAttention, Processor, _avg_pool_if_strided
 from .bnext import Stem
-from .layers import BinaryConv2d
+from .layers import BinaryConv2d, SqueezeExcite
 from .precision import layer_precision
 from .quantizers import HardSign, LearnableBias
 
@@ -53,6 +58,7 @@ FOLDS = (
     "eval batch norm -> per-channel x * a + c (exact algebra, float32 rounding)",
     "temperature buffers and never-called modules dropped (no effect on any output)",
     "the batch norm and PReLU after each binary conv run in the conv's store (same operations and rounding)",
+    "info-recoupling tail in two passes: mean of the mix, then norm2(SE * b [* r]) + r (pooling sum order differs)",
 )
 
 
@@ -280,6 +286,7 @@ def convert_to_binary(model: nn.Module, fold: bool = True, pack: bool = True) ->
         _drop_unused(model)
         _fold_batch_norms(model)
         _fuse_epilogues(model)
+        _fuse_tails(model)
     return model
 
 
@@ -296,6 +303,55 @@ def _fuse_epilogues(model: nn.Module) -> None:
             module.binary_conv.fuse_epilogue(module.norm1, module.activation2)
             module.norm1 = nn.Identity()
             module.activation2 = nn.Identity()
+
+
+def _fuse_tails(model: nn.Module) -> None:
+    # Fold 6: the real-valued tail of each info-recoupling module in two passes
+    # (see _recoupled_tail); modules in another configuration keep their forward.
+    for module in model.modules():
+        if not (
+            isinstance(module, (ELMAttention, BinaryFFN, BNext18Attention))
+            and module.info_recoupling
+            and isinstance(module.binary_conv, PackedBinaryConv2d)
+            and module.binary_conv.has_epilogue
+            and isinstance(module.norm2, ChannelAffine)
+            and isinstance(module.move, nn.Identity)
+            and isinstance(module.binary_activation, nn.Identity)
+            and isinstance(module.se, SqueezeExcite)
+            and isinstance(module.se.se[0], nn.AdaptiveAvgPool2d)
+        ):
+            continue
+        fused = {ELMAttention: _elm_forward, BinaryFFN: _ffn_forward, BNext18Attention: _bnext18_attention_forward}
+        module.forward = types.MethodType(fused[type(module)], module)
+
+
+def _recoupled_tail(module: Processor, x: torch.Tensor, x_mix: torch.Tensor, residual: torch.Tensor, elm: bool):
+    """``norm2(SE(g*x_mix + (1-g)*b) * b [* residual]) + residual`` with ``b`` from the binary conv.
+
+    Same per-element operations as blocks.py; the mixed tensor is never stored (its
+    mean is taken on the fly) and the rest is a single pass.
+    """
+    b = module.binary_conv(x)  # folded: sign threshold, batch norm and PReLU inside
+    mean = binary_kernels.mix_mean(b, x_mix, module.scale)
+    gate = torch.sigmoid(module.se.se[1:](mean.view(*mean.shape, 1, 1))).view(mean.shape)
+    return binary_kernels.gate_affine_residual(b, gate, residual, module.norm2.scale, module.norm2.shift, elm)
+
+
+def _elm_forward(self: ELMAttention, x: torch.Tensor) -> torch.Tensor:
+    residual = _avg_pool_if_strided(self.activation1(x), self.stride)
+    return _recoupled_tail(self, x, _avg_pool_if_strided(x, self.stride), residual, elm=True)
+
+
+def _ffn_forward(self: BinaryFFN, x: torch.Tensor) -> torch.Tensor:
+    shortcut = _avg_pool_if_strided(x, self.stride)
+    return _recoupled_tail(self, x, shortcut, shortcut, elm=False)
+
+
+def _bnext18_attention_forward(self: BNext18Attention, x: torch.Tensor) -> torch.Tensor:
+    residual = self.activation1(x)
+    if self.downsample is not None:
+        residual = self.downsample(residual)
+    return _recoupled_tail(self, x, residual, residual, elm=True)
 
 
 def _is_binary(module: nn.Module) -> bool:

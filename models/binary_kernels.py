@@ -159,3 +159,31 @@ def apply_epilogue(y: torch.Tensor, epilogue: tuple[torch.Tensor, torch.Tensor, 
     zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
     y = torch.nn.functional.batch_norm(y, zeros, ones, scale, shift, False, 0.0, 0.0)
     return torch.nn.functional.prelu(y, slope)
+
+
+def mix_mean(b: torch.Tensor, x_mix: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``mean_hw(g * x_mix + (1 - g) * b)`` as ``[N, C]``: the squeeze-excitation input of info-recoupling."""
+    ext = load_extension()
+    if ext is not None and b.device.type == "cpu" and b.dtype == x_mix.dtype == torch.float32:
+        return ext.mix_mean(b, x_mix, gate.reshape(-1).float())
+    g = gate.reshape(1, -1, 1, 1)
+    return (g * x_mix + (1 - g) * b).mean(dim=(2, 3))
+
+
+def gate_affine_residual(
+    b: torch.Tensor,
+    s: torch.Tensor,
+    residual: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    multiply_residual: bool,
+) -> torch.Tensor:
+    """``(s * b [* residual]) * scale + shift + residual`` per channel (``s`` is ``[N, C]``), in one pass."""
+    ext = load_extension()
+    if ext is not None and b.device.type == "cpu" and b.dtype == residual.dtype == torch.float32:
+        return ext.gate_affine_residual(b, s.float(), residual, scale, shift, multiply_residual)
+    v = s.reshape(*s.shape[:2], 1, 1) * b
+    if multiply_residual:
+        v = v * residual
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    return torch.nn.functional.batch_norm(v, zeros, ones, scale, shift, False, 0.0, 0.0) + residual

@@ -375,6 +375,100 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
   return out;
 }
 
+// ---------------------------------------------------------------------------------
+// Fused real-valued tail of a BNext processor (info-recoupling and the module output),
+// for NCHW float32 tensors. Each element goes through the same float operations as
+// the PyTorch modules, one rounding per operation (no contraction: -ffp-contract=off),
+// so only the order of the average-pooling sum differs from PyTorch.
+
+// mean over H*W of  g*x_mix + (1-g)*b  per (n, c), with g per channel: the input of the
+// squeeze-excitation gate, computed without storing the mixed tensor.
+torch::Tensor mix_mean(torch::Tensor b, torch::Tensor x_mix, torch::Tensor gate) {
+  TORCH_CHECK(b.dim() == 4 && b.sizes() == x_mix.sizes() && b.scalar_type() == torch::kFloat32 &&
+                  x_mix.scalar_type() == torch::kFloat32 && gate.scalar_type() == torch::kFloat32 &&
+                  gate.numel() == b.size(1),
+              "mix_mean: b and x_mix must be float32 N x C x H x W of one shape, gate float32 [C]");
+  b = b.contiguous();
+  x_mix = x_mix.contiguous();
+  gate = gate.contiguous();
+  const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3);
+  auto out = torch::empty({N, C}, b.options());
+  const float* B = b.data_ptr<float>();
+  const float* X = x_mix.data_ptr<float>();
+  const float* G = gate.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, HW));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float g = G[plane % C];
+      const float h = 1.0f - g;
+      const float* bp = B + plane * HW;
+      const float* xp = X + plane * HW;
+      // Eight float partial sums (vectorizable), combined in double.
+      float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = 0;
+      for (; i + 8 <= HW; i += 8)
+        for (int k = 0; k < 8; ++k) {
+          const float first = g * xp[i + k];
+          const float second = h * bp[i + k];
+          partial[k] += first + second;
+        }
+      double total = 0.0;
+      for (; i < HW; ++i) {
+        const float first = g * xp[i];
+        const float second = h * bp[i];
+        total += static_cast<double>(first + second);
+      }
+      for (int k = 0; k < 8; ++k) total += partial[k];
+      Y[plane] = static_cast<float>(total / static_cast<double>(HW));
+    }
+  });
+  return out;
+}
+
+// out = fma(v, scale, shift) + r  with  v = (s * b) [* r when multiply_residual]:
+// ELM attention's  norm2(se * b * r) + r  and the FFNs'  norm2(se * b) + shortcut,
+// with s the gate per (n, c) and the folded norm2 per channel.
+torch::Tensor gate_affine_residual(torch::Tensor b, torch::Tensor s, torch::Tensor r, torch::Tensor scale,
+                                   torch::Tensor shift, bool multiply_residual) {
+  TORCH_CHECK(b.dim() == 4 && b.sizes() == r.sizes() && b.scalar_type() == torch::kFloat32 &&
+                  r.scalar_type() == torch::kFloat32 && s.scalar_type() == torch::kFloat32 &&
+                  s.numel() == b.size(0) * b.size(1) && scale.numel() == b.size(1) && shift.numel() == b.size(1),
+              "gate_affine_residual: shapes or dtypes do not fit");
+  b = b.contiguous();
+  r = r.contiguous();
+  s = s.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3);
+  auto out = torch::empty_like(b);
+  const float* B = b.data_ptr<float>();
+  const float* R = r.data_ptr<float>();
+  const float* S = s.data_ptr<float>();
+  const float* A = scale.data_ptr<float>();
+  const float* D = shift.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, HW));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % C;
+      const float gate = S[plane], a = A[c], d = D[c];
+      const float* bp = B + plane * HW;
+      const float* rp = R + plane * HW;
+      float* yp = Y + plane * HW;
+      if (multiply_residual) {
+        for (int64_t i = 0; i < HW; ++i) {
+          const float v = (gate * bp[i]) * rp[i];
+          yp[i] = std::fma(v, a, d) + rp[i];
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) yp[i] = std::fma(gate * bp[i], a, d) + rp[i];
+      }
+    }
+  });
+  return out;
+}
+
 // Canonical packed weights int64 [O, K, K, Cw] -> interleaved [nOB, K, K*Cw, kOB] (zero-padded lanes).
 torch::Tensor interleave_weights(torch::Tensor packed) {
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt64, "weights must be int64 [O, K, K, Cw]");
@@ -411,6 +505,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_activations", &pack_activations, "sign-pack an NCHW tensor into padded NHWC 64-bit words");
   m.def("xnor_conv2d", &xnor_conv2d, "XNOR/popcount convolution of packed activations and weights");
   m.def("interleave_weights", &interleave_weights, "reorder packed weights into output-channel blocks");
+  m.def("mix_mean", &mix_mean, "per-channel mean of g*x_mix + (1-g)*b");
+  m.def("gate_affine_residual", &gate_affine_residual, "fma(s*b[*r], scale, shift) + r");
   m.def("block_lanes", &block_lanes, "output channels per weight block");
   m.def("build_features", &build_features, "instruction-set features the extension was compiled with");
 }

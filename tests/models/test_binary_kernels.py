@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import models
 from models import binary_kernels, bitpack
 from models.binary_inference import (
+    ChannelAffine,
     PackedBinaryConv2d,
     binary_layers,
     convert_to_binary,
@@ -212,7 +213,10 @@ def test_fallback_path_matches_compiled_path(monkeypatch) -> None:
         model = _small_model("bnext18")
         x = torch.randn(1, 3, RESOLUTION, RESOLUTION)
         with torch.no_grad():
-            assert torch.equal(convert_to_binary(model, fold=False)(x), model(x))
+            reference = model(x)
+            assert torch.equal(convert_to_binary(model, fold=False)(x), reference)
+            folded = convert_to_binary(model, fold=True)(x)
+        torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
     finally:
         binary_kernels.load_extension.cache_clear()
 
@@ -261,11 +265,28 @@ def test_fused_epilogue_matches_the_modules(backend) -> None:
         norm.running_mean.copy_(torch.randn(35, generator=generator) * 3)
         norm.running_var.copy_(torch.rand(35, generator=generator) + 0.5)
         prelu.weight.copy_(torch.randn(35, generator=generator))
-    from models.binary_inference import ChannelAffine
-
     affine = ChannelAffine.from_batch_norm(norm)
     x = torch.randn(2, 40, 9, 11, generator=generator)
     with torch.no_grad():
         expected = prelu(affine(layer.integer_output(x)))
         layer.fuse_epilogue(affine, prelu)
         assert torch.equal(layer(x), expected)
+
+
+def test_fused_tail_ops(backend) -> None:
+    """The info-recoupling tail: same bits as the PyTorch ops for the output pass, the mean to rounding."""
+    generator = torch.Generator().manual_seed(6)
+    b, x_mix, residual = (torch.randn(2, 24, 7, 9, generator=generator) for _ in range(3))
+    gate = torch.rand(1, 24, 1, 1, generator=generator)
+    mean = binary_kernels.mix_mean(b, x_mix, gate)
+    torch.testing.assert_close(mean, (gate * x_mix + (1 - gate) * b).mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)
+    s = torch.rand(2, 24, generator=generator)
+    scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
+    affine = ChannelAffine(24)
+    affine.scale.copy_(scale)
+    affine.shift.copy_(shift)
+    gated = s.view(2, 24, 1, 1) * b
+    for multiply in (True, False):
+        expected = affine(gated * residual if multiply else gated) + residual
+        got = binary_kernels.gate_affine_residual(b, s, residual, scale, shift, multiply)
+        assert torch.equal(got, expected)
