@@ -58,7 +58,12 @@ class Processor(nn.Module):
         """Run the binary branch on ``x``, gated by info-recoupling with ``x_mix`` when enabled."""
         b = self.activation2(self.norm1(self.binary_conv(self.binary_activation(self.move(x)))))
         if self.info_recoupling:
-            b = self.se(self.scale * x_mix + (1 - self.scale) * b) * b
+            # The gate only sees the spatial mean of the mix, and the mean is linear:
+            # GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b). Mixing the means
+            # instead of the maps skips three full-size passes forward and five
+            # backward; the gate changes only by float rounding.
+            pooled = self.scale * x_mix.mean((2, 3), keepdim=True) + (1 - self.scale) * b.mean((2, 3), keepdim=True)
+            b = self.se.gate_from_pooled(pooled) * b
         return b
 
     @torch.no_grad()

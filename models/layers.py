@@ -189,10 +189,7 @@ def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
             f"avg_pool_2x2 expects an N x C x H x W tensor with H, W >= 2, got shape {tuple(x.shape)}; "
             "the input image is too small for this network's strides"
         )
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _AvgPool2x2.apply(x)
-    # Without autograd the slices alone suffice, and exporters (ONNX) see plain operators.
-    return _window_mean_2x2(x)
+    return _AvgPool2x2.apply(x)
 
 
 class AvgPool2x2(nn.Module):
@@ -242,9 +239,9 @@ class PReLU(nn.PReLU):
     """``nn.PReLU`` (same parameter, same outputs) with the faster backward of :class:`_PReLUFunction`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and x.dim() > 1:
-            return _PReLUFunction.apply(x, self.weight)
-        return F.prelu(x, self.weight)
+        # Always the Function (not only when a gradient is needed), so that traced graphs
+        # do not depend on the grad mode; without autograd it costs only the saved references.
+        return _PReLUFunction.apply(x, self.weight)
 
 
 class SqueezeExcite(nn.Module):
@@ -268,6 +265,10 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.se(x))
+
+    def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The gate from an already averaged ``N x C x 1 x 1`` input (skips ``se[0]``, the pooling)."""
+        return torch.sigmoid(self.se[1:](pooled))
 
 
 def frozen_prelu(channels: int) -> PReLU:

@@ -47,7 +47,7 @@ def test_prelu_matches_torch_in_value_and_gradient(channels: int) -> None:
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_prelu_frozen_slope_gets_no_gradient_and_no_grad_mode_is_plain() -> None:
+def test_prelu_frozen_slope_gets_no_gradient_and_no_grad_mode_builds_no_graph() -> None:
     prelu = PReLU(3)
     prelu.weight.requires_grad_(False)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)

@@ -94,7 +94,11 @@ def check_design(arc: str, g: Graph, doubling: bool) -> None:
     # Every design binarizes activations (sign in a PythonOp) and convolves.
     assert g.inner["aten::sign"] >= 1 and g.count("prim::PythonOp") >= 2
     assert g.binary_convs() >= 1
-    if arc != "XNOR":  # XNOR-Net pools with max and box-filters K with avg_pool2d; see below
+    if arc.startswith("BNext"):
+        # Downsampling blocks have a 2x2 average-pool shortcut, which BNext computes from four
+        # strided slices inside a PythonOp (models.layers.avg_pool_2x2); keep-shape blocks have none.
+        assert (g.inner["aten::slice"] >= 4) == doubling
+    elif arc != "XNOR":  # XNOR-Net pools with max and box-filters K with avg_pool2d; see below
         # Downsampling blocks have an AvgPool shortcut; keep-shape blocks pool only in the SE's GAP.
         assert (g.count("aten::avg_pool2d") >= 1) == doubling
     if arc.startswith("BNext"):
@@ -104,9 +108,10 @@ def check_design(arc: str, g: Graph, doubling: bool) -> None:
         assert g.binary_convs() == processors
         assert g.count("aten::batch_norm") >= processors
         assert (g.count("aten::cat") == 1) == doubling
-        # Info-recoupling: a sigmoid SE gate and its GAP per processor, and the gamma mix (rsub).
+        # Info-recoupling: a sigmoid SE gate per processor fed by the gamma mix (rsub) of the
+        # spatial means of the real input and the binary branch (two means per processor).
         assert g.count("aten::sigmoid") == (processors if recoupling else 0)
-        assert g.count("aten::adaptive_avg_pool2d") == (processors if recoupling else 0)
+        assert g.count("aten::mean") == (2 * processors if recoupling else 0)
         assert (g.count("aten::rsub") > 0) == recoupling
         # ELM-attention: the spatial module is the Attention class, with the b * r product.
         assert g.in_scope("ELMAttention[Attention]") == elm
