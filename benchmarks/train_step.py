@@ -579,14 +579,27 @@ def _release(device: torch.device) -> None:
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """The plain-text table: one row per measured mode."""
-    header = f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'img/s':>10} {'peak mem MB':>12}"
+    """The plain-text table: one row per measured mode.
+
+    ``vs eager`` is eager's step/floor over the mode's, for the modes timed against
+    the same float32, contiguous floor as eager (``compile``): it compares their steps
+    while cancelling a machine that gets busier or quieter between modes (>1: faster
+    than eager). Modes with another floor (bf16, channels_last) show ``-``.
+    """
+    header = (
+        f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'vs eager':>9} "
+        f"{'img/s':>10} {'peak mem MB':>12}"
+    )
+    eager = next((r["ratio"] for r in results if r["mode"] == "eager"), None)
     lines = [header, "-" * len(header)]
     for r in results:
         peak = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else "n/a"
+        mode = MODES.get(r["mode"])
+        same_floor = mode is not None and mode.amp_dtype is None and not mode.channels_last
+        versus = f"{eager / r['ratio']:.2f}" if eager is not None and same_floor else "-"
         lines.append(
             f"{r['mode']:<16} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
-            f"{r['images_per_second']:>10.1f} {peak:>12}"
+            f"{versus:>9} {r['images_per_second']:>10.1f} {peak:>12}"
         )
     return "\n".join(lines)
 
