@@ -7,11 +7,14 @@ is raised as :class:`DataError`, whose message says what is wrong and how to fix
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -127,7 +130,9 @@ class CheckedImageFolder(datasets.ImageFolder):
     """An ImageFolder (RGB images) that reports undecodable files as :class:`DataError`.
 
     With ``skip_bad_images=True`` a bad file is replaced by the next sample that decodes
-    (deterministic) and its path is recorded in ``bad_images`` (per process).
+    (deterministic) and its path is recorded in ``bad_images`` (per process). Every skip
+    also adds one to ``skipped``, a counter in shared memory, so that the training
+    process sees the skips of its loader workers too.
     """
 
     def __init__(
@@ -145,6 +150,8 @@ class CheckedImageFolder(datasets.ImageFolder):
             raise DataError(f"{error}; add images to those class folders or remove them") from error
         self.skip_bad_images = skip_bad_images
         self.bad_images: set[str] = set()
+        # Shared memory, inherited by (or handed to) the DataLoader's worker processes.
+        self.skipped = multiprocessing.Value("q", 0)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """The (transformed image, target) of ``index``, or of the next good sample when skipping bad ones."""
@@ -152,14 +159,16 @@ class CheckedImageFolder(datasets.ImageFolder):
         for offset in range(count):
             path, target = self.samples[(index + offset) % count]
             if path in self.bad_images:
-                continue  # known bad in this process: it would fail again
+                self._count_skip()  # known bad in this process: it would fail again
+                continue
             try:
                 image = self.loader(path)
             except DataError:
                 if not self.skip_bad_images:
                     raise
                 self.bad_images.add(path)
-                _LOG.warning("skipping undecodable image %s (%d skipped so far)", path, len(self.bad_images))
+                self._count_skip()
+                _LOG.warning("skipping undecodable image %s (%d bad files seen here)", path, len(self.bad_images))
                 continue
             if self.transform is not None:
                 image = self.transform(image)
@@ -167,6 +176,63 @@ class CheckedImageFolder(datasets.ImageFolder):
                 target = self.target_transform(target)
             return image, target
         raise DataError(f"no image of {self.root} decodes; {_BAD_IMAGE_FIX}")
+
+    def _count_skip(self) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+
+
+def skipped_images(dataset: Dataset) -> int:
+    """How many bad images ``dataset`` (a :class:`CheckedImageFolder`, maybe wrapped) has skipped so far."""
+    while isinstance(dataset, SeededSamples):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "skipped", None)
+    return int(counter.value) if counter is not None else 0
+
+
+class SampleKey(NamedTuple):
+    """What :class:`ResumableSampler` yields in deterministic mode: the index and where it was drawn."""
+
+    epoch: int
+    index: int
+    rank: int
+    position: int
+
+
+class SeededSamples(Dataset):
+    """Gives each training sample its own random-number streams, so augmentations are reproducible.
+
+    Before a sample is loaded, the torch (CPU), Python and NumPy generators are seeded from
+    (seed, epoch, dataset index) and afterwards restored, so the augmentation of a sample
+    does not depend on which worker loads it, on how many workers there are, on the
+    number of processes, or on where a resumed epoch restarts. With repeated augmentation
+    (the same index several times per epoch) the seed uses (seed, epoch, rank, position in
+    the rank's order) instead, so that the repeats differ.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, *, by_position: bool = False) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.by_position = by_position
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        """The sample of ``key.index``, augmented with the generators seeded for this key."""
+        where = [key.rank, key.position] if self.by_position else [key.index]
+        words = [self.seed, key.epoch, *where]
+        seed = int(np.random.SeedSequence([w % 2**63 for w in words]).generate_state(1, np.uint64)[0])
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA streams stay as they are
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return self.dataset[key.index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 def build_transform(
@@ -330,25 +396,34 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 class ResumableSampler(Sampler[int]):
-    """Wraps the training sampler so that a resumed epoch starts at the sample it stopped at."""
+    """Wraps the training sampler so that a resumed epoch starts at the sample it stopped at.
 
-    def __init__(self, base: Sampler[int]) -> None:
+    With ``keyed=True`` it yields :class:`SampleKey` tuples instead of bare indices, for
+    :class:`SeededSamples`; the position counts from the start of the epoch, skipped part
+    included, so a resumed epoch gets the keys of the uninterrupted one.
+    """
+
+    def __init__(self, base: Sampler[int], *, keyed: bool = False, rank: int = 0) -> None:
         self.base = base
+        self.keyed = keyed
+        self.rank = rank
+        self.epoch = 0
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the shuffling sampler (the order is a function of seed and epoch)."""
+        self.epoch = epoch
         self.base.set_epoch(epoch)  # type: ignore[attr-defined]
 
     def skip_next(self, count: int) -> None:
         """Drop the first ``count`` indices of the next pass only."""
         self._skip = count
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
         for position, index in enumerate(self.base):
             if position >= skip:
-                yield index
+                yield SampleKey(self.epoch, index, self.rank, position) if self.keyed else index
 
     def __len__(self) -> int:
         return len(self.base) - self._skip  # type: ignore[arg-type]
@@ -366,6 +441,7 @@ def build_loaders(
     repeated_aug: int = 1,
     pin_memory: bool = False,
     drop_last: bool = True,
+    seeded_samples: bool = False,
 ) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     """The (train loader, val loader, train sampler) of one process; ``batch_size`` is per process.
 
@@ -373,6 +449,8 @@ def build_loaders(
     ``set_epoch(epoch)`` gives a deterministic, resumable order and ``skip_next`` resumes
     inside an epoch; ``repeated_aug > 1`` uses timm's RepeatAugSampler (whose order
     depends on the epoch only, not on ``seed``). Validation is sharded without padding.
+    ``seeded_samples=True`` (``--deterministic``) gives every training sample its own
+    seeded augmentation (:class:`SeededSamples`).
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -388,7 +466,9 @@ def build_loaders(
         base = DistributedSampler(
             train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
         )
-    train_sampler = ResumableSampler(base)
+    train_sampler = ResumableSampler(base, keyed=seeded_samples, rank=rank)
+    if seeded_samples:
+        train_set = SeededSamples(train_set, seed, by_position=repeated_aug > 1)
     # A seeded generator makes the workers' augmentation seeds reproducible and different per rank.
     generator = torch.Generator().manual_seed(seed + rank)
     common: dict[str, Any] = {
