@@ -58,6 +58,23 @@ def test_non_finite_loss_raises_before_the_update() -> None:
     assert changed == []
 
 
+def test_skip_nonfinite_skips_the_update_and_counts_it() -> None:
+    trainer = _trainer(nan_at_step=1, skip_nonfinite=True)
+    trainer.step(*_batch(), epoch=0)
+    assert not trainer.skipped
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss, _ = trainer.step(*_batch(), epoch=0)
+    assert trainer.skipped and trainer.skipped_steps == 1 and not loss.isfinite()
+    assert trainer.global_step == 2  # the batch is consumed
+    after = trainer.model.state_dict()
+    # nothing changes, not even the batch-norm statistics that the forward pass updated
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert all(p.grad is None for p in trainer.model.parameters())  # gradients zeroed
+    assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {1.0}
+    trainer.step(*_batch(), epoch=0)
+    assert not trainer.skipped and trainer.skipped_steps == 1
+
+
 def test_soft_targets_and_label_smoothing() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     hard = Batch(torch.zeros(1), torch.tensor([0]))
