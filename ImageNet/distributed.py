@@ -29,11 +29,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, cpu_threads: int | None = None) -> DistInfo:
     """Join the torchrun process group if there is one; pick nccl on CUDA and gloo on the CPU.
 
     A plain ``python train.py`` is a world of one. With several processes on the CPU,
-    the cores are divided among them so that they do not oversubscribe the machine.
+    the cores are divided among them so that they do not oversubscribe the machine,
+    unless ``cpu_threads`` fixes the threads per process (results can depend on the
+    thread count, so runs on differently shaped machines compare only with it fixed).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -47,9 +49,20 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         torch_device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=torch_device if use_cuda else None)
+        backend = "nccl" if use_cuda else "gloo"
+        device_id = torch_device if use_cuda else None
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            # After torchrun restarts a group (--max-restarts), the store can still hold the
+            # addresses the dead attempt's processes published; a process that reads one of
+            # them fails to connect. Keys of this attempt only, under its own prefix, avoid that.
+            store, rank, world_size = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"bnext/attempt_{attempt}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
 
 
