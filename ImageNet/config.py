@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -66,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--aug-repeats", type=_positive_int, default=1, help="repeated augmentation count (1 = off)")
     data.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
     data.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True, help="pin memory on CUDA")
-    data.add_argument("--skip-bad-images", action="store_true", help="skip undecodable images instead of stopping")
+    data.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip undecodable images (using the next good one) and count them per epoch, instead of stopping",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -140,14 +151,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision for the student")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--sync-bn", action="store_true", help="synchronise batch-norm statistics across processes")
+    run.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="batch-norm statistics over the global batch (all processes); torch's SyncBatchNorm on CUDA, "
+        "ImageNet/sync_batchnorm.py on the CPU (gloo)",
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels and per-sample augmentation seeds: the same command gives bit-identical "
+        "weights, also across a kill and resume, and whatever the --workers count",
+    )
+    run.add_argument(
+        "--cpu-threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per process on the CPU; unset: the cores divided among the processes of the node",
+    )
     run.add_argument("--model-ema", action="store_true", help="keep and evaluate an EMA of the weights")
     run.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
-    run.add_argument("--checkpoint-minutes", type=float, default=30.0, help="also save last.pth this often")
+    run.add_argument(
+        "--checkpoint-minutes",
+        type=_non_negative_float,
+        default=30.0,
+        help="also save last.pth inside an epoch when this many minutes passed since the last save",
+    )
+    run.add_argument(
+        "--checkpoint-steps",
+        type=_non_negative_int,
+        default=0,
+        help="also save last.pth inside an epoch every this many steps (0: only by --checkpoint-minutes)",
+    )
+    run.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a step whose loss or gradient is NaN/inf (no update, on every process) and count it, "
+        "instead of stopping the run",
+    )
     run.add_argument("--log-interval", type=_positive_int, default=50, help="iterations between log lines")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument(
-        "--debug-nan-at-step", type=int, default=None, help="test hook: make the loss NaN at this global step"
+        "--debug-nan-at-step",
+        type=int,
+        default=None,
+        help="test hook: make the loss NaN at this global step (on rank 0 only, so that a multi-process run "
+        "shows that every process stops or skips together)",
     )
     return parser
 

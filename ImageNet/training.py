@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -27,13 +28,16 @@ from torch.nn.parallel import DistributedDataParallel
 import models
 
 from . import checkpointing
+from .checkpointing import CheckpointReadError, CheckpointWriteError
 from .config import ConfigError, parse_args, resolved_config
-from .data import CIFAR_MEAN, CIFAR_STD, DataError, build_datasets, build_loaders, build_mixup
+from .data import CIFAR_MEAN, CIFAR_STD, DataError, build_datasets, build_loaders, build_mixup, skipped_images
 from .distillation import DistillationLoss, RoundSchedule
-from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .engine import NonFiniteLossError, Trainer, evaluate, train_one_epoch
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
+from .engine import EPOCH_TOTALS, NonFiniteLossError, Trainer, evaluate, train_one_epoch
+from .faults import fault_point
 from .losses import ClassificationLoss, TrainLoss
 from .optim import TemperatureSchedule, build_optimizer, build_scheduler
+from .sync_batchnorm import convert_sync_batchnorm
 from .teachers import TeacherError, load_teachers, parse_weight_files
 
 LOG = logging.getLogger("bnext.train")
@@ -45,6 +49,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels (``--deterministic``).
+
+    On the CPU the kernels used here are deterministic already; on CUDA this turns off
+    cuDNN's autotuner and picks deterministic algorithms. An op without a deterministic
+    CUDA kernel warns instead of stopping the run (``warn_only``).
+    """
+    # cuBLAS reads this when it creates its first handle; it must be set before any matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _setup_logging(output: Path, is_main: bool) -> None:
@@ -73,8 +91,13 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         raise ConfigError(
             f"unknown model {args.model!r}: use one of {', '.join(models.list_models())} or a timm model name"
         )
-    if args.sync_bn and info.device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only there); drop it on the CPU")
+    # Missing files stop the run here, before the data, the model and the teachers are built.
+    for name, path in parse_weight_files(args.teacher_weights).items():
+        if not Path(path).is_file():
+            raise ConfigError(f"--teacher-weights {name}={path}: teacher {name!r} weights file {path!r} does not exist")
+    for flag, path in (("--resume", args.resume), ("--initial-checkpoint", args.initial_checkpoint)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: the file does not exist")
     if args.amp == "fp16" and info.device.type == "cpu":
         LOG.warning("fp16 autocast on the CPU is slow; bf16 is the CPU's mixed precision")
 
@@ -99,7 +122,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         LOG.info("%s is not a BNext model: the BNext flags (stem, widths, ablations) do not apply", args.model)
         model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
     if args.initial_checkpoint:
-        models.load_checkpoint(model, args.initial_checkpoint)
+        try:
+            models.load_checkpoint(model, args.initial_checkpoint)
+        except models.CheckpointMismatchError:
+            raise
+        except ValueError as error:  # an unsafe or damaged file: the loader refused to unpickle it
+            raise CheckpointReadError(f"--initial-checkpoint: {error}") from error
     return model
 
 
@@ -169,9 +197,22 @@ class Run:
         self.best_top1 = 0.0
         self.history: list[dict[str, float]] = []
         self.last_save = time.monotonic()
+        # the sums of the epoch in progress (engine.EPOCH_TOTALS); a resumed epoch continues them
+        self.epoch_totals = torch.zeros(len(EPOCH_TOTALS), dtype=torch.float64)
 
     def state(self, trainer: Trainer, scheduler: Any, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        """Everything needed to continue exactly where the run is."""
+        """Everything needed to continue exactly where the run is (collective: every process calls it).
+
+        The RNG states of all processes are gathered, and a partial epoch's sums are
+        summed over the processes, so that a resumed run continues as if uninterrupted.
+        """
+        rng = checkpointing.rng_state()
+        rng_per_rank = [rng]
+        totals = self.epoch_totals.clone()
+        if self.info.distributed:
+            rng_per_rank = [None] * self.info.world_size
+            dist.all_gather_object(rng_per_rank, rng)
+            totals = all_reduce_sum(totals.to(self.info.device)).cpu()
         return {
             "model": _unwrap(trainer.model).state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
@@ -183,17 +224,30 @@ class Run:
             "global_step": trainer.global_step,
             "best_top1": self.best_top1,
             "history": self.history,
-            "rng": checkpointing.rng_state(),
+            "rng": rng,
+            "rng_per_rank": rng_per_rank,
+            "epoch_totals": totals if batch_in_epoch else torch.zeros_like(totals),
+            "skipped_steps": trainer.skipped_steps,
             "config": resolved_config(self.args),
         }
 
     def save(self, trainer: Trainer, scheduler: Any, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
-        """Rank 0 writes ``last.pth`` (and ``best.pth``) atomically."""
+        """Rank 0 writes ``last.pth`` (and ``best.pth``) atomically; a failed write stops every process.
+
+        Every process must call it (the state is gathered from all of them).
+        """
+        state = self.state(trainer, scheduler, epoch, batch_in_epoch)
+        error: CheckpointWriteError | None = None
         if self.info.is_main:
-            state = self.state(trainer, scheduler, epoch, batch_in_epoch)
-            checkpointing.save_atomic(state, self.output / checkpointing.LAST)
-            if best:
-                checkpointing.save_atomic(state, self.output / checkpointing.BEST)
+            try:
+                checkpointing.save_atomic(state, self.output / checkpointing.LAST)
+                if best:
+                    checkpointing.save_atomic(state, self.output / checkpointing.BEST)
+            except CheckpointWriteError as failure:
+                error = failure
+        # The other processes learn of the failure here instead of waiting for rank 0 forever.
+        if broadcast_flag(error is not None, self.info.device):
+            raise error or CheckpointWriteError("process 0 could not write the checkpoint (see its message)")
         self.last_save = time.monotonic()
 
     def restore(self, path: Path, trainer: Trainer, scheduler: Any) -> None:
@@ -209,9 +263,17 @@ class Run:
         if trainer.ema is not None and state.get("ema"):
             trainer.ema.module.load_state_dict(state["ema"])
         trainer.global_step = state["global_step"]
+        trainer.skipped_steps = int(state.get("skipped_steps", 0))
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.best_top1, self.history = state["best_top1"], list(state["history"])
-        if self.info.is_main:
+        totals = state.get("epoch_totals")
+        # the saved sums cover all processes: rank 0 carries them, the end-of-epoch sum adds the rest
+        if totals is not None and self.batch_in_epoch and self.info.is_main:
+            self.epoch_totals = totals.to(torch.float64).clone()
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.info.world_size:
+            checkpointing.set_rng_state(per_rank[self.info.rank])
+        elif self.info.is_main:
             checkpointing.set_rng_state(state["rng"])
         LOG.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
 
@@ -226,7 +288,7 @@ def _progress(total: int, epoch: int, is_main: bool) -> Any:
 
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Run (or resume) training as configured; returns the final metrics."""
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, args.cpu_threads)
     output = Path(args.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -234,7 +296,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         raise ConfigError(f"cannot create the output directory {str(output)!r}: {error}") from error
     _setup_logging(output, info.is_main)
     _check_args(args, info)
+    if args.deterministic:
+        use_deterministic_kernels()
     seed_everything(args.seed + info.rank)
+    if info.is_main:
+        # a run killed while writing a checkpoint leaves its temporary file; the checkpoint itself is whole
+        for stale in checkpointing.remove_stale_temporaries(output):
+            LOG.info("removed %s, the partial write of a run killed while saving", stale)
 
     train_set, val_set, classes = build_datasets(
         dataset=args.dataset,
@@ -262,13 +330,14 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         seed=args.seed,
         repeated_aug=args.aug_repeats,
         pin_memory=args.pin_mem and info.device.type == "cuda",
+        seeded_samples=args.deterministic,
     )
 
     model = build_model(args, num_classes).to(info.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, info.device)
     ema = None
     if args.model_ema:
         from timm.utils import ModelEmaV3
@@ -319,6 +388,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         ema=ema,
         constrained=core,
         nan_at_step=args.debug_nan_at_step,
+        skip_nonfinite=args.skip_nonfinite,
     )
     temperature = TemperatureSchedule(args.temperature_start, args.temperature_decay)
 
@@ -346,7 +416,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if run.epoch >= args.epochs:
             LOG.info("training is already complete (%d epochs) in %s", args.epochs, output)
         for epoch in range(run.epoch, args.epochs):
-            final = _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer)
+            final = _run_epoch(
+                run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer, train_set
+            )
     finally:
         if writer is not None:
             writer.close()
@@ -357,9 +429,14 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     return final
 
 
-def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer) -> dict:
+def _run_epoch(
+    run, trainer, scheduler, sampler, train_loader, val_loader, epoch, temperature, writer, train_set
+) -> dict:
     args, info = run.args, run.info
     start_batch = run.batch_in_epoch if epoch == run.epoch else 0
+    if not start_batch:
+        run.epoch_totals.zero_()
+    steps_per_epoch = len(train_loader)  # before skip_next, which shortens the next pass
     sampler.set_epoch(epoch)
     if start_batch:
         sampler.skip_next(start_batch * train_loader.batch_size)
@@ -367,14 +444,36 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
     if not args.sched_on_updates:
         scheduler.step(epoch)
 
-    def maybe_checkpoint(batch_index: int) -> None:
-        if (time.monotonic() - run.last_save) / 60 >= args.checkpoint_minutes and batch_index < len(train_loader):
-            run.save(trainer, scheduler, epoch, batch_index)
+    def after_step(batches_done: int) -> None:
+        if trainer.skipped:
+            LOG.warning(
+                "skipped step %d (epoch %d, batch %d): non-finite loss or gradient, no update (--skip-nonfinite)",
+                trainer.global_step - 1,
+                epoch,
+                batches_done - 1,
+            )
+        due = bool(args.checkpoint_steps) and trainer.global_step % args.checkpoint_steps == 0
+        if not due and args.checkpoint_minutes is not None:
+            timed = (time.monotonic() - run.last_save) / 60 >= args.checkpoint_minutes
+            # clocks differ between processes: rank 0 decides, so that all take part in the save
+            due = broadcast_flag(timed, info.device) if info.distributed else timed
+        if due and batches_done < steps_per_epoch:  # the epoch's end saves anyway
+            run.save(trainer, scheduler, epoch, batches_done)
+        fault_point("step", trainer.global_step)
 
-    progress = _progress(len(train_loader), epoch, info.is_main)
+    progress = _progress(steps_per_epoch - start_batch, epoch, info.is_main)
+    totals = run.epoch_totals.to(info.device)
+    run.epoch_totals = totals  # updated in place by train_one_epoch, read by checkpoints
     try:
         stats = train_one_epoch(
-            trainer, train_loader, epoch, on_step=maybe_checkpoint, progress=progress, start_batch=start_batch
+            trainer,
+            train_loader,
+            epoch,
+            on_step=after_step,
+            progress=progress,
+            start_batch=start_batch,
+            totals=totals,
+            skipped_images=lambda: skipped_images(train_set),
         )
     finally:
         if progress is not None:
@@ -394,7 +493,16 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
         "temperature": temperature(epoch),
         "images_per_second": stats["images_per_second"] * info.world_size,
         "data_time": stats["data_time"],
+        "skipped_steps": stats["skipped_steps"],
+        "skipped_images": stats["skipped_images"],
     }
+    if stats["skipped_steps"] or stats["skipped_images"]:
+        LOG.warning(
+            "epoch %d skipped %d step(s) with a non-finite loss or gradient and %d undecodable image(s)",
+            epoch + 1,
+            stats["skipped_steps"],
+            stats["skipped_images"],
+        )
     if isinstance(trainer.loss_fn, DistillationLoss):
         metrics["kd_round"] = float(trainer.loss_fn.schedule.round_index(epoch))
         for key, value in trainer.loss_fn.pop_epoch_stats().items():
@@ -406,6 +514,7 @@ def _run_epoch(run, trainer, scheduler, sampler, train_loader, val_loader, epoch
     is_best = val["top1"] > run.best_top1
     run.best_top1 = max(run.best_top1, val["top1"])
     run.history.append(metrics)
+    run.epoch_totals.zero_()
     run.save(trainer, scheduler, epoch + 1, 0, best=is_best)
     LOG.info(
         "epoch %d/%d  train loss %.4f  top-1 %.2f  val top-1 %.2f  top-5 %.2f  lr %.3g  T %.3g  %.0f img/s",
@@ -449,11 +558,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (ConfigError, DataError, TeacherError, models.CheckpointMismatchError, FileNotFoundError) as error:
+    except (
+        ConfigError,
+        DataError,
+        TeacherError,
+        models.CheckpointMismatchError,
+        CheckpointReadError,
+        FileNotFoundError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
-        print(f"error: {error}; stopped without saving, the last checkpoint is the last good one", file=sys.stderr)
+        print(
+            f"error: {error}; stopped without saving, the last checkpoint is the last good one "
+            "(--skip-nonfinite skips such steps instead)",
+            file=sys.stderr,
+        )
+        return 1
+    except CheckpointWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
         cleanup()
