@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,17 +34,43 @@ def make_image_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
-def run_script(
-    args: list[str], *, nproc: int = 1, script: str = "ImageNet/train.py", timeout: int = 300
-) -> subprocess.CompletedProcess:
-    """Run a script (or ``-m module``) from the repository root, under torchrun when ``nproc > 1``."""
+def script_command(args: list[str], *, nproc: int = 1, script: str = "ImageNet/train.py") -> list[str]:
+    """The command line of a script (or ``-m module``), under torchrun when ``nproc > 1``."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [*launcher, *script.split(), *args]
+
+
+def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the scripts: one OpenMP thread (the test machine is shared), plus ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_script(
+    args: list[str],
+    *,
+    nproc: int = 1,
+    script: str = "ImageNet/train.py",
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a script (or ``-m module``) from the repository root, under torchrun when ``nproc > 1``."""
     return subprocess.run(
-        [*launcher, *script.split(), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        script_command(args, nproc=nproc, script=script),
+        cwd=REPO,
+        env=script_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def common_args(data: Path, output: Path, epochs: int = 1, batch: int = 6) -> list[str]:

@@ -246,9 +246,3 @@ def test_amp_channels_last_and_ema_options_run(image_folder: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert state["ema"] is not None and "val_ema_top1" in state["history"][0]
-
-
-def test_sync_bn_on_the_cpu_is_refused_with_a_reason(image_folder: Path, tmp_path: Path) -> None:
-    # torch's SyncBatchNorm runs only on CUDA devices; the CPU run says so before training.
-    result = run_train([*_common(image_folder, tmp_path, epochs=1), "--sync-bn"], nproc=2)
-    assert "--sync-bn needs CUDA" in _error_of(result)
