@@ -28,7 +28,9 @@ Folds applied with ``fold=True`` (all algebraically exact; see :data:`FOLDS`):
 6. The real-valued tail of every info-recoupling module, ``norm2(SE(m) * b [* r]) + r``
    with ``m = g * x_mix + (1 - g) * b``, runs in two passes: the mean of ``m`` (never
    stored), then one fused pass; each element sees the same float operations as in
-   :mod:`models.blocks`, only the order of the pooling sum differs.
+   :mod:`models.blocks`, only the order of the pooling sum differs (and the SE's 1x1
+   convs on the pooled vector run as ``F.linear``, another summation order). A stride-2
+   ELM module pools ``x`` and ``PReLU(x)`` in one pass, with ``F.avg_pool2d``'s order.
 
 Not folded, on purpose: the batch norm after a binary conv cannot enter the integer
 convolution (a PReLU and the real-valued SE gate follow it), and the stem's batch norm
@@ -151,6 +153,8 @@ class PackedBinaryConv2d(nn.Module):
         self.post_slope = slope.clone()
 
     def _epilogue(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        # Unpadded; binary_kernels pads to 16-channel blocks where needed (a no-op for
+        # the usual multiples of 16).
         return (self.post_scale, self.post_shift, self.post_slope) if self.has_epilogue else None
 
     @classmethod
@@ -319,6 +323,8 @@ def _fuse_tails(model: nn.Module) -> None:
             and isinstance(module.binary_activation, nn.Identity)
             and isinstance(module.se, SqueezeExcite)
             and isinstance(module.se.se[0], nn.AdaptiveAvgPool2d)
+            and isinstance(module.se.se[2], nn.ReLU)
+            and module.stride in (1, 2)
         ):
             continue
         fused = {ELMAttention: _elm_forward, BinaryFFN: _ffn_forward, BNext18Attention: _bnext18_attention_forward}
@@ -333,13 +339,20 @@ def _recoupled_tail(module: Processor, x: torch.Tensor, x_mix: torch.Tensor, res
     """
     b = module.binary_conv(x)  # folded: sign threshold, batch norm and PReLU inside
     mean = binary_kernels.mix_mean(b, x_mix, module.scale)
-    gate = torch.sigmoid(module.se.se[1:](mean.view(*mean.shape, 1, 1))).view(mean.shape)
+    # The SE's 1x1 convolutions on a 1x1 map are matrix products: F.linear is the faster call.
+    squeeze, expand = module.se.se[1], module.se.se[3]
+    hidden = F.relu(F.linear(mean, squeeze.weight.flatten(1), squeeze.bias))
+    gate = torch.sigmoid(F.linear(hidden, expand.weight.flatten(1), expand.bias))
     return binary_kernels.gate_affine_residual(b, gate, residual, module.norm2.scale, module.norm2.shift, elm)
 
 
 def _elm_forward(self: ELMAttention, x: torch.Tensor) -> torch.Tensor:
-    residual = _avg_pool_if_strided(self.activation1(x), self.stride)
-    return _recoupled_tail(self, x, _avg_pool_if_strided(x, self.stride), residual, elm=True)
+    if self.stride == 2 and isinstance(self.activation1, nn.PReLU):
+        x_mix, residual = binary_kernels.pool2x2_prelu(x, self.activation1.weight)
+    else:
+        x_mix = _avg_pool_if_strided(x, self.stride)
+        residual = _avg_pool_if_strided(self.activation1(x), self.stride)
+    return _recoupled_tail(self, x, x_mix, residual, elm=True)
 
 
 def _ffn_forward(self: BinaryFFN, x: torch.Tensor) -> torch.Tensor:

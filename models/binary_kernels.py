@@ -130,7 +130,7 @@ def xnor_conv2d(
     ext = load_extension()
     if ext is not None and kernel_weights is not None and packed.device.type == "cpu":
         empty = packed.new_empty(0, dtype=torch.float32)
-        scale, shift, slope = epilogue if epilogue is not None else (empty, empty, empty)
+        scale, shift, slope = (pad_channels(t) for t in epilogue) if epilogue is not None else (empty, empty, empty)
         return ext.xnor_conv2d(
             packed,
             kernel_weights,
@@ -187,3 +187,20 @@ def gate_affine_residual(
         v = v * residual
     zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
     return torch.nn.functional.batch_norm(v, zeros, ones, scale, shift, False, 0.0, 0.0) + residual
+
+
+def pad_channels(values: torch.Tensor) -> torch.Tensor:
+    """A float32 ``[O]`` vector zero-padded to a whole number of the kernel's 16-channel blocks."""
+    blocks = -(-values.numel() // 16) * 16
+    if values.numel() == blocks and values.is_contiguous() and values.dtype == torch.float32:
+        return values
+    return torch.nn.functional.pad(values.float().reshape(-1), (0, blocks - values.numel()))
+
+
+def pool2x2_prelu(x: torch.Tensor, slope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(avg_pool2x2(x), avg_pool2x2(prelu(x, slope)))`` in one pass (ELM attention's stride-2 shortcuts)."""
+    ext = load_extension()
+    if ext is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return ext.pool2x2_prelu(x, slope.reshape(-1).float().expand(x.shape[1]).contiguous())
+    pool = torch.nn.functional.avg_pool2d
+    return pool(x, 2, 2), pool(torch.nn.functional.prelu(x, slope), 2, 2)

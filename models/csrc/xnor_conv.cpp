@@ -287,15 +287,14 @@ torch::Tensor xnor_conv2d(torch::Tensor packed, torch::Tensor wt, torch::Tensor 
               "tap_sums must be int32 [O, K*K]");
   Epilogue ep;
   if (scale.numel() > 0) {
-    TORCH_CHECK(scale.numel() == O && shift.numel() == O && slope.numel() == O &&
+    // Padded by the caller to a whole block of kOB channels, so that the vector store
+    // may read the parameters of 16 lanes even in the last, partial block.
+    const int64_t padded = ((O + kOB - 1) / kOB) * kOB;
+    TORCH_CHECK(scale.numel() == padded && shift.numel() == padded && slope.numel() == padded &&
+                    scale.is_contiguous() && shift.is_contiguous() && slope.is_contiguous() &&
                     scale.scalar_type() == torch::kFloat32 && shift.scalar_type() == torch::kFloat32 &&
                     slope.scalar_type() == torch::kFloat32,
-                "epilogue scale, shift and slope must be float32 [O]");
-    // Padded to a whole block so the vector path may read 16 lanes past the last channel.
-    const int64_t padded = ((O + kOB - 1) / kOB) * kOB;
-    scale = torch::constant_pad_nd(scale.contiguous(), {0, padded - O});
-    shift = torch::constant_pad_nd(shift.contiguous(), {0, padded - O});
-    slope = torch::constant_pad_nd(slope.contiguous(), {0, padded - O});
+                "epilogue scale, shift and slope must be contiguous float32 [O rounded up to 16]");
     ep.fused = true;
     ep.scale = scale.data_ptr<float>();
     ep.shift = shift.data_ptr<float>();
@@ -469,6 +468,46 @@ torch::Tensor gate_affine_residual(torch::Tensor b, torch::Tensor s, torch::Tens
   return out;
 }
 
+// The two shortcuts of a stride-2 ELM-attention module in one pass over x:
+// avg_pool2x2(x) and avg_pool2x2(prelu(x, slope)), each window summed as
+// ((x00 + x01) + x10) + x11 and scaled by 0.25 (exactly /4), as F.avg_pool2d does.
+std::tuple<torch::Tensor, torch::Tensor> pool2x2_prelu(torch::Tensor x, torch::Tensor slope) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && slope.scalar_type() == torch::kFloat32 &&
+                  slope.numel() == x.size(1) && x.size(2) >= 2 && x.size(3) >= 2,
+              "pool2x2_prelu: x float32 N x C x H x W (H, W >= 2), slope float32 [C]");
+  x = x.contiguous();
+  slope = slope.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t OH = H / 2, OW = W / 2;
+  auto pooled = torch::empty({N, C, OH, OW}, x.options());
+  auto pooled_prelu = torch::empty({N, C, OH, OW}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* A = slope.data_ptr<float>();
+  float* P = pooled.data_ptr<float>();
+  float* Q = pooled_prelu.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float a = A[plane % C];
+      const float* xp = X + plane * H * W;
+      float* pp = P + plane * OH * OW;
+      float* qp = Q + plane * OH * OW;
+      for (int64_t i = 0; i < OH; ++i) {
+        const float* top = xp + (2 * i) * W;
+        const float* bottom = top + W;
+        for (int64_t j = 0; j < OW; ++j) {
+          const float v00 = top[2 * j], v01 = top[2 * j + 1], v10 = bottom[2 * j], v11 = bottom[2 * j + 1];
+          pp[i * OW + j] = (((v00 + v01) + v10) + v11) * 0.25f;
+          const float r00 = v00 > 0.0f ? v00 : a * v00, r01 = v01 > 0.0f ? v01 : a * v01;
+          const float r10 = v10 > 0.0f ? v10 : a * v10, r11 = v11 > 0.0f ? v11 : a * v11;
+          qp[i * OW + j] = (((r00 + r01) + r10) + r11) * 0.25f;
+        }
+      }
+    }
+  });
+  return {pooled, pooled_prelu};
+}
+
 // Canonical packed weights int64 [O, K, K, Cw] -> interleaved [nOB, K, K*Cw, kOB] (zero-padded lanes).
 torch::Tensor interleave_weights(torch::Tensor packed) {
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt64, "weights must be int64 [O, K, K, Cw]");
@@ -507,6 +546,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interleave_weights", &interleave_weights, "reorder packed weights into output-channel blocks");
   m.def("mix_mean", &mix_mean, "per-channel mean of g*x_mix + (1-g)*b");
   m.def("gate_affine_residual", &gate_affine_residual, "fma(s*b[*r], scale, shift) + r");
+  m.def("pool2x2_prelu", &pool2x2_prelu, "avg_pool2x2(x) and avg_pool2x2(prelu(x)) in one pass");
   m.def("block_lanes", &block_lanes, "output channels per weight block");
   m.def("build_features", &build_features, "instruction-set features the extension was compiled with");
 }
