@@ -293,14 +293,12 @@ def test_fused_tail_ops(backend) -> None:
 
 
 def test_pool2x2_prelu_matches_the_model(backend) -> None:
-    """Stride-2 ELM shortcuts in one pass: the bits of the model's 2x2 average pool, odd sizes included."""
-    from models.layers import avg_pool_2x2
-
+    """Stride-2 ELM shortcuts in one pass: the bits of F.avg_pool2d(x, 2, 2), odd sizes included."""
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(2, 19, 9, 7, generator=generator)
     prelu = torch.nn.PReLU(19)
     with torch.no_grad():
         prelu.weight.copy_(torch.randn(19, generator=generator))
         pooled, pooled_prelu = binary_kernels.pool2x2_prelu(x, prelu.weight)
-        assert torch.equal(pooled, avg_pool_2x2(x))
-        assert torch.equal(pooled_prelu, avg_pool_2x2(prelu(x)))
+        assert torch.equal(pooled, F.avg_pool2d(x, 2, 2))
+        assert torch.equal(pooled_prelu, F.avg_pool2d(prelu(x), 2, 2))
