@@ -84,11 +84,12 @@ class Trainer:
     def step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch with class-index targets; returns the detached loss and logits.
 
-        A non-finite loss (or, without fp16 loss scaling, gradient norm) on any process
-        raises :class:`NonFiniteLossError` on every process before the weights change;
-        with ``skip_nonfinite`` the step is skipped instead: no update, gradients zeroed,
-        ``skipped`` set and ``skipped_steps`` counted. A skipped step still advances
-        ``global_step`` (and the schedule): its batch is consumed.
+        A non-finite loss on any process raises :class:`NonFiniteLossError` on every
+        process before the weights change. With ``skip_nonfinite`` the step is skipped
+        instead, also when the gradient norm is non-finite (without fp16 loss scaling,
+        which skips such steps itself): no update, gradients zeroed, batch-norm
+        statistics restored, ``skipped`` set and ``skipped_steps`` counted. A skipped
+        step still advances ``global_step`` (and the schedule): its batch is consumed.
         """
         self.skipped = False
         # A skipped step must not change anything, but its forward pass updates the batch-norm
@@ -147,13 +148,19 @@ class Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
 
     def _clip(self) -> float | None:
-        """Clip the gradient norm when asked to; return the norm when it was computed."""
+        """Clip the gradient norm when asked to; with ``skip_nonfinite``, return the norm too.
+
+        Reading the norm costs a host sync, so only ``skip_nonfinite`` runs pay for it; the
+        others catch non-finite weights before a checkpoint is written (training.Run.save).
+        """
+        if not (self.skip_nonfinite and self.scaler is None):
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            return None
         if self.clip_grad > 0:
             return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad))
-        if self.skip_nonfinite and self.scaler is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _rank() -> int:

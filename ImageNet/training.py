@@ -236,6 +236,7 @@ class Run:
 
         Every process must call it (the state is gathered from all of them).
         """
+        _check_finite_weights(_unwrap(trainer.model), trainer.global_step)
         state = self.state(trainer, scheduler, epoch, batch_in_epoch)
         error: CheckpointWriteError | None = None
         if self.info.is_main:
@@ -276,6 +277,21 @@ class Run:
         elif self.info.is_main:
             checkpointing.set_rng_state(state["rng"])
         LOG.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
+
+
+def _check_finite_weights(model: nn.Module, global_step: int) -> None:
+    """Raise NonFiniteLossError instead of saving weights that hold NaN or inf.
+
+    A finite loss can still give non-finite gradients; this keeps such an update out
+    of the checkpoints (the last one stays the last good one), at one host sync per save.
+    """
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        return
+    names = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    raise NonFiniteLossError(
+        f"the weights hold NaN or inf after global step {global_step - 1} ({', '.join(names[:3])})"
+    )
 
 
 def _progress(total: int, epoch: int, is_main: bool) -> Any:
@@ -453,7 +469,7 @@ def _run_epoch(
                 batches_done - 1,
             )
         due = bool(args.checkpoint_steps) and trainer.global_step % args.checkpoint_steps == 0
-        if not due and args.checkpoint_minutes is not None:
+        if not due:
             timed = (time.monotonic() - run.last_save) / 60 >= args.checkpoint_minutes
             # clocks differ between processes: rank 0 decides, so that all take part in the save
             due = broadcast_flag(timed, info.device) if info.distributed else timed

@@ -23,7 +23,8 @@ from run_helpers import REPO, common_args, free_port, make_image_folder, run_scr
 
 from ImageNet import checkpointing
 from ImageNet.config import ConfigError, build_parser, load_yaml_defaults, parse_args
-from ImageNet.training import main
+from ImageNet.engine import NonFiniteLossError
+from ImageNet.training import _check_finite_weights, main
 
 # Deterministic runs: per-sample augmentation seeds, one thread per process (results depend on it).
 EXACT = ["--deterministic", "--cpu-threads", "1"]
@@ -264,6 +265,16 @@ def test_skip_nonfinite_skips_the_step_on_every_process_and_counts_it(image_fold
     # AdamW counts its updates: 3 of the 4 steps updated the weights
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {3.0}
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_weights_that_went_non_finite_are_never_saved() -> None:
+    # a finite loss can give an infinite gradient; the next save refuses the weights it produced
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    _check_finite_weights(model, global_step=5)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="after global step 4 \\(0.weight\\)"):
+        _check_finite_weights(model, global_step=5)
 
 
 # ---------------------------------------------------------------------------------------- full disk
