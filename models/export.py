@@ -246,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.model != "bnext18":
         kwargs.update(elm_attention=not args.no_elm_attention, info_recoupling=not args.no_info_recoupling)
-    model = _load_float_model(args.model, args.checkpoint, kwargs)
-    export_inference(model, args.model, args.output, int8=args.int8)
+    try:
+        model = _load_float_model(args.model, args.checkpoint, kwargs)
+        export_inference(model, args.model, args.output, int8=args.int8)
+    except (ValueError, FileNotFoundError) as error:  # wrong architecture, mid-training checkpoint, no file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     size = os.path.getsize(args.output)
     print(f"wrote {args.output}: {size / 1e6:.2f} MB ({'int8' if args.int8 else 'float32'} real-valued weights)")
     return 0

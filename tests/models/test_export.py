@@ -182,3 +182,12 @@ def test_onnx_export_matches_pytorch(tmp_path) -> None:
     result = check_onnx(model, path, torch.randn(3, 3, RESOLUTION, RESOLUTION))
     assert result["top1_agreement"] == 1.0
     assert result["max_abs_diff"] <= 1e-4 * result["max_abs_logit"]
+
+
+def test_cli_refuses_a_mid_training_checkpoint(tmp_path, capsys) -> None:
+    model = models.create_model("bnext18", num_classes=10, stem="cifar", width_mult=0.25)  # temperature 1
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save(model.state_dict(), checkpoint)
+    args = ["--model", "bnext18", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out.safetensors")]
+    assert main([*args, "--num-classes", "10", "--stem", "cifar", "--width-mult", "0.25"]) == 2
+    assert "not below the sign threshold" in capsys.readouterr().err
