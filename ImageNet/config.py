@@ -36,6 +36,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _real_bits(text: str) -> int:
+    value = int(text)
+    if value != 32 and not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be 32 (float) or 2 to 16 bits, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -93,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--info-recoupling", action=argparse.BooleanOptionalAction, default=True, help="mix-to-binary attention"
+    )
+    model.add_argument(
+        "--real-bits",
+        type=_real_bits,
+        default=32,
+        help="bits of the real-valued convolutions and classifier: 32 (float) or 2-16 (fake-quantized; 8 is the "
+        "8-bit variant); BNext models only",
     )
     model.add_argument("--initial-checkpoint", default=None, help="weights to start from (not a resume)")
 

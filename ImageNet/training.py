@@ -117,6 +117,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             info_recoupling=args.info_recoupling,
             stage_channels=args.stage_channels,
             width_mult=args.width_mult,
+            real_bits=args.real_bits,
         )
     else:
         LOG.info("%s is not a BNext model: the BNext flags (stem, widths, ablations) do not apply", args.model)

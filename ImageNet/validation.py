@@ -25,7 +25,7 @@ from .engine import evaluate
 from .training import AMP_DTYPES
 
 # Model flags that a checkpoint written by ImageNet/train.py records in its config.
-MODEL_KEYS = ("model", "stem", "width_mult", "stage_channels", "elm_attention", "info_recoupling")
+MODEL_KEYS = ("model", "stem", "width_mult", "stage_channels", "elm_attention", "info_recoupling", "real_bits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage-channels", type=int, nargs="+", default=None, help="default: checkpoint or none")
     parser.add_argument("--elm-attention", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--info-recoupling", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--real-bits", type=int, default=None, help="32 or 2-16 (the 8-bit variant: 8); default: checkpoint or 32"
+    )
     parser.add_argument("--img-size", type=int, default=224, help="evaluation resolution")
     parser.add_argument("--crop-pct", type=float, default=0.95, help="center-crop fraction (official 0.95)")
     parser.add_argument("--interpolation", default="bicubic")
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_settings(args: argparse.Namespace, recorded: dict) -> dict:
-    defaults = {"stem": "imagenet", "width_mult": 1.0, "elm_attention": True, "info_recoupling": True}
+    defaults = {"stem": "imagenet", "width_mult": 1.0, "elm_attention": True, "info_recoupling": True, "real_bits": 32}
     settings = {}
     for key in MODEL_KEYS:
         value = getattr(args, key)

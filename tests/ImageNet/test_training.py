@@ -246,3 +246,25 @@ def test_amp_channels_last_and_ema_options_run(image_folder: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert state["ema"] is not None and "val_ema_top1" in state["history"][0]
+
+
+def test_the_8_bit_variant_trains_and_validates_from_its_recorded_config(image_folder: Path, tmp_path: Path) -> None:
+    import json
+
+    result = run_train([*_common(image_folder, tmp_path, epochs=1), "--real-bits", "8"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert best["config"]["real_bits"] == 8
+    args = ["--checkpoint", str(tmp_path / "best.pth"), "--data-dir", str(image_folder), "--img-size", "32"]
+    validated = run_validate([*args, "--workers", "0", "--batch-size", "4"])
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert json.loads(validated.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(
+        best["history"][-1]["val_top1"]
+    )
+
+
+def test_real_bits_accepts_32_or_2_to_16(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--real-bits", "8"]).real_bits == 8 and parse_args([]).real_bits == 32
+    with pytest.raises(SystemExit):
+        parse_args(["--real-bits", "1"])
+    assert "32 (float) or 2 to 16 bits" in capsys.readouterr().err
