@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -56,6 +57,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_features() -> str:
+    """The CPU's instruction-set features that matter here (popcount, AVX2/AVX-512, VNNI, AMX)."""
+    wanted = ("popcnt", "avx2", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "amx_int8")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return " ".join(flag for flag in wanted if flag in flags)
+    except OSError:
+        pass
+    return "unknown"
 
 
 def load_average() -> str:
@@ -89,6 +104,7 @@ def binary_conv_shapes(model: nn.Module, resolution: int) -> list[dict]:
     shapes: dict[tuple, int] = {}
 
     def hook(module: BinaryConv2d, args, output) -> None:
+        """Count the layer's shape and input size."""
         x = args[0]
         key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, x.shape[-2], x.shape[-1])
         shapes[key] = shapes.get(key, 0) + 1
@@ -118,11 +134,15 @@ class Int8Conv(nn.Module):
         from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
         out_channels, in_channels, k, _ = weight_signs.shape
-        self.conv = QuantizedConv2d(in_channels, out_channels, k, stride=stride, padding=padding, bias=False)
-        qweight = torch.quantize_per_channel(
-            weight_signs, torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.long), 0, torch.qint8
-        )
-        self.conv.set_weight_bias(qweight, None)
+        with warnings.catch_warnings():
+            # PyTorch 2.14 announces the deprecation of its quantized tensors; they are
+            # still its INT8 CPU convolution, which is what this compares against.
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            self.conv = QuantizedConv2d(in_channels, out_channels, k, stride=stride, padding=padding, bias=False)
+            qweight = torch.quantize_per_channel(
+                weight_signs, torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.long), 0, torch.qint8
+            )
+            self.conv.set_weight_bias(qweight, None)
         # The integer result spans +-k*k*C; an 8-bit output needs that range in 255 steps.
         self.conv.scale = float(2 * k * k * in_channels) / 255.0
         self.conv.zero_point = 128
@@ -132,6 +152,7 @@ class Int8Conv(nn.Module):
         return torch.quantize_per_tensor(torch.sign(x), 1.0, 128, torch.quint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize the signs, convolve in INT8, dequantize."""
         return self.conv(self.quantized_input(x)).dequantize()
 
 
@@ -201,7 +222,7 @@ def bench_end_to_end(resolution: int, thread_counts: Sequence[int], repeats: int
 def format_report(shape_rows: list[dict], end_rows: list[dict], difference: float, resolution: int, engine: str) -> str:
     """The printed table (markdown)."""
     lines = [
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_features()}); torch {torch.__version__}; "
         f"binary backend: {binary_kernels.backend()} [{binary_kernels.build_features() or 'pure PyTorch'}]; "
         f"INT8 engine: {engine}; load average: {load_average()}",
         "",

@@ -86,6 +86,7 @@ class ChannelAffine(nn.Module):
         return affine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * scale + shift`` per channel."""
         # PyTorch's eval batch-norm kernel with mean 0, variance 1 and eps 0 computes
         # exactly x * scale + shift (1 / sqrt(1) is exact), and is faster on the CPU
         # than a broadcast multiply-add.
@@ -229,9 +230,11 @@ class PackedBinaryConv2d(nn.Module):
         return correction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution's integers, through the fused batch norm and PReLU when there is one."""
         return self._run(x, fused=True)
 
     def extra_repr(self) -> str:
+        """Shape and packing, for ``print(model)``."""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bits=1, packed{', fused batch norm + PReLU' if self.has_epilogue else ''}"

@@ -302,3 +302,20 @@ def test_pool2x2_prelu_matches_the_model(backend) -> None:
         pooled, pooled_prelu = binary_kernels.pool2x2_prelu(x, prelu.weight)
         assert torch.equal(pooled, F.avg_pool2d(x, 2, 2))
         assert torch.equal(pooled_prelu, F.avg_pool2d(prelu(x), 2, 2))
+
+
+def test_benchmark_script_runs_on_a_small_model() -> None:
+    """benchmarks/binary_inference.py: shapes, the three convolutions (checked equal inside) and the table."""
+    from benchmarks import binary_inference as bench
+
+    torch.backends.quantized.engine = bench._quantized_engine()
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.25).eval()
+    shapes = bench.binary_conv_shapes(model, RESOLUTION)
+    assert {shape["k"] for shape in shapes} == {1, 3} and any(shape["stride"] == 2 for shape in shapes)
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.bench_shapes(shapes[:2], [1], repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    report = bench.format_report(rows, [], float("nan"), RESOLUTION, torch.backends.quantized.engine)
+    assert "float/binary" in report and report.count("\n| 3x3") >= 1
