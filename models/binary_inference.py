@@ -342,10 +342,14 @@ def _recoupled_tail(module: Processor, x: torch.Tensor, x_mix: torch.Tensor, res
     """
     b = module.binary_conv(x)  # folded: sign threshold, batch norm and PReLU inside
     mean = binary_kernels.mix_mean(b, x_mix, module.scale)
-    # The SE's 1x1 convolutions on a 1x1 map are matrix products: F.linear is the faster call.
     squeeze, expand = module.se.se[1], module.se.se[3]
-    hidden = F.relu(F.linear(mean, squeeze.weight.flatten(1), squeeze.bias))
-    gate = torch.sigmoid(F.linear(hidden, expand.weight.flatten(1), expand.bias))
+    if type(squeeze) is nn.Conv2d and type(expand) is nn.Conv2d:
+        # Plain 1x1 convolutions of a 1x1 map are matrix products: F.linear is the faster call.
+        hidden = F.relu(F.linear(mean, squeeze.weight.flatten(1), squeeze.bias))
+        gate = torch.sigmoid(F.linear(hidden, expand.weight.flatten(1), expand.bias))
+    else:
+        # Other layers (the 8-bit variant's fake-quantized convs) run as they are.
+        gate = torch.sigmoid(module.se.se[1:](mean.view(*mean.shape, 1, 1))).view(mean.shape)
     return binary_kernels.gate_affine_residual(b, gate, residual, module.norm2.scale, module.norm2.shift, elm)
 
 

@@ -70,6 +70,19 @@ def test_export_round_trip(tmp_path, name: str) -> None:
     assert json.loads(loaded.export_metadata["config"]) == model_config(model)
 
 
+def test_export_of_the_8_bit_variant(tmp_path) -> None:
+    """create_model(real_bits=8): the loaded model keeps the fake-quantized real-valued layers."""
+    model = _small_model("bnext_tiny", real_bits=8)
+    path = tmp_path / "q8.safetensors"
+    export_inference(model, "bnext_tiny", path)
+    loaded = load_inference_model(path)
+    assert json.loads(loaded.export_metadata["config"])["real_bits"] == 8
+    x = _inputs()
+    with torch.no_grad():
+        reference = model(x)
+        torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 def test_file_holds_one_bit_per_binary_weight(tmp_path) -> None:
     model = _small_model("bnext_tiny")
     path = tmp_path / "tiny.safetensors"
