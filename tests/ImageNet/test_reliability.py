@@ -53,10 +53,44 @@ def _assert_same_training(actual: dict, expected: dict) -> None:
     assert [{k: v for k, v in epoch.items() if k not in TIMINGS} for epoch in actual["history"]] == strip
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """Kill what a test launched and left running (or stopped) when it failed half-way."""
+    yield
+    while _LAUNCHED:
+        process = _LAUNCHED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+
+
 def _launch(args: list[str], fault: str) -> subprocess.Popen:
     env = script_env({"BNEXT_TEST_FAULT": fault})
     command = script_command(args)
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _LAUNCHED.append(process)
+    return process
+
+
+def _run_group(command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run a torchrun command in its own session; on timeout kill the whole group, workers included.
+
+    ``subprocess.run(timeout=...)`` kills only torchrun itself and would leave its
+    training processes behind, holding memory and CPU for the rest of the suite.
+    """
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:6])} ... did not finish in {timeout} s: {stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _wait_until_stopped(process: subprocess.Popen) -> None:
@@ -148,7 +182,7 @@ def test_torchrun_restarts_the_group_when_one_process_is_killed(image_folder, on
     command = [*torchrun, "--max-restarts", "1", "ImageNet/train.py", *_two_process_args(image_folder, tmp_path)]
     # rank 1 dies with SIGKILL after step 3; the last checkpoint is that of step 2
     env = script_env({"BNEXT_TEST_FAULT": "kill@step:3", "BNEXT_TEST_FAULT_RANK": "1"})
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = _run_group(command, env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sending kill to process" in result.stderr
     assert "at epoch 0, batch 2" in result.stdout  # the restarted group resumed
@@ -167,10 +201,21 @@ def test_two_nodes_on_one_machine_match_one_node_with_two_processes(image_folder
         ]
         nodes.append(
             subprocess.Popen(
-                command, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                command,
+                cwd=REPO,
+                env=script_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
             )
         )
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:  # a hung rendezvous must not leave either node's processes behind
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
     assert "2 process(es) on cpu" in outputs[0][0]
