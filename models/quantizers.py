@@ -1,11 +1,11 @@
 """Quantizers: the sign of activations, the progressive binarization of weights, and
 the 8-bit (or other low-bit) fake quantizer of the real-valued parts.
 
-Both are straight-through estimators written as ``torch.autograd.Function`` so that
-the forward value is exactly ``±1`` (or the progressive ``clamp(W/T, -1, 1)``) and
-the backward is a single masked copy, with no host synchronisation. The official
-code builds the same estimators from ``(b - x).detach() + x``, which agrees with
-these to float32 rounding.
+All three are straight-through estimators written as ``torch.autograd.Function`` so
+that the forward value is exactly ``±1`` (or the progressive ``clamp(W/T, -1, 1)``, or
+the quantized level) and the backward is a single (masked) copy, with no host
+synchronisation. The official code builds the same estimators from
+``(b - x).detach() + x``, which agrees with these to float32 rounding.
 """
 
 from __future__ import annotations
