@@ -1,12 +1,8 @@
 """The XNOR/popcount convolution: a JIT-built C++ extension, or the pure-PyTorch fallback.
 
-The extension (``models/csrc/xnor_conv.cpp``) is compiled on first use with
-``torch.utils.cpp_extension.load`` (needs a C++ compiler and the ``ninja`` package),
-for the CPU it runs on (``-march=native``: AVX2/AVX-512 popcount where present) and
-with OpenMP threads (``torch.set_num_threads`` decides how many). The build is cached
-in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name that
-includes a hash of the CPU's feature flags, so a cache shared between machines never
-hands a binary to a CPU that lacks its instructions.
+The extension (``models/csrc/xnor_conv.cpp``) is compiled on first use by
+:func:`models.extensions.build_cpu_extension`, for the CPU it runs on (AVX2/AVX-512
+popcount where present) and with OpenMP threads.
 
 Where it cannot be built, :func:`backend` is ``"torch"``, a warning says so once, and
 :mod:`models.bitpack` computes the same integers. ``BNEXT_BINARY_BACKEND=torch`` forces
@@ -15,70 +11,26 @@ the fallback (tests use it); ``BNEXT_BINARY_BACKEND=cpp`` makes a failed build a
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import warnings
 from functools import lru_cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from . import bitpack
+from .extensions import build_cpu_extension
 
-SOURCE = Path(__file__).with_name("csrc") / "xnor_conv.cpp"
 BACKEND_ENV = "BNEXT_BINARY_BACKEND"
-
-
-def _cpu_tag() -> str:
-    """Short hash of the CPU's identity and feature flags (part of the extension's cache name)."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "model name", "Features")):
-                    flags += line
-                if line.strip() == "":
-                    break  # the first processor describes them all
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 @lru_cache(maxsize=1)
 def load_extension() -> ModuleType | None:
     """The compiled extension, or None (with a warning) when it cannot be built or is disabled."""
-    choice = os.environ.get(BACKEND_ENV, "auto").lower()
-    if choice == "torch":
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        # -ffp-contract=off: the float epilogue must round exactly like PyTorch's kernels
-        # (explicit fma where they use one, nothing fused behind our back).
-        flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-            # -march=native turns on POPCNT/AVX2/AVX-512 VPOPCNTDQ where the CPU has them.
-            flags.append("-march=native")
-        return cpp_extension.load(
-            name=f"bnext_xnor_{_cpu_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # compiler, ninja or headers missing: every failure means "fall back"
-        if choice == "cpp":
-            raise RuntimeError(f"{BACKEND_ENV}=cpp but the XNOR extension could not be built: {error}") from error
-        warnings.warn(
-            f"the XNOR/popcount C++ extension could not be built ({error.__class__.__name__}: {error}); "
-            "binary convolutions use the pure-PyTorch fallback, which gives the same results but is much slower. "
-            "Install a C++ compiler and the 'ninja' package to build it.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    return build_cpu_extension(
+        "bnext_xnor",
+        "xnor_conv.cpp",
+        BACKEND_ENV,
+        "binary convolutions use the pure-PyTorch fallback, which gives the same results but is much slower.",
+    )
 
 
 def backend() -> str:
