@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused_ops import batch_norm_prelu, biased_sign, gated_batch_norm_residual
 from .layers import SIGN_THRESHOLD, AvgPool2x2, BinaryConv2d, PReLU, SqueezeExcite, avg_pool_2x2, frozen_prelu
 from .quantizers import HardSign, LearnableBias
 
@@ -54,17 +55,25 @@ class Processor(nn.Module):
         if info_recoupling:
             self.se = SqueezeExcite(out_channels)
 
-    def process(self, x: torch.Tensor, x_mix: torch.Tensor) -> torch.Tensor:
-        """Run the binary branch on ``x``, gated by info-recoupling with ``x_mix`` when enabled."""
-        b = self.activation2(self.norm1(self.binary_conv(self.binary_activation(self.move(x)))))
-        if self.info_recoupling:
-            # The gate only sees the spatial mean of the mix, and the mean is linear:
-            # GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b). Mixing the means
-            # instead of the maps skips three full-size passes forward and five
-            # backward; the gate changes only by float rounding.
-            pooled = self.scale * x_mix.mean((2, 3), keepdim=True) + (1 - self.scale) * b.mean((2, 3), keepdim=True)
-            b = self.se.gate_from_pooled(pooled) * b
-        return b
+    def branch(self, x: torch.Tensor, x_mix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The binary branch ``b`` on ``x`` and, with info-recoupling, its gate from ``x_mix`` (else None).
+
+        ``x_mix=None`` means ``x`` itself (its mean then comes with the sign, in the same
+        pass). The gate is applied by the subclasses together with ``norm2``
+        (:func:`models.fused_ops.gated_batch_norm_residual`).
+        """
+        mix_is_x = self.info_recoupling and x_mix is None
+        signs, x_mean = biased_sign(x, self.move, self.binary_activation, mean=mix_is_x)
+        b, b_mean = batch_norm_prelu(self.binary_conv(signs), self.norm1, self.activation2, self.info_recoupling)
+        if not self.info_recoupling:
+            return b, None
+        mix_mean = x_mean if mix_is_x else x_mix.mean((2, 3), keepdim=True)
+        # The gate only sees the spatial mean of the mix, and the mean is linear:
+        # GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b). Mixing the means
+        # instead of the maps skips three full-size passes forward and five
+        # backward; the gate changes only by float rounding.
+        pooled = self.scale * mix_mean + (1 - self.scale) * b_mean
+        return b, self.se.gate_from_pooled(pooled)
 
     @torch.no_grad()
     def apply_constraints_(self) -> None:
@@ -90,8 +99,8 @@ class ELMAttention(Processor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = _avg_pool_if_strided(self.activation1(x), self.stride)
-        b = self.process(x, _avg_pool_if_strided(x, self.stride))
-        return self.norm2(b * residual) + residual
+        b, gate = self.branch(x, avg_pool_2x2(x) if self.stride == 2 else None)
+        return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
 
 class BinaryFFN(Processor):
@@ -121,10 +130,10 @@ class BinaryFFN(Processor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = _avg_pool_if_strided(x, self.stride)
-        b = self.process(x, shortcut)
-        if self.info_recoupling:
-            b = self.norm2(b)
-        return b + shortcut
+        b, gate = self.branch(x, shortcut if self.stride == 2 else None)
+        if not self.info_recoupling:
+            return b + shortcut
+        return gated_batch_norm_residual(b, gate, shortcut, self.norm2, multiply_residual=False)
 
 
 class BasicBlock(nn.Module):
@@ -199,8 +208,8 @@ class BNext18Attention(Processor):
         residual = self.activation1(x)
         if self.downsample is not None:
             residual = self.downsample(residual)
-        b = self.process(x, residual)
-        return self.norm2(b * residual) + residual
+        b, gate = self.branch(x, residual)
+        return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
 
 class BNext18Block(nn.Module):

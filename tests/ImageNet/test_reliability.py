@@ -25,6 +25,7 @@ from ImageNet import checkpointing
 from ImageNet.config import ConfigError, build_parser, load_yaml_defaults, parse_args
 from ImageNet.engine import NonFiniteLossError
 from ImageNet.training import _check_finite_weights, main
+from models import fused_ops
 
 # Deterministic runs: per-sample augmentation seeds, one thread per process (results depend on it).
 EXACT = ["--deterministic", "--cpu-threads", "1"]
@@ -224,9 +225,13 @@ def test_two_nodes_on_one_machine_match_one_node_with_two_processes(image_folder
 
 @pytest.mark.slow
 def test_sync_bn_two_processes_train_like_one_process(image_folder, one_node_two_processes, tmp_path) -> None:
-    synced = run_script(_two_process_args(image_folder, tmp_path / "synced", "--sync-bn"), nproc=2)
+    # Both runs take the batch norms' and signs' unfused operators (SyncBatchNorm has no fused
+    # kernel): the comparison is about the statistics, and a second rounding scheme on one side
+    # only adds float32 noise that the binary network amplifies (measured 2.7e-4 instead of 4e-5).
+    unfused = {fused_ops.BACKEND_ENV: "torch"}
+    synced = run_script(_two_process_args(image_folder, tmp_path / "synced", "--sync-bn"), nproc=2, env=unfused)
     assert synced.returncode == 0, synced.stderr[-3000:]
-    single = run_script(_two_process_args(image_folder, tmp_path / "single"))
+    single = run_script(_two_process_args(image_folder, tmp_path / "single"), env=unfused)
     assert single.returncode == 0, single.stderr[-3000:]
     expected = _state(tmp_path / "single")["model"]
 

@@ -1,0 +1,488 @@
+// Fused training kernels of the BNext processor (CPU, float32, contiguous NCHW).
+//
+// In a binary network the convolutions are the real work; around each one the
+// processor runs a chain of per-element operations (bias + sign, batch norm, PReLU,
+// the spatial mean for the recoupling gate, gate * b [* residual], a second batch
+// norm, + residual). Run one PyTorch kernel at a time, each of them reads and writes
+// the whole activation, forward and backward. These kernels run each chain in two
+// or three passes over the data: sums are accumulated in float over short blocks
+// (vectorized) and in double beyond, and the values that the backward needs are
+// recomputed from the saved inputs instead of being stored.
+//
+// Work is split over the (sample, channel) planes of H*W contiguous values, in memory
+// order (at::parallel_for); per-channel sums are combined from per-plane partial sums
+// in a fixed order, so the results do not depend on the thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), name, " must be a contiguous N x C x H x W tensor");
+}
+
+void check_vector(const at::Tensor& t, int64_t C, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == C, name,
+              " must be a contiguous float32 CPU tensor of ", C, " values");
+}
+
+// Per-plane sums add float sums of kBlock consecutive values (vectorized, a few
+// additions per lane) in double, which keeps them as accurate as PyTorch's
+// double-accumulating batch-norm statistics.
+constexpr int64_t kBlock = 128;
+
+// Per-plane partial sums: every (sample, channel) plane is reduced by one thread into
+// its own slot, and the slots of a channel are added in sample order afterwards. The
+// passes run in memory order (planes are contiguous) and the results do not depend on
+// the number of threads.
+struct PlaneSums {
+  PlaneSums(int64_t planes, int64_t count) : count(count), values(planes * count) {}
+  void set(int64_t plane, int64_t which, double value) { values[plane * count + which] = value; }
+  double channel(int64_t c, int64_t N, int64_t C, int64_t which) const {
+    double total = 0.0;
+    for (int64_t n = 0; n < N; ++n) total += values[(n * C + c) * count + which];
+    return total;
+  }
+  int64_t count;
+  std::vector<double> values;
+};
+
+// Runs fn(plane) for every plane, in chunks of about 64k values per task, so that
+// small layers stay on the calling thread.
+template <typename Fn>
+void for_each_plane(int64_t planes, int64_t plane_size, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, plane_size));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) fn(p);
+  });
+}
+
+// The batch statistics (from per-plane sums of x - shift and of its squares) as the affine map
+// y = x * alpha + shift of PyTorch's batch-norm kernel, and the running-statistics
+// update of torch.nn.functional.batch_norm in training mode (biased variance to
+// normalize, unbiased to track).
+struct Affine {
+  at::Tensor mean, invstd;
+  std::vector<float> alpha, shift;
+};
+
+Affine batch_stats(const PlaneSums& sums, const std::vector<float>& shift, int64_t N, int64_t C, int64_t M,
+                   double eps, double momentum, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& running_mean,
+                   const at::Tensor& running_var) {
+  Affine out{at::empty({C}, gamma.options()), at::empty({C}, gamma.options()), std::vector<float>(C),
+             std::vector<float>(C)};
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double shifted_mean = sums.channel(c, N, C, 0) / M;
+    const double var = std::max(0.0, sums.channel(c, N, C, 1) / M - shifted_mean * shifted_mean);
+    const double mean = shifted_mean + shift[c];
+    rm[c] = static_cast<float>(momentum * mean + (1.0 - momentum) * rm[c]);
+    rv[c] = static_cast<float>(momentum * var * M / (M - 1) + (1.0 - momentum) * rv[c]);
+    const float invstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    out.mean.data_ptr<float>()[c] = static_cast<float>(mean);
+    out.invstd.data_ptr<float>()[c] = invstd;
+    out.alpha[c] = invstd * gamma.data_ptr<float>()[c];
+    out.shift[c] = beta.data_ptr<float>()[c] - static_cast<float>(mean) * out.alpha[c];
+  }
+  return out;
+}
+
+}  // namespace
+
+// y = prelu(batch_norm(x)) with batch statistics (slope empty: no PReLU), and, when
+// want_pooled, the spatial mean of y per (sample, channel). Returns
+// {y, mean[C], invstd[C], pooled[N, C] (or empty)}; running statistics are updated in place.
+std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                         const at::Tensor& running_mean, const at::Tensor& running_var,
+                                         double momentum, double eps, const at::Tensor& slope, bool want_pooled) {
+  check_activation(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
+  TORCH_CHECK(M > 1, "batch norm in training needs more than one value per channel");
+  check_vector(gamma, C, "gamma");
+  check_vector(beta, C, "beta");
+  check_vector(running_mean, C, "running_mean");
+  check_vector(running_var, C, "running_var");
+  const bool act = slope.numel() > 0;
+  if (act) check_vector(slope, C, "slope");
+  auto y = at::empty_like(x);
+  auto pooled = want_pooled ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* pp = want_pooled ? pooled.data_ptr<float>() : nullptr;
+  // Sums of x - k with k = x[0, c, 0, 0]: a shift near the data keeps the variance
+  // (mean of squares minus squared mean) from cancelling when |mean| >> std.
+  std::vector<float> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = xp[c * HW];
+  PlaneSums sums(N * C, 2);
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const float* src = xp + p * HW;
+    const float k = shift[p % C];
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_block = 0.0f, sum_sq_block = 0.0f;
+#pragma omp simd reduction(+ : sum_block, sum_sq_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = src[i] - k;
+        sum_block += v;
+        sum_sq_block += v * v;
+      }
+      sum += sum_block; sum_sq += sum_sq_block;
+    }
+    sums.set(p, 0, sum);
+    sums.set(p, 1, sum_sq);
+  });
+  Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
+  const float* w = act ? slope.data_ptr<float>() : nullptr;
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const int64_t c = p % C;
+    const float alpha = affine.alpha[c], shift = affine.shift[c], slope_c = act ? w[c] : 1.0f;
+    const float* src = xp + p * HW;
+    float* dst = yp + p * HW;
+    double plane_sum = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float plane_sum_block = 0.0f;
+#pragma omp simd reduction(+ : plane_sum_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float z = src[i] * alpha + shift;
+        const float out = (act && !(z > 0.0f)) ? slope_c * z : z;
+        dst[i] = out;
+        plane_sum_block += out;
+      }
+      plane_sum += plane_sum_block;
+    }
+    if (want_pooled) pp[p] = static_cast<float>(plane_sum / HW);
+  });
+  return {y, affine.mean, affine.invstd, pooled};
+}
+
+// Gradients of bn_prelu_forward: grad_y (and grad_pooled[N, C], or empty) in;
+// {grad_x, grad_gamma, grad_beta, grad_slope (or empty)} out.
+std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Tensor& grad_pooled, const at::Tensor& x,
+                                          const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& slope,
+                                          const at::Tensor& save_mean, const at::Tensor& save_invstd) {
+  check_activation(x, "x");
+  check_activation(grad_y, "grad_y");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x");
+  const bool act = slope.numel() > 0;
+  const bool has_pooled = grad_pooled.numel() > 0;
+  if (has_pooled) TORCH_CHECK(grad_pooled.is_contiguous() && grad_pooled.numel() == N * C, "grad_pooled must be N x C");
+  auto grad_x = at::empty_like(x);
+  auto grad_gamma = at::empty({C}, x.options());
+  auto grad_beta = at::empty({C}, x.options());
+  auto grad_slope = act ? at::empty({C}, x.options()) : at::empty({0}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad_y.data_ptr<float>();
+  const float* gpool = has_pooled ? grad_pooled.data_ptr<float>() : nullptr;
+  const float* mean = save_mean.data_ptr<float>();
+  const float* invstd = save_invstd.data_ptr<float>();
+  const float* w = act ? slope.data_ptr<float>() : nullptr;
+  std::vector<float> alpha(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
+    shift[c] = beta.data_ptr<float>()[c] - mean[c] * alpha[c];
+  }
+  // Pass 1: the gradient reaching the batch-norm output (through PReLU), its sum and
+  // its dot product with the centred input; the PReLU slope's gradient.
+  PlaneSums sums(N * C, 3);
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const int64_t c = p % C;
+    const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f;
+    const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
+    const float* src = xp + p * HW;
+    const float* gy = gp + p * HW;
+    double sum_dz = 0.0, dot = 0.0, dw = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_dz_block = 0.0f, dot_block = 0.0f, dw_block = 0.0f;
+#pragma omp simd reduction(+ : sum_dz_block, dot_block, dw_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float z = src[i] * a + b;
+        const float dy = gy[i] + extra;
+        const bool negative = act && !(z > 0.0f);
+        const float dz = negative ? slope_c * dy : dy;
+        sum_dz_block += dz;
+        dot_block += dz * (src[i] - m);
+        dw_block += negative ? dy * z : 0.0f;
+      }
+      sum_dz += sum_dz_block; dot += dot_block; dw += dw_block;
+    }
+    sums.set(p, 0, sum_dz);
+    sums.set(p, 1, dot);
+    sums.set(p, 2, dw);
+  });
+  std::vector<float> mean_dz(C), k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double sum_dz = sums.channel(c, N, C, 0), dot = sums.channel(c, N, C, 1);
+    grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dz);
+    grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 2));
+    mean_dz[c] = static_cast<float>(sum_dz / M);
+    k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
+  }
+  // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
+  float* gxp = grad_x.data_ptr<float>();
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const int64_t c = p % C;
+    const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f, md = mean_dz[c], kc = k[c];
+    const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
+    const float* src = xp + p * HW;
+    const float* gy = gp + p * HW;
+    float* dst = gxp + p * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) {
+      const float z = src[i] * a + b;
+      const float dy = gy[i] + extra;
+      const float dz = (act && !(z > 0.0f)) ? slope_c * dy : dy;
+      dst[i] = (dz - md - (src[i] - m) * kc) * a;
+    }
+  });
+  return {grad_x, grad_gamma, grad_beta, grad_slope};
+}
+
+// y = batch_norm(v) + r with v = (gate * b) [* r] and gate per (sample, channel).
+// Returns {y, mean[C], invstd[C]}; running statistics are updated in place.
+std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& gate, const at::Tensor& r,
+                                         bool multiply_residual, const at::Tensor& gamma, const at::Tensor& beta,
+                                         const at::Tensor& running_mean, const at::Tensor& running_var,
+                                         double momentum, double eps) {
+  check_activation(b, "b");
+  check_activation(r, "residual");
+  TORCH_CHECK(r.sizes() == b.sizes(), "the residual must have the shape of b");
+  const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3), M = N * HW;
+  TORCH_CHECK(M > 1, "batch norm in training needs more than one value per channel");
+  TORCH_CHECK(gate.is_contiguous() && gate.scalar_type() == at::kFloat && gate.numel() == N * C, "gate must be N x C");
+  check_vector(gamma, C, "gamma");
+  check_vector(beta, C, "beta");
+  check_vector(running_mean, C, "running_mean");
+  check_vector(running_var, C, "running_var");
+  auto y = at::empty_like(b);
+  const float* bp = b.data_ptr<float>();
+  const float* rp = r.data_ptr<float>();
+  const float* gtp = gate.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> shift(C);  // as in bn_prelu_forward: sums of v - v[0, c, 0, 0]
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = multiply_residual ? (gtp[c] * bp[c * HW]) * rp[c * HW] : gtp[c] * bp[c * HW];
+  }
+  PlaneSums sums(N * C, 2);
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const float* bs = bp + p * HW;
+    const float* rs = rp + p * HW;
+    const float s = gtp[p];
+    const float k = shift[p % C];
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_block = 0.0f, sum_sq_block = 0.0f;
+#pragma omp simd reduction(+ : sum_block, sum_sq_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = (multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i]) - k;
+        sum_block += v;
+        sum_sq_block += v * v;
+      }
+      sum += sum_block; sum_sq += sum_sq_block;
+    }
+    sums.set(p, 0, sum);
+    sums.set(p, 1, sum_sq);
+  });
+  Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const int64_t c = p % C;
+    const float alpha = affine.alpha[c], shift = affine.shift[c], s = gtp[p];
+    const float* bs = bp + p * HW;
+    const float* rs = rp + p * HW;
+    float* dst = yp + p * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) {
+      const float v = multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i];
+      dst[i] = (v * alpha + shift) + rs[i];
+    }
+  });
+  return {y, affine.mean, affine.invstd};
+}
+
+// Gradients of gated_bn_forward: {grad_b, grad_gate[N, C], grad_r, grad_gamma, grad_beta}.
+// Without multiply_residual, grad_r is grad_y itself and is returned empty (the caller passes grad_y on).
+std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Tensor& b, const at::Tensor& gate,
+                                          const at::Tensor& r, bool multiply_residual, const at::Tensor& gamma,
+                                          const at::Tensor& save_mean, const at::Tensor& save_invstd) {
+  check_activation(b, "b");
+  check_activation(grad_y, "grad_y");
+  check_activation(r, "residual");
+  const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3), M = N * HW;
+  auto grad_b = at::empty_like(b);
+  auto grad_r = multiply_residual ? at::empty_like(r) : at::empty({0}, b.options());
+  auto grad_gate = at::empty({N, C}, b.options());
+  auto grad_gamma = at::empty({C}, b.options());
+  auto grad_beta = at::empty({C}, b.options());
+  const float* bp = b.data_ptr<float>();
+  const float* rp = r.data_ptr<float>();
+  const float* gp = grad_y.data_ptr<float>();
+  const float* gtp = gate.data_ptr<float>();
+  const float* mean = save_mean.data_ptr<float>();
+  const float* invstd = save_invstd.data_ptr<float>();
+  PlaneSums sums(N * C, 2);
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const float m = mean[p % C], s = gtp[p];
+    const float* bs = bp + p * HW;
+    const float* rs = rp + p * HW;
+    const float* gy = gp + p * HW;
+    double sum_dy = 0.0, dot = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_dy_block = 0.0f, dot_block = 0.0f;
+#pragma omp simd reduction(+ : sum_dy_block, dot_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i];
+        sum_dy_block += gy[i];
+        dot_block += gy[i] * (v - m);
+      }
+      sum_dy += sum_dy_block; dot += dot_block;
+    }
+    sums.set(p, 0, sum_dy);
+    sums.set(p, 1, dot);
+  });
+  std::vector<float> alpha(C), mean_dy(C), k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double sum_dy = sums.channel(c, N, C, 0), dot = sums.channel(c, N, C, 1);
+    grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
+    grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+    alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
+    mean_dy[c] = static_cast<float>(sum_dy / M);
+    k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
+  }
+  float* gbp = grad_b.data_ptr<float>();
+  float* grp = multiply_residual ? grad_r.data_ptr<float>() : nullptr;
+  float* ggp = grad_gate.data_ptr<float>();
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const int64_t c = p % C;
+    const float a = alpha[c], m = mean[c], md = mean_dy[c], kc = k[c], s = gtp[p];
+    const float* bs = bp + p * HW;
+    const float* rs = rp + p * HW;
+    const float* gy = gp + p * HW;
+    float* gb = gbp + p * HW;
+    float* gr = multiply_residual ? grp + p * HW : nullptr;
+    double dgate = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float dgate_block = 0.0f;
+      if (multiply_residual) {
+#pragma omp simd reduction(+ : dgate_block)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float sb = s * bs[i];
+          const float dv = (gy[i] - md - (sb * rs[i] - m) * kc) * a;
+          const float dsb = dv * rs[i];  // gradient reaching s * b
+          gb[i] = dsb * s;
+          gr[i] = gy[i] + dv * sb;
+          dgate_block += dsb * bs[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : dgate_block)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float dv = (gy[i] - md - (s * bs[i] - m) * kc) * a;
+          gb[i] = dv * s;
+          dgate_block += dv * bs[i];
+        }
+      }
+      dgate += dgate_block;
+    }
+    ggp[p] = static_cast<float>(dgate);
+  });
+  return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
+}
+
+// sign(x + bias) per channel, sign(0) = 0 as torch.sign, and, when want_mean, the
+// spatial mean of x per (sample, channel). Returns {y, mean[N, C] (or empty)}.
+std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tensor& bias, bool want_mean) {
+  check_activation(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  check_vector(bias, C, "bias");
+  auto y = at::empty_like(x);
+  auto mean = want_mean ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
+  for_each_plane(N * C, HW, [&](int64_t p) {
+    const float beta = bp[p % C];
+    const float* src = xp + p * HW;
+    float* dst = yp + p * HW;
+    double sum = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_block = 0.0f;
+#pragma omp simd reduction(+ : sum_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = src[i] + beta;
+        dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
+        sum_block += src[i];
+      }
+      sum += sum_block;
+    }
+    if (want_mean) mp[p] = static_cast<float>(sum / HW);
+  });
+  return {y, mean};
+}
+
+// Straight-through gradient of biased_sign_forward: grad passes where -clip <= x + bias <= clip
+// (as hardtanh_backward with bounds just outside +-clip), plus grad_mean / (H*W) when given.
+// Returns {grad_x, grad_bias}.
+std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at::Tensor& grad_mean,
+                                             const at::Tensor& x, const at::Tensor& bias, double clip) {
+  check_activation(x, "x");
+  check_activation(grad_y, "grad_y");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  check_vector(bias, C, "bias");
+  const bool has_mean = grad_mean.numel() > 0;
+  if (has_mean) TORCH_CHECK(grad_mean.is_contiguous() && grad_mean.numel() == N * C, "grad_mean must be N x C");
+  auto grad_x = at::empty_like(x);
+  auto grad_bias = at::empty({C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad_y.data_ptr<float>();
+  const float* gmp = has_mean ? grad_mean.data_ptr<float>() : nullptr;
+  const float* bp = bias.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
+  PlaneSums sums(N * C, 1);
+  for_each_plane(N * C, HW, [&, lo, hi](int64_t p) {  // bounds by value: no aliasing with the stores
+    const float beta = bp[p % C];
+    const float extra = has_mean ? gmp[p] / static_cast<float>(HW) : 0.0f;
+    const float* src = xp + p * HW;
+    const float* gy = gp + p * HW;
+    float* dst = gxp + p * HW;
+    double sum = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min(HW, i0 + kBlock);
+      float sum_block = 0.0f;
+#pragma omp simd reduction(+ : sum_block)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = src[i] + beta;
+        const float g = (v < lo || v > hi) ? 0.0f : gy[i];
+        dst[i] = g + extra;
+        sum_block += g;
+      }
+      sum += sum_block;
+    }
+    sums.set(p, 0, sum);
+  });
+  for (int64_t c = 0; c < C; ++c) grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 0));
+  return {grad_x, grad_bias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bn_prelu_forward", &bn_prelu_forward, "batch norm (training) + PReLU + spatial mean, forward");
+  m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
+  m.def("gated_bn_forward", &gated_bn_forward, "batch_norm(gate * b [* r]) + r, forward");
+  m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward");
+  m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias) and the spatial mean of x");
+  m.def("biased_sign_backward", &biased_sign_backward, "clipped straight-through gradient of sign(x + bias)");
+}

@@ -1,0 +1,233 @@
+"""Fused training kernels of the processor's per-element chain (CPU), with exact unfused fallbacks.
+
+Around each binary convolution the processor runs ``sign(x + beta)``, batch norm,
+PReLU, the spatial mean for the recoupling gate, ``gate * b [* residual]``, a second
+batch norm and ``+ residual``. One PyTorch kernel per step reads and writes the whole
+activation each time, forward and backward; on the CPU that costs more than the
+convolutions' own overhead. The three functions here run each chain in two or three
+passes (``models/csrc/fused_train.cpp``, built on first use by
+:func:`models.extensions.build_cpu_extension`):
+
+* :func:`biased_sign`: ``sign(x + beta)`` with the clipped straight-through gradient,
+  and the spatial mean of ``x`` (the recoupling mix's input when it is ``x`` itself);
+* :func:`batch_norm_prelu`: training batch norm, PReLU and the per-sample spatial mean;
+* :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``.
+
+The fused path is taken only in training mode (evaluation and the exports run the
+modules one by one, bit for bit as before), and only where it computes the same
+function: eager mode (not under ``torch.compile``, which fuses the unfused form
+itself, nor under tracing), CPU float32 contiguous NCHW tensors, plain
+``nn.BatchNorm2d`` modules with running statistics and a momentum, and modules without
+forward hooks (the fused path does not call them). Everywhere else, inside
+:func:`disabled` and with ``BNEXT_FUSED_BACKEND=torch``, the modules run one by one.
+Sums are accumulated in another order than PyTorch's kernels (float over blocks of 128
+values, double beyond), so results agree to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .extensions import build_cpu_extension
+from .quantizers import HardSign, LearnableBias
+
+BACKEND_ENV = "BNEXT_FUSED_BACKEND"
+_enabled = True
+
+
+@lru_cache(maxsize=1)
+def load_extension() -> ModuleType | None:
+    """The compiled fused-training extension, or None (with a warning) when it cannot be built or is disabled."""
+    return build_cpu_extension(
+        "bnext_fused_train",
+        "fused_train.cpp",
+        BACKEND_ENV,
+        "training runs the unfused PyTorch operators, which give the same results more slowly.",
+    )
+
+
+def backend() -> str:
+    """``"cpp"`` when the fused kernels are in use (where applicable), ``"torch"`` otherwise."""
+    return "cpp" if load_extension() is not None else "torch"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside this block the modules run one by one (for side-by-side timings and debugging)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+# --------------------------------------------------------------------------- eligibility
+
+
+def _hook_free(*modules: nn.Module | None) -> bool:
+    # The fused path skips the modules' __call__, so it would silently skip their hooks.
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    if not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 or not t.is_contiguous():
+            return False
+    return load_extension() is not None
+
+
+def _fusable_norm(bn: nn.Module) -> bool:
+    return (
+        type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and bn.momentum is not None
+    )
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> None:
+    # What nn.BatchNorm2d.forward does besides the kernel call.
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+
+
+def _no_values(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+# --------------------------------------------------------------------------- autograd functions
+
+
+class _BiasedSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, clip: float, want_mean: bool):
+        ctx.clip, ctx.want_mean = clip, want_mean
+        ctx.save_for_backward(x, bias)
+        signs, mean = load_extension().biased_sign_forward(x, bias, want_mean)
+        if not want_mean:
+            ctx.mark_non_differentiable(mean)
+        return signs, mean
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor | None):
+        x, bias = ctx.saved_tensors
+        grad_mean = grad_mean.contiguous() if ctx.want_mean and grad_mean is not None else _no_values(x)
+        grad_x, grad_bias = load_extension().biased_sign_backward(grad_y.contiguous(), grad_mean, x, bias, ctx.clip)
+        return grad_x, grad_bias, None, None
+
+
+class _BatchNormPReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
+        y, mean, invstd, pooled = load_extension().bn_prelu_forward(
+            x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled
+        )
+        ctx.save_for_backward(x, gamma, beta, slope, mean, invstd)
+        ctx.want_pooled = want_pooled
+        if not want_pooled:
+            ctx.mark_non_differentiable(pooled)
+        return y, pooled
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_pooled):
+        x, gamma, beta, slope, mean, invstd = ctx.saved_tensors
+        if ctx.want_pooled and grad_pooled is not None:
+            grad_pooled = grad_pooled.contiguous()
+        else:
+            grad_pooled = _no_values(x)
+        grad_x, grad_gamma, grad_beta, grad_slope = load_extension().bn_prelu_backward(
+            grad_y.contiguous(), grad_pooled, x, gamma, beta, slope, mean, invstd
+        )
+        return grad_x, grad_gamma, grad_beta, (grad_slope if slope.numel() else None), None, None, None, None, None
+
+
+class _GatedBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps):
+        y, mean, invstd = load_extension().gated_bn_forward(
+            b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps
+        )
+        ctx.save_for_backward(b, gate, residual, gamma, mean, invstd)
+        ctx.multiply_residual = multiply_residual
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        b, gate, residual, gamma, mean, invstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_b, grad_gate, grad_r, grad_gamma, grad_beta = load_extension().gated_bn_backward(
+            grad_y, b, gate, residual, ctx.multiply_residual, gamma, mean, invstd
+        )
+        if not ctx.multiply_residual:
+            grad_r = grad_y  # y = BN(gate * b) + r: the residual's gradient is grad_y itself
+        return grad_b, grad_gate, grad_r, None, grad_gamma, grad_beta, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def biased_sign(
+    x: torch.Tensor, move: LearnableBias, binarizer: HardSign, mean: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``binarizer(move(x))`` (``sign(x + beta)``, STE clipped at ``binarizer.clip``) and, when ``mean``,
+    ``x``'s spatial mean ``N x C x 1 x 1``."""
+    # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
+    modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
+    if modules_ok and _fusable(x) and _hook_free(move, binarizer):
+        signs, x_mean = _BiasedSign.apply(x, move.bias.reshape(-1), binarizer.clip, mean)
+        return signs, (x_mean.view(*x.shape[:2], 1, 1) if mean else None)
+    return binarizer(move(x)), (x.mean((2, 3), keepdim=True) if mean else None)
+
+
+def batch_norm_prelu(
+    x: torch.Tensor, norm: nn.BatchNorm2d, prelu: nn.PReLU | None, pooled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = prelu(norm(x))`` (no PReLU for None) and, when ``pooled``, ``y``'s spatial mean ``N x C x 1 x 1``."""
+    if _fusable(x) and _fusable_norm(norm) and _hook_free(norm, prelu):
+        channels = x.shape[1]
+        slope = prelu.weight.expand(channels).contiguous() if prelu is not None else _no_values(x)
+        _count_batch(norm)
+        y, mean_hw = _BatchNormPReLU.apply(
+            x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
+        )
+        return y, (mean_hw.view(x.shape[0], channels, 1, 1) if pooled else None)
+    y = norm(x)
+    if prelu is not None:
+        y = prelu(y)
+    return y, (y.mean((2, 3), keepdim=True) if pooled else None)
+
+
+def gated_batch_norm_residual(
+    b: torch.Tensor,
+    gate: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm: nn.BatchNorm2d,
+    multiply_residual: bool,
+) -> torch.Tensor:
+    """``norm(gate * b * residual) + residual`` (or ``norm(gate * b) + residual``); ``gate`` is ``N x C x 1 x 1``."""
+    gate_ok = gate is None or gate.dtype == torch.float32
+    if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and _hook_free(norm) and b.shape == residual.shape:
+        n, channels = b.shape[:2]
+        gate_2d = b.new_ones(n, channels) if gate is None else gate.reshape(n, channels).contiguous()
+        _count_batch(norm)
+        return _GatedBatchNorm.apply(
+            b, gate_2d, residual, multiply_residual, norm.weight, norm.bias,
+            norm.running_mean, norm.running_var, norm.momentum, norm.eps,
+        )  # fmt: skip
+    v = gate * b if gate is not None else b
+    if multiply_residual:
+        v = v * residual
+    return norm(v) + residual
