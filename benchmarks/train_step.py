@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
+from models import fused_ops  # noqa: E402
 
 #: Modules whose calls make up the floor; every other weight-multiplying layer is refused.
 FLOOR_MODULES = (models.BinaryConv2d, nn.Conv2d, nn.Linear)
@@ -376,19 +377,21 @@ def measure(
 
 @dataclass(frozen=True)
 class Mode:
-    """How the step runs: mixed precision, memory format, compilation, loss scaling."""
+    """How the step runs: mixed precision, memory format, compilation, loss scaling, fused kernels."""
 
     name: str
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: bool = False
     grad_scaler: bool = False
+    unfused: bool = False  # models.fused_ops.disabled(): the processor's modules one by one
 
 
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in (
         Mode("eager"),
+        Mode("eager_unfused", unfused=True),
         Mode("channels_last", channels_last=True),
         Mode("compile", compile=True),
         Mode("bf16", amp_dtype=torch.bfloat16),
@@ -479,6 +482,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": device.type,
         # Other work on the machine skews CPU timings (and oversubscribed OpenMP threads spin): record it.
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # "cpp": the processor's fused CPU training kernels are built (used in eager float32 NCHW on the CPU).
+        "fused_kernels": fused_ops.backend(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -489,7 +494,8 @@ def machine_line(info: dict[str, Any]) -> str:
     """One line describing the machine, printed first."""
     line = (
         f"machine: CPU {info['cpu']} | {info['logical_cores']} logical cores ({info['usable_cores']} usable) | "
-        f"torch {info['torch']} | {info['torch_threads']} torch threads | device {info['device']}"
+        f"torch {info['torch']} | {info['torch_threads']} torch threads | device {info['device']} | "
+        f"fused kernels {info['fused_kernels']}"
     )
     if "gpu" in info:
         line += f" ({info['gpu']})"
@@ -538,7 +544,9 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     step = make_step(model, (images, targets), forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
 
     rss_before = process_max_rss_mb()
-    timings = measure(step, floor, args.warmup, args.iters, device)
+    fused = fused_ops.disabled() if mode.unfused else contextlib.nullcontext()
+    with fused:
+        timings = measure(step, floor, args.warmup, args.iters, device)
     if device.type == "cuda":
         # The floor's preallocated tensors stay allocated while the step runs: take them out.
         peak_mb = (timings["step_peak_bytes"] - floor.resident_bytes()) / 2**20
@@ -582,7 +590,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     """The plain-text table: one row per measured mode.
 
     ``vs eager`` is eager's step/floor over the mode's, for the modes timed against
-    the same float32, contiguous floor as eager (``compile``): it compares their steps
+    the same float32, contiguous floor as eager (``compile``, ``eager_unfused``): it compares their steps
     while cancelling a machine that gets busier or quieter between modes (>1: faster
     than eager). Modes with another floor (bf16, channels_last) show ``-``.
     """

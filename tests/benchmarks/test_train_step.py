@@ -205,3 +205,21 @@ def test_main_writes_json_and_reports_skipped_modes(tmp_path: Path, capsys: pyte
     assert len(result["step_ms"]) == len(result["floor_ms"]) == 1
     # The CLI built the same network as small_model() (cifar stem, 10 classes by default).
     assert result["conv_calls"] == len(train_step.collect_conv_shapes(small_model(), torch.randn(IMAGE)))
+
+
+def test_eager_unfused_mode_runs_the_modules_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side-by-side mode really turns the fused kernels off, and only while it is measured."""
+    from models import fused_ops
+
+    seen: list[bool] = []
+    real_measure = train_step.measure
+
+    def spy(step, *args, **kwargs):
+        seen.append(fused_ops._enabled)
+        return real_measure(step, *args, **kwargs)
+
+    monkeypatch.setattr(train_step, "measure", spy)
+    argv = ["--device", "cpu", "--iters", "1", "--warmup", "0", "--batch", "2", "--img-size", "16"]
+    assert train_step.main([*argv, "--width-mult", "0.125", "--mode", "eager", "--mode", "eager_unfused"]) == 0
+    assert seen == [True, False]
+    assert fused_ops._enabled
