@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_ops import batch_norm_prelu, biased_sign, gated_batch_norm_residual
+from .fused_ops import ProcessorInputs, batch_norm_prelu, gated_batch_norm_residual, processor_inputs
 from .layers import SIGN_THRESHOLD, AvgPool2x2, BinaryConv2d, PReLU, SqueezeExcite, avg_pool_2x2, frozen_prelu
 from .quantizers import HardSign, LearnableBias
 
@@ -55,25 +55,31 @@ class Processor(nn.Module):
         if info_recoupling:
             self.se = SqueezeExcite(out_channels)
 
-    def branch(self, x: torch.Tensor, x_mix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The binary branch ``b`` on ``x`` and, with info-recoupling, its gate from ``x_mix`` (else None).
+    def read_input(self, x: torch.Tensor, mix_is_x: bool, prelu: nn.PReLU | None = None) -> ProcessorInputs:
+        """The signs of ``x + beta``; ``x``'s spatial mean when it is the recoupling mix; ``prelu(x)`` if asked."""
+        return processor_inputs(
+            x, self.move, self.binary_activation, mean=self.info_recoupling and mix_is_x, prelu=prelu
+        )
 
-        ``x_mix=None`` means ``x`` itself (its mean then comes with the sign, in the same
-        pass). The gate is applied by the subclasses together with ``norm2``
-        (:func:`models.fused_ops.gated_batch_norm_residual`).
+    def branch(self, signs: torch.Tensor, mix_mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The binary branch ``b`` on ``signs`` and, with info-recoupling, its gate (else None).
+
+        ``mix_mean`` is the spatial mean of the recoupling mix's real input ``x_mix``.
+        The gate only sees the spatial mean of the mix, and the mean is linear:
+        ``GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b)``. Mixing the means
+        instead of the maps skips three full-size passes forward and five backward;
+        the gate changes only by float rounding. The subclasses apply the gate
+        together with ``norm2`` (:func:`models.fused_ops.gated_batch_norm_residual`).
         """
-        mix_is_x = self.info_recoupling and x_mix is None
-        signs, x_mean = biased_sign(x, self.move, self.binary_activation, mean=mix_is_x)
         b, b_mean = batch_norm_prelu(self.binary_conv(signs), self.norm1, self.activation2, self.info_recoupling)
         if not self.info_recoupling:
             return b, None
-        mix_mean = x_mean if mix_is_x else x_mix.mean((2, 3), keepdim=True)
-        # The gate only sees the spatial mean of the mix, and the mean is linear:
-        # GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b). Mixing the means
-        # instead of the maps skips three full-size passes forward and five
-        # backward; the gate changes only by float rounding.
         pooled = self.scale * mix_mean + (1 - self.scale) * b_mean
         return b, self.se.gate_from_pooled(pooled)
+
+    def mix_mean(self, x_mix: torch.Tensor) -> torch.Tensor | None:
+        """The spatial mean of the recoupling mix's real input (None without info-recoupling)."""
+        return x_mix.mean((2, 3), keepdim=True) if self.info_recoupling else None
 
     @torch.no_grad()
     def apply_constraints_(self) -> None:
@@ -98,8 +104,15 @@ class ELMAttention(Processor):
         super().__init__(channels, channels, 3, stride, info_recoupling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = _avg_pool_if_strided(self.activation1(x), self.stride)
-        b, gate = self.branch(x, avg_pool_2x2(x) if self.stride == 2 else None)
+        if self.stride == 1:
+            # The signs, the mix's mean and the shortcut PReLU(x) from one read of x.
+            inputs = self.read_input(x, mix_is_x=True, prelu=self.activation1)
+            residual, mix_mean = inputs.activated, inputs.mean
+        else:
+            inputs = self.read_input(x, mix_is_x=False)
+            residual = avg_pool_2x2(self.activation1(x))
+            mix_mean = self.mix_mean(avg_pool_2x2(x))
+        b, gate = self.branch(inputs.signs, mix_mean)
         return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
 
@@ -130,7 +143,8 @@ class BinaryFFN(Processor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = _avg_pool_if_strided(x, self.stride)
-        b, gate = self.branch(x, shortcut if self.stride == 2 else None)
+        inputs = self.read_input(x, mix_is_x=self.stride == 1)
+        b, gate = self.branch(inputs.signs, inputs.mean if self.stride == 1 else self.mix_mean(shortcut))
         if not self.info_recoupling:
             return b + shortcut
         return gated_batch_norm_residual(b, gate, shortcut, self.norm2, multiply_residual=False)
@@ -205,10 +219,13 @@ class BNext18Attention(Processor):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.activation1(x)
-        if self.downsample is not None:
-            residual = self.downsample(residual)
-        b, gate = self.branch(x, residual)
+        if self.downsample is None:
+            inputs = self.read_input(x, mix_is_x=False, prelu=self.activation1)
+            residual = inputs.activated
+        else:
+            inputs = self.read_input(x, mix_is_x=False)
+            residual = self.downsample(self.activation1(x))
+        b, gate = self.branch(inputs.signs, self.mix_mean(residual))
         return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
 

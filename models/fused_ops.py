@@ -8,8 +8,9 @@ convolutions' own overhead. The three functions here run each chain in two or th
 passes (``models/csrc/fused_train.cpp``, built on first use by
 :func:`models.extensions.build_cpu_extension`):
 
-* :func:`biased_sign`: ``sign(x + beta)`` with the clipped straight-through gradient,
-  and the spatial mean of ``x`` (the recoupling mix's input when it is ``x`` itself);
+* :func:`processor_inputs`: ``sign(x + beta)`` with the clipped straight-through
+  gradient, the spatial mean of ``x`` (the recoupling mix's input when it is ``x``
+  itself) and ``prelu(x)`` (ELM attention's real shortcut), from one read of ``x``;
 * :func:`batch_norm_prelu`: training batch norm, PReLU and the per-sample spatial mean;
 * :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``.
 
@@ -30,6 +31,7 @@ import contextlib
 from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -111,22 +113,25 @@ def _no_values(like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- autograd functions
 
 
-class _BiasedSign(torch.autograd.Function):
+class _ProcessorInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, clip: float, want_mean: bool):
-        ctx.clip, ctx.want_mean = clip, want_mean
-        ctx.save_for_backward(x, bias)
-        signs, mean = load_extension().biased_sign_forward(x, bias, want_mean)
-        if not want_mean:
-            ctx.mark_non_differentiable(mean)
-        return signs, mean
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor, clip: float, want_mean: bool):
+        ctx.clip = clip
+        ctx.save_for_backward(x, bias, slope)
+        signs, mean, activated = load_extension().biased_sign_forward(x, bias, want_mean, slope)
+        ctx.mark_non_differentiable(*[t for t in (mean, activated) if t.numel() == 0])
+        return signs, mean, activated
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor | None):
-        x, bias = ctx.saved_tensors
-        grad_mean = grad_mean.contiguous() if ctx.want_mean and grad_mean is not None else _no_values(x)
-        grad_x, grad_bias = load_extension().biased_sign_backward(grad_y.contiguous(), grad_mean, x, bias, ctx.clip)
-        return grad_x, grad_bias, None, None
+    def backward(ctx, grad_signs, grad_mean, grad_activated):
+        x, bias, slope = ctx.saved_tensors
+        none = _no_values(x)
+        grad_mean = grad_mean.contiguous() if grad_mean is not None and grad_mean.numel() else none
+        grad_activated = grad_activated.contiguous() if grad_activated is not None and slope.numel() else none
+        grad_x, grad_bias, grad_slope = load_extension().biased_sign_backward(
+            grad_signs.contiguous(), grad_mean, grad_activated, x, bias, slope, ctx.clip
+        )
+        return grad_x, grad_bias, (grad_slope if grad_slope.numel() else None), None, None
 
 
 class _BatchNormPReLU(torch.autograd.Function):
@@ -179,17 +184,38 @@ class _GatedBatchNorm(torch.autograd.Function):
 # --------------------------------------------------------------------------- public functions
 
 
-def biased_sign(
-    x: torch.Tensor, move: LearnableBias, binarizer: HardSign, mean: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``binarizer(move(x))`` (``sign(x + beta)``, STE clipped at ``binarizer.clip``) and, when ``mean``,
-    ``x``'s spatial mean ``N x C x 1 x 1``."""
+class ProcessorInputs(NamedTuple):
+    """What a processor reads from its input ``x`` (see :func:`processor_inputs`)."""
+
+    signs: torch.Tensor
+    mean: torch.Tensor | None
+    activated: torch.Tensor | None
+
+
+def processor_inputs(
+    x: torch.Tensor,
+    move: LearnableBias,
+    binarizer: HardSign,
+    mean: bool = False,
+    prelu: nn.PReLU | None = None,
+) -> ProcessorInputs:
+    """``binarizer(move(x))`` (``sign(x + beta)``, STE clipped at ``binarizer.clip``), and in the same pass
+    ``x``'s spatial mean ``N x C x 1 x 1`` when ``mean`` and ``prelu(x)`` when a PReLU is given."""
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
-    if modules_ok and _fusable(x) and _hook_free(move, binarizer):
-        signs, x_mean = _BiasedSign.apply(x, move.bias.reshape(-1), binarizer.clip, mean)
-        return signs, (x_mean.view(*x.shape[:2], 1, 1) if mean else None)
-    return binarizer(move(x)), (x.mean((2, 3), keepdim=True) if mean else None)
+    if modules_ok and _fusable(x) and _hook_free(move, binarizer, prelu):
+        slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else _no_values(x)
+        signs, x_mean, activated = _ProcessorInputs.apply(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
+        return ProcessorInputs(
+            signs,
+            x_mean.view(*x.shape[:2], 1, 1) if mean else None,
+            activated if prelu is not None else None,
+        )
+    return ProcessorInputs(
+        binarizer(move(x)),
+        x.mean((2, 3), keepdim=True) if mean else None,
+        prelu(x) if prelu is not None else None,
+    )
 
 
 def batch_norm_prelu(

@@ -400,82 +400,131 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
 }
 
-// sign(x + bias) per channel, sign(0) = 0 as torch.sign, and, when want_mean, the
-// spatial mean of x per (sample, channel). Returns {y, mean[N, C] (or empty)}.
-std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tensor& bias, bool want_mean) {
+// What a processor reads from its input x, in one pass: sign(x + bias) per channel
+// (sign(0) = 0 as torch.sign); when want_mean, the spatial mean of x per (sample,
+// channel); when slope is given, prelu(x, slope) (ELM attention's real shortcut).
+// Returns {signs, mean[N, C] (or empty), prelu(x) (or empty)}.
+std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tensor& bias, bool want_mean,
+                                            const at::Tensor& slope) {
   check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   check_vector(bias, C, "bias");
+  const bool act = slope.numel() > 0;
+  if (act) check_vector(slope, C, "slope");
   auto y = at::empty_like(x);
   auto mean = want_mean ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  auto activated = act ? at::empty_like(x) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
+  const float* wp = act ? slope.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
+  float* ap = act ? activated.data_ptr<float>() : nullptr;
   for_each_plane(N * C, HW, [&](int64_t p) {
     const float beta = bp[p % C];
+    const float w = act ? wp[p % C] : 1.0f;
     const float* src = xp + p * HW;
     float* dst = yp + p * HW;
+    float* out = act ? ap + p * HW : nullptr;
     double sum = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
       const int64_t i1 = std::min(HW, i0 + kBlock);
       float sum_block = 0.0f;
+      if (act) {
 #pragma omp simd reduction(+ : sum_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = src[i] + beta;
-        dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
-        sum_block += src[i];
+        for (int64_t i = i0; i < i1; ++i) {
+          const float v = src[i] + beta;
+          dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
+          out[i] = src[i] > 0.0f ? src[i] : w * src[i];
+          sum_block += src[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum_block)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float v = src[i] + beta;
+          dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
+          sum_block += src[i];
+        }
       }
       sum += sum_block;
     }
     if (want_mean) mp[p] = static_cast<float>(sum / HW);
   });
-  return {y, mean};
+  return {y, mean, activated};
 }
 
-// Straight-through gradient of biased_sign_forward: grad passes where -clip <= x + bias <= clip
-// (as hardtanh_backward with bounds just outside +-clip), plus grad_mean / (H*W) when given.
-// Returns {grad_x, grad_bias}.
+// Gradients of biased_sign_forward. The sign's straight-through gradient passes where
+// -clip <= x + bias <= clip (as hardtanh_backward with bounds just outside +-clip);
+// grad_mean / (H*W) and the PReLU's gradient are added when given (empty otherwise).
+// Returns {grad_x, grad_bias, grad_slope (or empty)}.
 std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at::Tensor& grad_mean,
-                                             const at::Tensor& x, const at::Tensor& bias, double clip) {
+                                             const at::Tensor& grad_activated, const at::Tensor& x,
+                                             const at::Tensor& bias, const at::Tensor& slope, double clip) {
   check_activation(x, "x");
   check_activation(grad_y, "grad_y");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   check_vector(bias, C, "bias");
   const bool has_mean = grad_mean.numel() > 0;
   if (has_mean) TORCH_CHECK(grad_mean.is_contiguous() && grad_mean.numel() == N * C, "grad_mean must be N x C");
+  const bool act = grad_activated.numel() > 0;
+  if (act) {
+    check_activation(grad_activated, "grad_activated");
+    check_vector(slope, C, "slope");
+  }
   auto grad_x = at::empty_like(x);
   auto grad_bias = at::empty({C}, x.options());
+  auto grad_slope = act ? at::empty({C}, x.options()) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* gp = grad_y.data_ptr<float>();
+  const float* gap = act ? grad_activated.data_ptr<float>() : nullptr;
   const float* gmp = has_mean ? grad_mean.data_ptr<float>() : nullptr;
   const float* bp = bias.data_ptr<float>();
+  const float* wp = act ? slope.data_ptr<float>() : nullptr;
   float* gxp = grad_x.data_ptr<float>();
   const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
-  PlaneSums sums(N * C, 1);
+  PlaneSums sums(N * C, 2);
   for_each_plane(N * C, HW, [&, lo, hi](int64_t p) {  // bounds by value: no aliasing with the stores
     const float beta = bp[p % C];
+    const float w = act ? wp[p % C] : 1.0f;
     const float extra = has_mean ? gmp[p] / static_cast<float>(HW) : 0.0f;
     const float* src = xp + p * HW;
     const float* gy = gp + p * HW;
+    const float* ga = act ? gap + p * HW : nullptr;
     float* dst = gxp + p * HW;
-    double sum = 0.0;
+    double sum = 0.0, dw = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
       const int64_t i1 = std::min(HW, i0 + kBlock);
-      float sum_block = 0.0f;
+      float sum_block = 0.0f, dw_block = 0.0f;
+      if (act) {
+#pragma omp simd reduction(+ : sum_block, dw_block)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float v = src[i] + beta;
+          const float g = (v < lo || v > hi) ? 0.0f : gy[i];
+          const bool positive = src[i] > 0.0f;
+          dst[i] = (g + extra) + (positive ? ga[i] : w * ga[i]);
+          sum_block += g;
+          dw_block += positive ? 0.0f : ga[i] * src[i];
+        }
+      } else {
 #pragma omp simd reduction(+ : sum_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = src[i] + beta;
-        const float g = (v < lo || v > hi) ? 0.0f : gy[i];
-        dst[i] = g + extra;
-        sum_block += g;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float v = src[i] + beta;
+          const float g = (v < lo || v > hi) ? 0.0f : gy[i];
+          dst[i] = g + extra;
+          sum_block += g;
+        }
       }
       sum += sum_block;
+      dw += dw_block;
     }
     sums.set(p, 0, sum);
+    sums.set(p, 1, dw);
   });
-  for (int64_t c = 0; c < C; ++c) grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 0));
-  return {grad_x, grad_bias};
+  for (int64_t c = 0; c < C; ++c) {
+    grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 0));
+    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 1));
+  }
+  return {grad_x, grad_bias, grad_slope};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -483,6 +532,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
   m.def("gated_bn_forward", &gated_bn_forward, "batch_norm(gate * b [* r]) + r, forward");
   m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward");
-  m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias) and the spatial mean of x");
-  m.def("biased_sign_backward", &biased_sign_backward, "clipped straight-through gradient of sign(x + bias)");
+  m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias), the spatial mean of x and prelu(x)");
+  m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward");
 }

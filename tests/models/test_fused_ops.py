@@ -85,26 +85,32 @@ def _compare(fused, reference) -> None:
             _assert_close(a, b, f"{kind} {i}")
 
 
+@pytest.mark.parametrize("prelu", [False, True])
 @pytest.mark.parametrize("mean", [False, True])
-def test_biased_sign_matches_sign_of_sum_bit_for_bit(unfused, mean: bool) -> None:
+def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 8, 5, 7) * 2
-    move, sign = LearnableBias(8), HardSign()
+    move, sign, activation = LearnableBias(8), HardSign(), models.layers.PReLU(8)
     with torch.no_grad():
         move.bias.uniform_(-0.5, 0.5)
+        activation.weight.uniform_(-0.5, 0.5)
         x[0, :, 0, 0] = -move.bias.reshape(-1)  # exact zeros: sign 0
         x[1, :, 0, 0] = 1.5 - move.bias.reshape(-1)  # on the clip: gradient passes
+        x[2, :, 0, 0] = 0.0  # PReLU's kink
 
-    def fn(x, move, sign):
-        return fused_ops.biased_sign(x, move, sign, mean=mean)
+    def fn(x, move, sign, activation):
+        return tuple(fused_ops.processor_inputs(x, move, sign, mean=mean, prelu=activation if prelu else None))
 
-    fused, reference = _run_twice(fn, [x], [move, sign], unfused)
-    assert len(fused[0]) == (2 if mean else 1)
-    assert torch.equal(fused[0][0], reference[0][0])
+    fused, reference = _run_twice(fn, [x], [move, sign, activation], unfused)
+    assert len(fused[0]) == 1 + mean + prelu
+    for got, want in zip(fused[0], reference[0]):
+        assert torch.equal(got, want) or not got.shape == x.shape  # signs and prelu(x) bit for bit
     assert (fused[0][0][0, :, 0, 0] == 0).all()
-    if not mean:
-        assert torch.equal(fused[1][0], reference[1][0])  # the masked gradient: a copy, no arithmetic
-    _compare(fused, reference)
+    if not mean and not prelu:
+        assert torch.equal(fused[1][0], reference[1][0])  # the masked gradient alone: a copy, no arithmetic
+    fused_params = fused[2] if prelu else fused[2][:-1]
+    reference_params = reference[2] if prelu else reference[2][:-1]
+    _compare((fused[0], fused[1], fused_params, fused[3]), (reference[0], reference[1], reference_params, reference[3]))
 
 
 @pytest.mark.parametrize("slopes", [16, 1, None], ids=["prelu", "shared_slope_prelu", "no_prelu"])
@@ -197,7 +203,8 @@ def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(monkeypatch)
     calls = _calls_to_extension(monkeypatch)
     model.train()
     model(torch.randn(2, 3, 16, 16)).sum().backward()
-    assert {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward", "bn_prelu_backward"} <= set(calls)
+    expected = {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward"}
+    assert expected | {"biased_sign_backward", "bn_prelu_backward", "gated_bn_backward"} <= set(calls)
     calls.clear()
     model.eval()
     with torch.no_grad():
