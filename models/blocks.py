@@ -104,14 +104,12 @@ class ELMAttention(Processor):
         super().__init__(channels, channels, 3, stride, info_recoupling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The signs, PReLU(x) and (at stride 1) the mix's mean from one read of x.
+        inputs = self.read_input(x, mix_is_x=self.stride == 1, prelu=self.activation1)
         if self.stride == 1:
-            # The signs, the mix's mean and the shortcut PReLU(x) from one read of x.
-            inputs = self.read_input(x, mix_is_x=True, prelu=self.activation1)
             residual, mix_mean = inputs.activated, inputs.mean
         else:
-            inputs = self.read_input(x, mix_is_x=False)
-            residual = avg_pool_2x2(self.activation1(x))
-            mix_mean = self.mix_mean(avg_pool_2x2(x))
+            residual, mix_mean = avg_pool_2x2(inputs.activated), self.mix_mean(avg_pool_2x2(x))
         b, gate = self.branch(inputs.signs, mix_mean)
         return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
