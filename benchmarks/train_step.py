@@ -15,6 +15,7 @@ For a model, input size and batch this times, alternately after warm-up:
 Usage::
 
     python benchmarks/train_step.py --model bnext_tiny --width-mult 0.25 --batch 16 --mode eager --mode channels_last
+    python benchmarks/train_step.py --mode eager --mode eager_unfused   # the fused CPU training kernels on and off
     python -m benchmarks.train_step --device cuda --img-size 224 --stem imagenet --batch 128 --mode all --json out.json
 
 The functions (:func:`collect_conv_shapes`, :func:`make_floor`, :func:`make_step`,

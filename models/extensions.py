@@ -15,6 +15,7 @@ or ``cpp`` (a failed build is an error).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).with_name("csrc")
+_log = logging.getLogger(__name__)
 
 
 def cpu_tag() -> str:
@@ -50,6 +52,8 @@ def build_cpu_extension(name: str, source: str, env_var: str, fallback: str) -> 
         raise ValueError(f"{env_var} must be 'auto', 'torch' or 'cpp', got {choice!r}")
     if choice == "torch":
         return None
+    # The first build takes about a minute (later runs load the cached library): say so.
+    _log.info("loading the C++ extension %s (compiled on first use, which takes about a minute)", source)
     try:
         from torch.utils import cpp_extension
 
