@@ -109,7 +109,8 @@ class ELMAttention(Processor):
         if self.stride == 1:
             residual, mix_mean = inputs.activated, inputs.mean
         else:
-            residual, mix_mean = avg_pool_2x2(inputs.activated), self.mix_mean(avg_pool_2x2(x))
+            residual = avg_pool_2x2(inputs.activated)
+            mix_mean = self.mix_mean(avg_pool_2x2(x)) if self.info_recoupling else None  # no pooling to discard
         b, gate = self.branch(inputs.signs, mix_mean)
         return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
