@@ -1,0 +1,26 @@
+"""The step profile's groups add up to the profiled time and find the convolutions and the kernels."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import step_profile
+
+
+def test_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    assert step_profile.group_of("aten::convolution_backward", [8, 3, 16, 16], 8, set()) == "convolution"
+    assert step_profile.group_of("aten::div", [16, 8, 3, 3], 8, {(16, 8, 3, 3)}) == "weight"
+    assert step_profile.group_of("aten::mul", [8, 16, 4, 4], 8, set()) == "activation"
+    assert step_profile.group_of("aten::add_", [], 8, set()) == "other"
+
+
+def test_profile_of_a_small_model_names_the_work() -> None:
+    args = step_profile.argparse.Namespace(
+        model="bnext_tiny", width_mult=0.125, img_size=16, batch=4, warmup=1, steps=1
+    )
+    args.unfused = False
+    groups, ranked = step_profile.profile_step(args)
+    assert groups["convolution"] > 0 and groups["activation"] > 0
+    assert abs(sum(groups.values()) - sum(ms for ops in ranked.values() for _, ms in ops)) < 1e-6 * sum(groups.values())
+    names = {name for name, _ in ranked["activation"]}
+    assert "_BatchNormPReLU" in names or "aten::native_batch_norm" in names
