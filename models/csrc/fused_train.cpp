@@ -9,14 +9,16 @@
 // (vectorized) and in double beyond, and the values that the backward needs are
 // recomputed from the saved inputs instead of being stored.
 //
-// Work is split over the (sample, channel) planes of H*W contiguous values, in memory
-// order (at::parallel_for); per-channel sums are combined from per-plane partial sums
-// in a fixed order, so the results do not depend on the thread count.
+// Work is split over the channels (at::parallel_for): each thread walks its range of
+// channels sample by sample, over the (sample, channel) planes of H*W contiguous
+// values, and adds a channel's per-plane sums in sample order, so the results do not
+// depend on the thread count.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,30 +38,39 @@ void check_vector(const at::Tensor& t, int64_t C, const char* name) {
 // double-accumulating batch-norm statistics.
 constexpr int64_t kBlock = 128;
 
-// Per-plane partial sums: every (sample, channel) plane is reduced by one thread into
-// its own slot, and the slots of a channel are added in sample order afterwards. The
-// passes run in memory order (planes are contiguous) and the results do not depend on
-// the number of threads.
-struct PlaneSums {
-  PlaneSums(int64_t planes, int64_t count) : count(count), values(planes * count) {}
-  void set(int64_t plane, int64_t which, double value) { values[plane * count + which] = value; }
-  double channel(int64_t c, int64_t N, int64_t C, int64_t which) const {
-    double total = 0.0;
-    for (int64_t n = 0; n < N; ++n) total += values[(n * C + c) * count + which];
-    return total;
-  }
+// Per-channel sums. Each channel belongs to one thread (see for_each_plane), which adds
+// the channel's per-plane sums in sample order: the results do not depend on the
+// number of threads.
+struct ChannelSums {
+  ChannelSums(int64_t channels, int64_t count) : count(count), values(channels * count, 0.0) {}
+  void add(int64_t c, int64_t which, double value) { values[c * count + which] += value; }
+  double get(int64_t c, int64_t which) const { return values[c * count + which]; }
   int64_t count;
   std::vector<double> values;
 };
 
-// Runs fn(plane) for every plane, in chunks of about 64k values per task, so that
-// small layers stay on the calling thread.
+// Runs fn(c, p, hw) for every (sample, channel) plane p = n * C + c of hw = H*W values.
+// Threads take contiguous ranges of channels, about 64k values each at least (small
+// layers stay on the calling thread), and walk them sample by sample, so each thread
+// reads contiguous runs of memory and a channel's planes are visited in sample order.
+// The late stages' planes are 1x1, 2x2 and 4x4: for these hw is a compile-time
+// constant, so the per-plane loops unroll instead of costing more than their values.
 template <typename Fn>
-void for_each_plane(int64_t planes, int64_t plane_size, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, plane_size));
-  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) fn(p);
-  });
+void for_each_plane(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
+  const auto run = [&](auto hw) {
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) fn(c, n * C + c, hw);
+      }
+    });
+  };
+  switch (HW) {
+    case 1: run(std::integral_constant<int64_t, 1>{}); break;
+    case 4: run(std::integral_constant<int64_t, 4>{}); break;
+    case 16: run(std::integral_constant<int64_t, 16>{}); break;
+    default: run(HW);
+  }
 }
 
 // The batch statistics (from per-plane sums of x - shift and of its squares) as the affine map
@@ -71,7 +82,7 @@ struct Affine {
   std::vector<float> alpha, shift;
 };
 
-Affine batch_stats(const PlaneSums& sums, const std::vector<float>& shift, int64_t N, int64_t C, int64_t M,
+Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int64_t N, int64_t C, int64_t M,
                    double eps, double momentum, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& running_mean,
                    const at::Tensor& running_var) {
   Affine out{at::empty({C}, gamma.options()), at::empty({C}, gamma.options()), std::vector<float>(C),
@@ -79,8 +90,8 @@ Affine batch_stats(const PlaneSums& sums, const std::vector<float>& shift, int64
   float* rm = running_mean.data_ptr<float>();
   float* rv = running_var.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    const double shifted_mean = sums.channel(c, N, C, 0) / M;
-    const double var = std::max(0.0, sums.channel(c, N, C, 1) / M - shifted_mean * shifted_mean);
+    const double shifted_mean = sums.get(c, 0) / M;
+    const double var = std::max(0.0, sums.get(c, 1) / M - shifted_mean * shifted_mean);
     const double mean = shifted_mean + shift[c];
     rm[c] = static_cast<float>(momentum * mean + (1.0 - momentum) * rm[c]);
     rv[c] = static_cast<float>(momentum * var * M / (M - 1) + (1.0 - momentum) * rv[c]);
@@ -119,13 +130,13 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
   // (mean of squares minus squared mean) from cancelling when |mean| >> std.
   std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = xp[c * HW];
-  PlaneSums sums(N * C, 2);
-  for_each_plane(N * C, HW, [&](int64_t p) {
+  ChannelSums sums(C, 2);
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float* src = xp + p * HW;
-    const float k = shift[p % C];
+    const float k = shift[c];
     double sum = 0.0, sum_sq = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_block = 0.0f, sum_sq_block = 0.0f;
 #pragma omp simd reduction(+ : sum_block, sum_sq_block)
       for (int64_t i = i0; i < i1; ++i) {
@@ -135,19 +146,18 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
       }
       sum += sum_block; sum_sq += sum_sq_block;
     }
-    sums.set(p, 0, sum);
-    sums.set(p, 1, sum_sq);
+    sums.add(c, 0, sum);
+    sums.add(c, 1, sum_sq);
   });
   Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
   const float* w = act ? slope.data_ptr<float>() : nullptr;
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const int64_t c = p % C;
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float alpha = affine.alpha[c], shift = affine.shift[c], slope_c = act ? w[c] : 1.0f;
     const float* src = xp + p * HW;
     float* dst = yp + p * HW;
     double plane_sum = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float plane_sum_block = 0.0f;
 #pragma omp simd reduction(+ : plane_sum_block)
       for (int64_t i = i0; i < i1; ++i) {
@@ -192,16 +202,15 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   }
   // Pass 1: the gradient reaching the batch-norm output (through PReLU), its sum and
   // its dot product with the centred input; the PReLU slope's gradient.
-  PlaneSums sums(N * C, 3);
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const int64_t c = p % C;
+  ChannelSums sums(C, 3);
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f;
     const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
     const float* src = xp + p * HW;
     const float* gy = gp + p * HW;
     double sum_dz = 0.0, dot = 0.0, dw = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_dz_block = 0.0f, dot_block = 0.0f, dw_block = 0.0f;
 #pragma omp simd reduction(+ : sum_dz_block, dot_block, dw_block)
       for (int64_t i = i0; i < i1; ++i) {
@@ -215,23 +224,22 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
       }
       sum_dz += sum_dz_block; dot += dot_block; dw += dw_block;
     }
-    sums.set(p, 0, sum_dz);
-    sums.set(p, 1, dot);
-    sums.set(p, 2, dw);
+    sums.add(c, 0, sum_dz);
+    sums.add(c, 1, dot);
+    sums.add(c, 2, dw);
   });
   std::vector<float> mean_dz(C), k(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double sum_dz = sums.channel(c, N, C, 0), dot = sums.channel(c, N, C, 1);
+    const double sum_dz = sums.get(c, 0), dot = sums.get(c, 1);
     grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dz);
     grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
-    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 2));
+    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 2));
     mean_dz[c] = static_cast<float>(sum_dz / M);
     k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
   }
   // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
   float* gxp = grad_x.data_ptr<float>();
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const int64_t c = p % C;
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f, md = mean_dz[c], kc = k[c];
     const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
     const float* src = xp + p * HW;
@@ -273,15 +281,15 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
   for (int64_t c = 0; c < C; ++c) {
     shift[c] = multiply_residual ? (gtp[c] * bp[c * HW]) * rp[c * HW] : gtp[c] * bp[c * HW];
   }
-  PlaneSums sums(N * C, 2);
-  for_each_plane(N * C, HW, [&](int64_t p) {
+  ChannelSums sums(C, 2);
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float* bs = bp + p * HW;
     const float* rs = rp + p * HW;
     const float s = gtp[p];
-    const float k = shift[p % C];
+    const float k = shift[c];
     double sum = 0.0, sum_sq = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_block = 0.0f, sum_sq_block = 0.0f;
 #pragma omp simd reduction(+ : sum_block, sum_sq_block)
       for (int64_t i = i0; i < i1; ++i) {
@@ -291,12 +299,11 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
       }
       sum += sum_block; sum_sq += sum_sq_block;
     }
-    sums.set(p, 0, sum);
-    sums.set(p, 1, sum_sq);
+    sums.add(c, 0, sum);
+    sums.add(c, 1, sum_sq);
   });
   Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const int64_t c = p % C;
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float alpha = affine.alpha[c], shift = affine.shift[c], s = gtp[p];
     const float* bs = bp + p * HW;
     const float* rs = rp + p * HW;
@@ -330,15 +337,15 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   const float* gtp = gate.data_ptr<float>();
   const float* mean = save_mean.data_ptr<float>();
   const float* invstd = save_invstd.data_ptr<float>();
-  PlaneSums sums(N * C, 2);
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const float m = mean[p % C], s = gtp[p];
+  ChannelSums sums(C, 2);
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
+    const float m = mean[c], s = gtp[p];
     const float* bs = bp + p * HW;
     const float* rs = rp + p * HW;
     const float* gy = gp + p * HW;
     double sum_dy = 0.0, dot = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_dy_block = 0.0f, dot_block = 0.0f;
 #pragma omp simd reduction(+ : sum_dy_block, dot_block)
       for (int64_t i = i0; i < i1; ++i) {
@@ -348,12 +355,12 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       }
       sum_dy += sum_dy_block; dot += dot_block;
     }
-    sums.set(p, 0, sum_dy);
-    sums.set(p, 1, dot);
+    sums.add(c, 0, sum_dy);
+    sums.add(c, 1, dot);
   });
   std::vector<float> alpha(C), mean_dy(C), k(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double sum_dy = sums.channel(c, N, C, 0), dot = sums.channel(c, N, C, 1);
+    const double sum_dy = sums.get(c, 0), dot = sums.get(c, 1);
     grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
     grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
     alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
@@ -363,8 +370,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   float* gbp = grad_b.data_ptr<float>();
   float* grp = multiply_residual ? grad_r.data_ptr<float>() : nullptr;
   float* ggp = grad_gate.data_ptr<float>();
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const int64_t c = p % C;
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float a = alpha[c], m = mean[c], md = mean_dy[c], kc = k[c], s = gtp[p];
     const float* bs = bp + p * HW;
     const float* rs = rp + p * HW;
@@ -373,7 +379,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
     float* gr = multiply_residual ? grp + p * HW : nullptr;
     double dgate = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float dgate_block = 0.0f;
       if (multiply_residual) {
 #pragma omp simd reduction(+ : dgate_block)
@@ -420,15 +426,15 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
   float* yp = y.data_ptr<float>();
   float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
   float* ap = act ? activated.data_ptr<float>() : nullptr;
-  for_each_plane(N * C, HW, [&](int64_t p) {
-    const float beta = bp[p % C];
-    const float w = act ? wp[p % C] : 1.0f;
+  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
+    const float beta = bp[c];
+    const float w = act ? wp[c] : 1.0f;
     const float* src = xp + p * HW;
     float* dst = yp + p * HW;
     float* out = act ? ap + p * HW : nullptr;
     double sum = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_block = 0.0f;
       if (act) {
 #pragma omp simd reduction(+ : sum_block)
@@ -482,10 +488,10 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
   const float* wp = act ? slope.data_ptr<float>() : nullptr;
   float* gxp = grad_x.data_ptr<float>();
   const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
-  PlaneSums sums(N * C, 2);
-  for_each_plane(N * C, HW, [&, lo, hi](int64_t p) {  // bounds by value: no aliasing with the stores
-    const float beta = bp[p % C];
-    const float w = act ? wp[p % C] : 1.0f;
+  ChannelSums sums(C, 2);
+  for_each_plane(N, C, HW, [&, lo, hi](int64_t c, int64_t p, auto HW) {  // bounds by value: no aliasing with the stores
+    const float beta = bp[c];
+    const float w = act ? wp[c] : 1.0f;
     const float extra = has_mean ? gmp[p] / static_cast<float>(HW) : 0.0f;
     const float* src = xp + p * HW;
     const float* gy = gp + p * HW;
@@ -493,7 +499,7 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
     float* dst = gxp + p * HW;
     double sum = 0.0, dw = 0.0;
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min(HW, i0 + kBlock);
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
       float sum_block = 0.0f, dw_block = 0.0f;
       if (act) {
 #pragma omp simd reduction(+ : sum_block, dw_block)
@@ -517,12 +523,12 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
       sum += sum_block;
       dw += dw_block;
     }
-    sums.set(p, 0, sum);
-    sums.set(p, 1, dw);
+    sums.add(c, 0, sum);
+    sums.add(c, 1, dw);
   });
   for (int64_t c = 0; c < C; ++c) {
-    grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 0));
-    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.channel(c, N, C, 1));
+    grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 0));
+    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 1));
   }
   return {grad_x, grad_bias, grad_slope};
 }

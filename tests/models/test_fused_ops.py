@@ -85,11 +85,17 @@ def _compare(fused, reference) -> None:
             _assert_close(a, b, f"{kind} {i}")
 
 
+#: H x W of the kernel tests: the unrolled plane sizes of the late stages (1, 4 and 16
+#: values), an odd one, and one of two summation blocks (192 values).
+PLANE_SIZES = [(1, 1), (2, 2), (4, 4), (5, 7), (12, 16)]
+
+
+@pytest.mark.parametrize("size", PLANE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("prelu", [False, True])
 @pytest.mark.parametrize("mean", [False, True])
-def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool) -> None:
+def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    x = torch.randn(4, 8, 5, 7) * 2
+    x = torch.randn(4, 8, *size) * 2
     move, sign, activation = LearnableBias(8), HardSign(), models.layers.PReLU(8)
     with torch.no_grad():
         move.bias.uniform_(-0.5, 0.5)
@@ -113,11 +119,12 @@ def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool) ->
     _compare((fused[0], fused[1], fused_params, fused[3]), (reference[0], reference[1], reference_params, reference[3]))
 
 
+@pytest.mark.parametrize("size", PLANE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("slopes", [16, 1, None], ids=["prelu", "shared_slope_prelu", "no_prelu"])
 @pytest.mark.parametrize("pooled", [True, False])
-def test_batch_norm_prelu_matches_modules(unfused, slopes: int | None, pooled: bool) -> None:
+def test_batch_norm_prelu_matches_modules(unfused, slopes: int | None, pooled: bool, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    x = torch.randn(6, 16, 5, 4) * 3 + 1
+    x = torch.randn(6, 16, *size) * 3 + 1
     norm = _random_norm(16)
     prelu = models.layers.PReLU(slopes) if slopes is not None else None
     if prelu is not None:
@@ -131,12 +138,15 @@ def test_batch_norm_prelu_matches_modules(unfused, slopes: int | None, pooled: b
     _compare(fused, reference)
 
 
+@pytest.mark.parametrize("size", PLANE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("multiply_residual", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_gated_batch_norm_residual_matches_modules(unfused, multiply_residual: bool, gated: bool) -> None:
+def test_gated_batch_norm_residual_matches_modules(
+    unfused, multiply_residual: bool, gated: bool, size: tuple[int, int]
+) -> None:
     torch.manual_seed(0)
-    b = torch.randn(6, 16, 4, 4)
-    residual = torch.randn(6, 16, 4, 4)
+    b = torch.randn(6, 16, *size)
+    residual = torch.randn(6, 16, *size)
     gate = torch.rand(6, 16, 1, 1)
     norm = _random_norm(16)
     inputs = [b, residual, gate] if gated else [b, residual]
@@ -309,3 +319,39 @@ def test_kernels_are_about_as_accurate_as_pytorchs_float32(offset: float) -> Non
     }  # fmt: skip
     for name, (fused, pytorch) in errors.items():
         assert fused <= 3 * pytorch, f"{name}: max error {fused:.2e} against float64, PyTorch's {pytorch:.2e}"
+
+
+def _kernel_chain_results(threads: int) -> list[torch.Tensor]:
+    # All three kernels, forward and backward, on a layer big enough to be split over threads.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        x, residual = _leaves(torch.randn(8, 64, 32, 32) * 2 + 1, torch.randn(8, 64, 32, 32))
+        move, sign, prelu, norm1, norm2 = (
+            LearnableBias(64),
+            HardSign(),
+            models.layers.PReLU(64),
+            _random_norm(64),
+            _random_norm(64),
+        )
+        signs, x_mean, activated = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
+        y, pooled = fused_ops.batch_norm_prelu(signs * 0.5 + activated, norm1, prelu, pooled=True)
+        out = fused_ops.gated_batch_norm_residual(y, torch.sigmoid(pooled + x_mean), residual, norm2, True)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        modules = (move, prelu, norm1, norm2)
+        return (
+            [out, x.grad, residual.grad]
+            + [t for m in modules for t in (*m.parameters(), *m.buffers())]
+            + [p.grad for m in modules for p in m.parameters()]
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads() -> None:
+    # Channels are split over threads whole, so every sum adds the same values in the same order.
+    one, three = _kernel_chain_results(1), _kernel_chain_results(3)
+    assert len(one) == len(three) > 10
+    for i, (a, b) in enumerate(zip(one, three)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and 3 threads"
