@@ -4,7 +4,7 @@ Around each binary convolution the processor runs ``sign(x + beta)``, batch norm
 PReLU, the spatial mean for the recoupling gate, ``gate * b [* residual]``, a second
 batch norm and ``+ residual``. One PyTorch kernel per step reads and writes the whole
 activation each time, forward and backward; on the CPU that costs more than the
-convolutions' own overhead. The three functions here run each chain in two or three
+convolutions' own overhead. The first three functions here run each chain in two or three
 passes (``models/csrc/fused_train.cpp``, built on first use by
 :func:`models.extensions.build_cpu_extension`):
 
@@ -12,7 +12,9 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
   gradient, the spatial mean of ``x`` (the recoupling mix's input when it is ``x``
   itself) and ``prelu(x)`` (ELM attention's real shortcut), from one read of ``x``;
 * :func:`batch_norm_prelu`: training batch norm, PReLU and the per-sample spatial mean;
-* :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``.
+* :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``;
+* :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
+  (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``.
 
 The fused path is taken only in training mode (evaluation and the exports run the
 modules one by one, bit for bit as before), and only where it computes the same
@@ -80,13 +82,17 @@ def _hook_free(*modules: nn.Module | None) -> bool:
     return not any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
+def _tensors_fit(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CPU, float32, contiguous N x C x H x W."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.is_contiguous() for t in tensors
+    )
+
+
 def _fusable(*tensors: torch.Tensor) -> bool:
     if not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 or not t.is_contiguous():
-            return False
-    return load_extension() is not None
+    return _tensors_fit(*tensors) and load_extension() is not None
 
 
 def _fusable_norm(bn: nn.Module) -> bool:
@@ -257,3 +263,34 @@ def gated_batch_norm_residual(
     if multiply_residual:
         v = v * residual
     return norm(v) + residual
+
+
+def window_mean_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2, 2)`` bit for bit: ``((a + b) + c) + d`` per window in the kernel's order, times 0.25.
+
+    The C++ kernel runs where ``x`` takes part in a training step (requires grad);
+    elsewhere four strided slices compute the same bits, at about a third of
+    ``avg_pool2d``'s CPU time in the NCHW layout.
+    """
+    if x.requires_grad and _fusable(x):
+        return load_extension().pool_2x2_forward(x)
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    return (x[..., 0::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) * 0.25
+
+
+def spread_2x2(grad: torch.Tensor, input_shape: torch.Size, kernel: bool = True) -> torch.Tensor:
+    """The gradient of :func:`window_mean_2x2` for an input of ``input_shape``: ``grad / 4`` on each window.
+
+    Odd trailing rows and columns get zero, as with ``avg_pool2d``'s floor. The kernel
+    (where ``kernel`` and the gradient fits it) writes contiguous NCHW; otherwise one
+    expand-and-copy (faster than the pooling backward kernel, slower than ours).
+    """
+    height, width = input_shape[-2:]
+    if kernel and _fusable(grad):
+        return load_extension().pool_2x2_backward(grad, height, width)
+    *lead, h, w = grad.shape
+    spread = (grad * 0.25)[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
+    if (height, width) != (2 * h, 2 * w):
+        spread = torch.nn.functional.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
+    return spread

@@ -533,6 +533,59 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
   return {grad_x, grad_bias, grad_slope};
 }
 
+// avg_pool2d(x, 2, 2) (floor mode): ((a + b) + c) + d over each window in the order of
+// PyTorch's pooling kernel, times 0.25 (exactly / 4), so the same bits.
+at::Tensor pool_2x2_forward(const at::Tensor& x) {
+  check_activation(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = H / 2, Wo = W / 2;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "2x2 pooling needs H, W >= 2");
+  auto y = at::empty({N, C, Ho, Wo}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_each_plane(N, C, H * W, [&](int64_t, int64_t p, auto) {
+    for (int64_t i = 0; i < Ho; ++i) {
+      const float* top = xp + p * H * W + 2 * i * W;
+      const float* bottom = top + W;
+      float* dst = yp + p * Ho * Wo + i * Wo;
+#pragma omp simd
+      for (int64_t j = 0; j < Wo; ++j) {
+        dst[j] = (((top[2 * j] + top[2 * j + 1]) + bottom[2 * j]) + bottom[2 * j + 1]) * 0.25f;
+      }
+    }
+  });
+  return y;
+}
+
+// Gradient of pool_2x2_forward for an H x W input: grad / 4 on each value of its
+// window; an odd last row or column gets zero, as with avg_pool2d's floor.
+at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
+  check_activation(grad, "grad");
+  const int64_t N = grad.size(0), C = grad.size(1), Ho = grad.size(2), Wo = grad.size(3);
+  TORCH_CHECK(H / 2 == Ho && W / 2 == Wo, "the gradient's size does not match an H x W input pooled by 2");
+  auto grad_x = at::empty({N, C, H, W}, grad.options());
+  const float* gp = grad.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  for_each_plane(N, C, H * W, [&](int64_t, int64_t p, auto) {
+    float* plane = gxp + p * H * W;
+    for (int64_t i = 0; i < Ho; ++i) {
+      const float* g = gp + p * Ho * Wo + i * Wo;
+      float* top = plane + 2 * i * W;
+      float* bottom = top + W;
+#pragma omp simd
+      for (int64_t j = 0; j < Wo; ++j) {
+        const float v = g[j] * 0.25f;
+        top[2 * j] = v;
+        top[2 * j + 1] = v;
+        bottom[2 * j] = v;
+        bottom[2 * j + 1] = v;
+      }
+      if (W % 2) top[W - 1] = bottom[W - 1] = 0.0f;
+    }
+    if (H % 2) std::fill(plane + (H - 1) * W, plane + H * W, 0.0f);
+  });
+  return grad_x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_prelu_forward", &bn_prelu_forward, "batch norm (training) + PReLU + spatial mean, forward");
   m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
@@ -540,4 +593,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward");
   m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias), the spatial mean of x and prelu(x)");
   m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward");
+  m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
+  m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
 }
