@@ -14,7 +14,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`batch_norm_prelu`: training batch norm, PReLU and the per-sample spatial mean;
 * :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``;
 * :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
-  (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``.
+  (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
+* :func:`divide_clamp`: the progressive weight binarization in one pass, the same bits.
 
 The fused path is taken only in training mode (evaluation and the exports run the
 modules one by one, bit for bit as before), and only where it computes the same
@@ -294,3 +295,15 @@ def spread_2x2(grad: torch.Tensor, input_shape: torch.Size, kernel: bool = True)
     if (height, width) != (2 * h, 2 * w):
         spread = torch.nn.functional.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
     return spread
+
+
+def divide_clamp(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """``clamp(weight / first / second, -1, 1)`` (one-value divisors), bit for bit in either path.
+
+    The kernel (one pass instead of three) runs where ``kernel`` says (the caller's
+    training step), the weight is a CPU float32 contiguous 4-D tensor and the divisors
+    are float32.
+    """
+    if kernel and first.dtype == second.dtype == torch.float32 and _fusable(weight):
+        return load_extension().divide_clamp(weight, first.item(), second.item())
+    return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)

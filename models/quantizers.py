@@ -80,14 +80,16 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
+    def forward(weight: torch.Tensor, temperature: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
         # The divisors in the dtype of the division (a float32 temperature promotes bf16 weights).
         dtype = torch.promote_types(weight.dtype, temperature.dtype)
         tiny = torch.finfo(dtype).tiny
         hard = temperature < threshold
         first = temperature.clamp(min=MIN_TEMPERATURE).to(dtype).masked_fill(hard, tiny)
         second = torch.ones_like(first).masked_fill(hard, tiny)
-        return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)
+        from . import fused_ops  # here, not at the top: fused_ops imports this module
+
+        return fused_ops.divide_clamp(weight, first, second, kernel=training)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -95,7 +97,7 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, None, None
+        return grad_output, None, None, None
 
 
 class _MinMaxQuantizeSTE(torch.autograd.Function):
@@ -151,7 +153,9 @@ def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:
 
 def progressive_binarize(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
     """Binarize latent weights at a temperature; the gradient reaches ``weight`` unchanged."""
-    return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold)
+    # Inside the autograd function grad mode is off: whether this is a training step is decided here.
+    training = torch.is_grad_enabled() and weight.requires_grad
+    return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold, training)
 
 
 class LearnableBias(nn.Module):

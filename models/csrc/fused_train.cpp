@@ -586,6 +586,26 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
   return grad_x;
 }
 
+// clamp(w / first / second, -1, 1) in one pass: the progressive weight binarization of
+// models/quantizers.py (three passes there), the same operations in the same order.
+// NaN stays NaN, as with torch.clamp.
+at::Tensor divide_clamp(const at::Tensor& w, double first, double second) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "the weight must be a contiguous float32 CPU tensor");
+  auto out = at::empty_like(w);
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float d1 = static_cast<float>(first), d2 = static_cast<float>(second);
+  at::parallel_for(0, w.numel(), 1 << 16, [&, d1, d2](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = (src[i] / d1) / d2;
+      dst[i] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_prelu_forward", &bn_prelu_forward, "batch norm (training) + PReLU + spatial mean, forward");
   m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
@@ -595,4 +615,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward");
   m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
   m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
+  m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1)");
 }

@@ -41,23 +41,34 @@ def test_sign_saves_nothing_without_a_gradient() -> None:
     assert y.grad_fn is None and torch.equal(y, torch.sign(x))
 
 
+# A trained float32 conv weight (requires grad) takes the one-pass C++ kernel where it is
+# built (models.fused_ops.divide_clamp); a buffer-like one the PyTorch operators. Same bits.
+TRAINED = pytest.mark.parametrize("trained", [False, True], ids=["operators", "trained"])
+
+
+@TRAINED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_hard_binarization_is_exactly_sign_even_for_subnormal_weights(dtype: torch.dtype) -> None:
+def test_hard_binarization_is_exactly_sign_even_for_subnormal_weights(dtype: torch.dtype, trained: bool) -> None:
     info = torch.finfo(dtype)
     values = [0.0, -0.0, info.tiny, -info.tiny, info.tiny / 4, -info.tiny / 1024, 1e-30, 0.3, -1.4, info.max]
-    weight = torch.tensor(values, dtype=dtype)
+    weight = torch.tensor(values, dtype=dtype).view(-1, 1, 1, 1).requires_grad_(trained)
     out = progressive_binarize(weight, torch.tensor([5e-8], dtype=dtype), 1e-7)
     assert torch.equal(out, torch.sign(weight))
 
 
+@TRAINED
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-7, 5e-9])
-def test_soft_binarization_is_the_official_formula_bit_for_bit(temperature: float) -> None:
+def test_soft_binarization_is_the_official_formula_bit_for_bit(temperature: float, trained: bool) -> None:
     weight = torch.randn(64, 32, 3, 3) * 1e-3
+    weight[0, 0, 0, :] = torch.tensor([math.nan, 0.0, -0.0])
     t = torch.tensor([temperature])
     expected = (weight / t.clamp(min=MIN_TEMPERATURE)).clamp(-1.0, 1.0)
     # 5e-9 is below the threshold 1e-7 but above 1e-9: exact sign there.
     threshold = 1e-9 if temperature == 5e-9 else 1e-7
-    assert torch.equal(progressive_binarize(weight, t, threshold), expected)
+    out = progressive_binarize(weight.requires_grad_(trained), t, threshold)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert torch.equal(out.signbit(), expected.signbit())  # -0.0 stays -0.0
 
 
 def test_activation_temperature_does_not_change_the_sign() -> None:
