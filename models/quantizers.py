@@ -154,7 +154,8 @@ def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:
 def progressive_binarize(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
     """Binarize latent weights at a temperature; the gradient reaches ``weight`` unchanged."""
     # Inside the autograd function grad mode is off: whether this is a training step is decided here.
-    training = torch.is_grad_enabled() and weight.requires_grad
+    # A trace would record the flag as a constant of its graph, so traces always say False.
+    training = torch.is_grad_enabled() and weight.requires_grad and not torch.jit.is_tracing()
     return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold, training)
 
 
