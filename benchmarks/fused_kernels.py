@@ -1,0 +1,130 @@
+"""Each fused CPU training kernel against the modules it replaces, per activation shape of a model.
+
+For every distinct shape that a batch norm of the model sees in a forward pass, times
+forward plus backward of the three processor kernels of :mod:`models.fused_ops`
+(``processor_inputs`` with mean and PReLU, ``batch_norm_prelu`` with PReLU and pooled
+mean, ``gated_batch_norm_residual`` with a gate and multiplied residual) twice,
+alternating: through the C++ kernels and with :func:`models.fused_ops.disabled` (the
+modules one by one). Medians; the ratio ``unfused / fused`` is the figure to use.
+
+Usage::
+
+    python benchmarks/fused_kernels.py                      # BNext-T, CIFAR stem, 32x32, batch 64
+    python benchmarks/fused_kernels.py --batch 32 --iters 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from models import fused_ops  # noqa: E402
+from models.quantizers import HardSign, LearnableBias  # noqa: E402
+
+
+def norm_input_shapes(model: nn.Module, example: torch.Tensor) -> list[tuple[int, ...]]:
+    """The distinct 4-D input shapes of the model's batch norms in one forward pass, largest first."""
+    shapes: set[tuple[int, ...]] = set()
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: shapes.add(tuple(args[0].shape)))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sorted((s for s in shapes if len(s) == 4), key=lambda s: (-s[1] * s[2] * s[3], s))
+
+
+def kernel_cases(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
+    """Forward + backward of each processor kernel on tensors of ``shape`` (one closure per kernel)."""
+    torch.manual_seed(0)
+    channels = shape[1]
+    x, b, residual = (torch.randn(shape).requires_grad_(True) for _ in range(3))
+    gate = torch.rand(shape[0], channels, 1, 1).requires_grad_(True)
+    move, sign, prelu = LearnableBias(channels), HardSign(), models.layers.PReLU(channels)
+    norm = nn.BatchNorm2d(channels)
+    upstream = torch.randn(shape)
+    leaves = [x, b, residual, gate, *move.parameters(), *prelu.parameters(), *norm.parameters()]
+
+    def clear() -> None:  # no gradient accumulation between calls
+        for leaf in leaves:
+            leaf.grad = None
+
+    def inputs() -> None:
+        clear()
+        signs, mean, activated = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
+        torch.autograd.backward([signs, activated, mean], [upstream, upstream, torch.ones_like(mean)])
+
+    def norm_prelu() -> None:
+        clear()
+        y, pooled = fused_ops.batch_norm_prelu(x, norm, prelu, pooled=True)
+        torch.autograd.backward([y, pooled], [upstream, torch.ones_like(pooled)])
+
+    def gated() -> None:
+        clear()
+        y = fused_ops.gated_batch_norm_residual(b, gate, residual, norm, multiply_residual=True)
+        y.backward(upstream)
+
+    return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
+
+
+def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[float, float]:
+    """Median milliseconds of ``fn`` with the kernels and without, alternating after a warm-up."""
+    fused: list[float] = []
+    unfused: list[float] = []
+    for i in range(warmup + iters):
+        for samples, off in ((fused, False), (unfused, True)):
+            with fused_ops.disabled() if off else contextlib.nullcontext():
+                start = time.perf_counter()
+                fn()
+                elapsed = (time.perf_counter() - start) * 1e3
+            if i >= warmup:
+                samples.append(elapsed)
+    return statistics.median(fused), statistics.median(unfused)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one line per (shape, kernel): fused and unfused milliseconds and their ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
+    parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=32, help="CIFAR-stem input side (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--iters", type=int, default=15, help="timed pairs per case (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if fused_ops.backend() != "cpp":
+        raise SystemExit("the fused C++ extension is not available here (see the warning): nothing to compare")
+    model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
+    shapes = norm_input_shapes(model, torch.randn(2, 3, args.img_size, args.img_size))
+    print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
+    print(f"{'shape':<22} {'kernel':<26} {'fused ms':>9} {'unfused ms':>11} {'unfused/fused':>14}")
+    for shape in shapes:
+        shape = (args.batch, *shape[1:])
+        for name, fn in kernel_cases(shape).items():
+            fused_ms, unfused_ms = time_pair(fn, args.iters)
+            print(f"{str(shape):<22} {name:<26} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The kernel benchmark finds the model's activation shapes and times each kernel fused and unfused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from benchmarks import fused_kernels
+from models import fused_ops
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
+    reason="the fused C++ extension could not be built here (see the warning)",
+)
+
+
+def test_shapes_are_the_batch_norm_inputs_largest_first() -> None:
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    shapes = fused_kernels.norm_input_shapes(model, torch.randn(2, 3, 16, 16))
+    sizes = [c * h * w for _, c, h, w in shapes]
+    assert sizes == sorted(sizes, reverse=True) and len(set(shapes)) == len(shapes) >= 4
+    assert shapes[-1][2:] == (1, 1) or min(h for *_, h, _ in shapes) < 16  # the network downsamples
+    assert model.training  # its mode is restored
+
+
+def test_the_fused_half_calls_the_kernels_and_the_unfused_half_does_not(monkeypatch) -> None:
+    calls: list[tuple[bool, str]] = []
+    real = fused_ops.load_extension()
+
+    class Spy:
+        def __getattr__(self, attr):
+            calls.append((fused_ops._enabled, attr))
+            return getattr(real, attr)
+
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: Spy())
+    cases = fused_kernels.kernel_cases((4, 8, 4, 4))
+    assert set(cases) == {"processor_inputs", "batch_norm_prelu", "gated_batch_norm_residual"}
+    for fn in cases.values():
+        calls.clear()
+        fused_ms, unfused_ms = fused_kernels.time_pair(fn, iters=1, warmup=0)
+        assert fused_ms > 0 and unfused_ms > 0
+        assert calls and all(enabled for enabled, _ in calls)  # every kernel call came from the fused half
+        assert any(name.endswith("_backward") for _, name in calls)
+
+
+def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert rows and len(rows) % 3 == 0
+    assert all(float(row[-1]) > 0 for row in rows)
