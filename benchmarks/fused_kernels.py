@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
 from models import fused_ops  # noqa: E402
 from models.quantizers import HardSign, LearnableBias  # noqa: E402
 
@@ -104,12 +105,8 @@ def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[floa
 def main(argv: list[str] | None = None) -> None:
     """Print one line per (shape, kernel): fused and unfused milliseconds and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
-    parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
-    parser.add_argument("--img-size", type=int, default=32, help="CIFAR-stem input side (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
+    add_model_arguments(parser)
     parser.add_argument("--iters", type=int, default=15, help="timed pairs per case (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

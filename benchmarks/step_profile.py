@@ -74,16 +74,21 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
     return dict(groups), ranked
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print the grouped profile of one configuration."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model --width-mult --img-size --batch --threads``: the CPU configuration of the CIFAR-stem benchmarks."""
     parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
     parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=32, help="CIFAR-stem input side (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the grouped profile of one configuration."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     parser.add_argument("--top", type=int, default=5, help="operators listed per group (default: %(default)s)")
     parser.add_argument("--unfused", action="store_true", help="turn the fused CPU training kernels off")
     args = parser.parse_args(argv)
