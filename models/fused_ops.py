@@ -96,6 +96,13 @@ def _fusable(*tensors: torch.Tensor) -> bool:
     return _tensors_fit(*tensors) and load_extension() is not None
 
 
+def _fusable_in_eager(*tensors: torch.Tensor) -> bool:
+    # For the pooling and weight kernels, which have no custom-operator form: eager only, also
+    # when benchmarks/compile_custom_ops_experiment.py lets the processor kernels into compiled
+    # graphs by replacing _fusable (otherwise each of these calls would break the graph).
+    return not torch.compiler.is_compiling() and _fusable(*tensors)
+
+
 def _fusable_norm(bn: nn.Module) -> bool:
     return (
         type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
@@ -273,7 +280,7 @@ def window_mean_2x2(x: torch.Tensor) -> torch.Tensor:
     elsewhere four strided slices compute the same bits, at about a third of
     ``avg_pool2d``'s CPU time in the NCHW layout.
     """
-    if x.requires_grad and _fusable(x):
+    if x.requires_grad and _fusable_in_eager(x):
         return load_extension().pool_2x2_forward(x)
     h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     x = x[..., :h, :w]
@@ -288,7 +295,7 @@ def spread_2x2(grad: torch.Tensor, input_shape: torch.Size, kernel: bool = True)
     expand-and-copy (faster than the pooling backward kernel, slower than ours).
     """
     height, width = input_shape[-2:]
-    if kernel and _fusable(grad):
+    if kernel and _fusable_in_eager(grad):
         return load_extension().pool_2x2_backward(grad, height, width)
     *lead, h, w = grad.shape
     spread = (grad * 0.25)[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
@@ -304,6 +311,6 @@ def divide_clamp(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor
     training step), the weight is a CPU float32 contiguous 4-D tensor and the divisors
     are float32.
     """
-    if kernel and first.dtype == second.dtype == torch.float32 and _fusable(weight):
+    if kernel and first.dtype == second.dtype == torch.float32 and _fusable_in_eager(weight):
         return load_extension().divide_clamp(weight, first.item(), second.item())
     return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)

@@ -42,3 +42,14 @@ def test_custom_operators_compute_what_the_fused_functions_compute(monkeypatch) 
     after = dict(model.named_buffers())
     kernel_norms = [name for name in before if ".norm1." in name]
     assert kernel_norms and all(torch.equal(before[name], after[name]) for name in kernel_norms)
+
+
+def test_the_compiled_graph_has_no_breaks(monkeypatch) -> None:
+    """What the experiment times: one graph; the kernels without a custom operator stay out of it."""
+    torch._dynamo.reset()
+    for name, replacement in experiment.REPLACEMENTS.items():
+        monkeypatch.setattr(fused_ops, name, replacement)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(4, 3, 16, 16))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch._dynamo.reset()
