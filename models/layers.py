@@ -6,6 +6,8 @@ A layer's precision is read from its ``weight_bits`` and ``input_bits`` attribut
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,7 +174,12 @@ class _AvgPool2x2(torch.autograd.Function):
 
 def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool2d(x, 2, 2)`` bit for bit on 4-D inputs, faster on the CPU (see :class:`_AvgPool2x2`)."""
-    if x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2:
+    with warnings.catch_warnings():
+        # While tracing, the sizes are traced values and the trace keeps this check's outcome
+        # as a constant, which is right for a validation; the TracerWarning says just that.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        too_small = bool(x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2)
+    if too_small:
         raise ValueError(
             f"avg_pool_2x2 expects an N x C x H x W tensor with H, W >= 2, got shape {tuple(x.shape)}; "
             "the input image is too small for this network's strides"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import fused_ops
-from models.layers import PReLU, avg_pool_2x2
+from models.layers import AvgPool2x2, PReLU, avg_pool_2x2
 
 
 @pytest.mark.parametrize("upstream_layout", ["contiguous", "strided"])
@@ -68,3 +69,13 @@ def test_prelu_frozen_slope_gets_no_gradient_and_no_grad_mode_builds_no_graph() 
     assert prelu.weight.grad is None and x.grad is not None
     with torch.no_grad():
         assert prelu(x).grad_fn is None
+
+
+def test_avg_pool_2x2_traces_without_a_tracer_warning() -> None:
+    # Its input check runs on traced sizes; a warning per pooling flooded the graph exports' output.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's own deprecation notice
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(AvgPool2x2(), torch.randn(1, 2, 4, 6))
+    x = torch.randn(3, 2, 4, 6)
+    assert torch.equal(traced(x), F.avg_pool2d(x, 2, 2))
