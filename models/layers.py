@@ -174,11 +174,14 @@ class _AvgPool2x2(torch.autograd.Function):
 
 def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool2d(x, 2, 2)`` bit for bit on 4-D inputs, faster on the CPU (see :class:`_AvgPool2x2`)."""
-    with warnings.catch_warnings():
-        # While tracing, the sizes are traced values and the trace keeps this check's outcome
-        # as a constant, which is right for a validation; the TracerWarning says just that.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        too_small = bool(x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2)
+    if torch.jit.is_tracing():  # (catch_warnings would break torch.compile's graph: tracing only)
+        with warnings.catch_warnings():
+            # While tracing, the sizes are traced values and the trace keeps this check's outcome
+            # as a constant, which is right for a validation; the TracerWarning says just that.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            too_small = bool(x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2)
+    else:
+        too_small = x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2
     if too_small:
         raise ValueError(
             f"avg_pool_2x2 expects an N x C x H x W tensor with H, W >= 2, got shape {tuple(x.shape)}; "
