@@ -31,3 +31,20 @@ def reference_dir() -> Path:
 def reduced_channels(reference_dir: Path) -> dict[str, list[int]]:
     """Stage-channel lists of the width-reduced fixture models."""
     return json.loads((reference_dir / "reduced_stage_channels.json").read_text())
+
+
+class _CodeRunningPayload:
+    """Unpickling this calls ``os.mkdir(marker)``: what every weights-only reader must refuse."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def code_running_payload(tmp_path: Path) -> tuple[object, Path]:
+    """An object to save into a checkpoint, and the directory that loading it unsafely would create."""
+    marker = tmp_path / "executed"
+    return _CodeRunningPayload(str(marker)), marker

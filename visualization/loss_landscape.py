@@ -67,6 +67,7 @@ from torch import nn
 from tqdm import tqdm
 
 import models
+from ImageNet import checkpointing
 from ImageNet.data import DATASETS, CheckedImageFolder, DataError, build_datasets
 from models.bnext import Stem, block_layout
 
@@ -401,7 +402,7 @@ def checkpoint_config(path: str | Path | None) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if str(path).endswith(".safetensors"):
         return {}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpointing.load(path)
     config = state.get("config") if isinstance(state, Mapping) else None
     return dict(config) if isinstance(config, Mapping) else {}
 

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ImageNet import checkpointing  # noqa: E402
 
 #: A scalar series: epochs (the TensorBoard step, 0-based) and values.
 Series = tuple[np.ndarray, np.ndarray]
@@ -83,7 +87,7 @@ def read_tensorboard(log_dir: str | Path) -> dict[str, Series]:
 
 def read_history(checkpoint: str | Path) -> dict[str, Series]:
     """The per-epoch ``history`` of a training checkpoint, as series under the TensorBoard tags."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = checkpointing.load(checkpoint)
     history = state.get("history") if isinstance(state, Mapping) else None
     if not history:
         return {}

@@ -276,18 +276,12 @@ def test_bad_images_stop_the_run_naming_the_file_or_are_skipped_and_counted(tmp_
         assert str(data / "train" / name) in skipped.stderr  # each one named once in the warnings
 
 
-class _Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_a_checkpoint_that_would_execute_code_is_refused(image_folder, tmp_path, capsys, in_process) -> None:
-    marker = tmp_path / "pwned"
+def test_a_checkpoint_that_would_execute_code_is_refused(
+    image_folder, tmp_path, capsys, in_process, code_running_payload
+) -> None:
+    payload, marker = code_running_payload
     evil = tmp_path / "evil.pth"
-    torch.save({"model": {}, "payload": _Exploit(str(marker))}, evil)
+    torch.save({"model": {}, "payload": payload}, evil)
     with pytest.raises(checkpointing.CheckpointReadError, match="execute code"):
         checkpointing.load(evil)
     # a run that finds such a last.pth to resume from stops with the message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -80,18 +79,10 @@ def test_latent_weights_outside_the_clip_are_clipped_at_load(tmp_path: Path) -> 
     assert weight.min().item() == -1.5 and weight.max().item() == 1.5
 
 
-class _Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_a_file_that_would_execute_code_is_refused(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
+def test_a_file_that_would_execute_code_is_refused(tmp_path: Path, code_running_payload) -> None:
+    payload, marker = code_running_payload
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": _Exploit(str(marker))}, path)
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": payload}, path)
     with pytest.raises(ValueError, match="weights-only"):
         models.load_checkpoint(_small(), path)
     assert not marker.exists()

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import models
+from ImageNet import checkpointing
 from models.summary import summarize_by_name
 from visualization import binary_features, loss_landscape, sota, training_curves
 from visualization.loss_landscape import (
@@ -291,6 +292,19 @@ def test_curves_fall_back_to_history(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert training_curves.main([str(empty), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_analysis_tools_refuse_a_checkpoint_that_would_execute_code(tmp_path: Path, code_running_payload) -> None:
+    # The curves' history fallback and the landscape's config reader go through the trainer's reader.
+    payload, marker = code_running_payload
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"history": [], "config": {}, "payload": payload}, run / "last.pth")
+    with pytest.raises(checkpointing.CheckpointReadError, match="execute code"):
+        training_curves.read_history(run / "last.pth")
+    with pytest.raises(checkpointing.CheckpointReadError, match="execute code"):
+        loss_landscape.checkpoint_config(run / "last.pth")
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
