@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import binary_kernels, bitpack
-from .blocks import BinaryFFN, BNext18Attention, ELMAttention, Processor, _avg_pool_if_strided
+from .blocks import BinaryFFN, BNext18Attention, ELMAttention, Processor, avg_pool_if_strided
 from .bnext import Stem
 from .layers import BinaryConv2d, SqueezeExcite
 from .precision import layer_precision
@@ -357,13 +357,13 @@ def _elm_forward(self: ELMAttention, x: torch.Tensor) -> torch.Tensor:
     if self.stride == 2 and isinstance(self.activation1, nn.PReLU):
         x_mix, residual = binary_kernels.pool2x2_prelu(x, self.activation1.weight)
     else:
-        x_mix = _avg_pool_if_strided(x, self.stride)
-        residual = _avg_pool_if_strided(self.activation1(x), self.stride)
+        x_mix = avg_pool_if_strided(x, self.stride)
+        residual = avg_pool_if_strided(self.activation1(x), self.stride)
     return _recoupled_tail(self, x, x_mix, residual, elm=True)
 
 
 def _ffn_forward(self: BinaryFFN, x: torch.Tensor) -> torch.Tensor:
-    shortcut = _avg_pool_if_strided(x, self.stride)
+    shortcut = avg_pool_if_strided(x, self.stride)
     return _recoupled_tail(self, x, shortcut, shortcut, elm=False)
 
 

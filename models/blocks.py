@@ -88,8 +88,8 @@ class Processor(nn.Module):
             self.scale.clamp_(0.0, 1.0)
 
 
-def _avg_pool_if_strided(x: torch.Tensor, stride: int) -> torch.Tensor:
-    # The parameter-free shortcut of a stride-2 binary conv (official AvgPool2d(2, 2)).
+def avg_pool_if_strided(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The parameter-free shortcut of a binary conv: 2x2 average pooling at stride 2 (official ``AvgPool2d(2, 2)``)."""
     return avg_pool_2x2(x) if stride == 2 else x
 
 
@@ -141,7 +141,7 @@ class BinaryFFN(Processor):
             self.norm2.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = _avg_pool_if_strided(x, self.stride)
+        shortcut = avg_pool_if_strided(x, self.stride)
         inputs = self.read_input(x, mix_is_x=self.stride == 1)
         b, gate = self.branch(inputs.signs, inputs.mean if self.stride == 1 else self.mix_mean(shortcut))
         if not self.info_recoupling:
