@@ -7,6 +7,8 @@ operator's self CPU time into four groups, by its first input:
 * ``activation``: operators on activations (first input ``batch x ...``), the fused
   kernels included;
 * ``weight``: operators on a weight tensor (binarization, constraints);
+* ``compiled``: with ``--compile``, the code inductor generated (everything of the
+  compiled forward and backward graphs but the convolutions, which stay library calls);
 * ``other``: the rest (optimizer, allocation, autograd bookkeeping, small tensors).
 
 It prints the groups and the largest operators of each, per step. The profiler adds its
@@ -16,6 +18,7 @@ Usage::
 
     python benchmarks/step_profile.py                    # BNext-T, CIFAR stem, 32x32, batch 64
     python benchmarks/step_profile.py --unfused --top 8
+    python benchmarks/step_profile.py --compile          # torch.compile'd forward (compiles first)
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def group_of(name: str, first_shape: list[int], batch: int, weight_shapes: set[t
     """The group of one operator call (see the module docstring)."""
     if "convolution" in name:
         return "convolution"
+    if name.startswith("## Call CompiledFxGraph"):
+        return "compiled"
     if tuple(first_shape) in weight_shapes:
         return "weight"
     if len(first_shape) == 4 and first_shape[0] == batch:
@@ -55,7 +60,8 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
     models.set_temperature(model, 1.0)
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 4 and p.shape[0] != args.batch}
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    step = make_step(model, (images, torch.randint(0, 10, (args.batch,))))
+    forward = torch.compile(model) if args.compile else None
+    step = make_step(model, (images, torch.randint(0, 10, (args.batch,))), forward=forward)
     with fused_ops.disabled() if args.unfused else contextlib.nullcontext():
         for _ in range(args.warmup):
             step()
@@ -91,19 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default: %(default)s)")
     parser.add_argument("--top", type=int, default=5, help="operators listed per group (default: %(default)s)")
     parser.add_argument("--unfused", action="store_true", help="turn the fused CPU training kernels off")
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd step (compiles first)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     groups, ranked = profile_step(args)
     total = sum(groups.values())
     overhead = total - groups.get("convolution", 0.0)
-    kernels = "off" if args.unfused else fused_ops.backend()
+    kernels = "off" if args.unfused or args.compile else fused_ops.backend()
     print(
-        f"{args.model} batch {args.batch} img {args.img_size}, fused kernels {kernels}, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.model} batch {args.batch} img {args.img_size}, {'compiled' if args.compile else 'eager'}, "
+        f"fused kernels {kernels}, {torch.get_num_threads()} threads"
     )
     print(f"{'group':<12} {'ms/step':>9} {'of step':>8} {'of non-conv':>12}")
-    for group in ("convolution", "activation", "weight", "other"):
+    for group in ("convolution", "activation", "weight", "compiled", "other"):
+        if group == "compiled" and group not in groups:
+            continue
         ms = groups.get(group, 0.0)
         share = f"{100 * ms / overhead:.0f} %" if group != "convolution" and overhead > 0 else "-"
         print(f"{group:<12} {ms:>9.1f} {100 * ms / total:>7.0f}% {share:>12}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import step_profile
 
@@ -12,15 +13,34 @@ def test_groups(capsys: pytest.CaptureFixture[str]) -> None:
     assert step_profile.group_of("aten::div", [16, 8, 3, 3], 8, {(16, 8, 3, 3)}) == "weight"
     assert step_profile.group_of("aten::mul", [8, 16, 4, 4], 8, set()) == "activation"
     assert step_profile.group_of("aten::add_", [], 8, set()) == "other"
+    assert step_profile.group_of("## Call CompiledFxGraph fabc123 ##", [], 8, set()) == "compiled"
+
+
+def _small_config(compile: bool = False) -> step_profile.argparse.Namespace:
+    return step_profile.argparse.Namespace(
+        model="bnext_tiny", width_mult=0.125, img_size=16, batch=4, warmup=1, steps=1, unfused=False, compile=compile
+    )
 
 
 def test_profile_of_a_small_model_names_the_work() -> None:
-    args = step_profile.argparse.Namespace(
-        model="bnext_tiny", width_mult=0.125, img_size=16, batch=4, warmup=1, steps=1
-    )
-    args.unfused = False
+    args = _small_config()
     groups, ranked = step_profile.profile_step(args)
     assert groups["convolution"] > 0 and groups["activation"] > 0
     assert abs(sum(groups.values()) - sum(ms for ops in ranked.values() for _, ms in ops)) < 1e-6 * sum(groups.values())
     names = {name for name, _ in ranked["activation"]}
     assert "_BatchNormPReLU" in names or "aten::native_batch_norm" in names
+
+
+def test_compile_flag_profiles_the_compiled_forward(monkeypatch) -> None:
+    # The wiring only: compiling BNext-T's training step takes minutes on 2 cores
+    # (benchmarks/RESULTS.md has a real run). The grouping of inductor's code is tested above.
+    compiled: list[torch.nn.Module] = []
+
+    def fake_compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(step_profile.torch, "compile", fake_compile)
+    groups, _ = step_profile.profile_step(_small_config(compile=True))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert groups["convolution"] > 0
