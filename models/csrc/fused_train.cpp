@@ -73,7 +73,7 @@ void for_each_plane(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
   }
 }
 
-// The batch statistics (from per-plane sums of x - shift and of its squares) as the affine map
+// The batch statistics (from per-channel sums of x - shift and of its squares) as the affine map
 // y = x * alpha + shift of PyTorch's batch-norm kernel, and the running-statistics
 // update of torch.nn.functional.batch_norm in training mode (biased variance to
 // normalize, unbiased to track).
@@ -82,7 +82,7 @@ struct Affine {
   std::vector<float> alpha, shift;
 };
 
-Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int64_t N, int64_t C, int64_t M,
+Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int64_t C, int64_t M,
                    double eps, double momentum, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& running_mean,
                    const at::Tensor& running_var) {
   Affine out{at::empty({C}, gamma.options()), at::empty({C}, gamma.options()), std::vector<float>(C),
@@ -149,7 +149,7 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
     sums.add(c, 0, sum);
     sums.add(c, 1, sum_sq);
   });
-  Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
+  Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
   const float* w = act ? slope.data_ptr<float>() : nullptr;
   for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float alpha = affine.alpha[c], shift = affine.shift[c], slope_c = act ? w[c] : 1.0f;
@@ -302,7 +302,7 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
     sums.add(c, 0, sum);
     sums.add(c, 1, sum_sq);
   });
-  Affine affine = batch_stats(sums, shift, N, C, M, eps, momentum, gamma, beta, running_mean, running_var);
+  Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
   for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
     const float alpha = affine.alpha[c], shift = affine.shift[c], s = gtp[p];
     const float* bs = bp + p * HW;
