@@ -17,6 +17,8 @@ import yaml
 
 import models
 
+from .host_memory import add_keep_freed_memory_flag
+
 
 class ConfigError(ValueError):
     """A configuration file or flag value that cannot be used; the message names the key."""
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads per process on the CPU; unset: the cores divided among the processes of the node",
     )
+    add_keep_freed_memory_flag(run)
     run.add_argument("--model-ema", action="store_true", help="keep and evaluate an EMA of the weights")
     run.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
     run.add_argument(

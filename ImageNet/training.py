@@ -35,6 +35,7 @@ from .distillation import DistillationLoss, RoundSchedule
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EPOCH_TOTALS, NonFiniteLossError, Trainer, evaluate, train_one_epoch
 from .faults import fault_point
+from .host_memory import apply_keep_freed_memory
 from .losses import ClassificationLoss, TrainLoss
 from .optim import TemperatureSchedule, build_optimizer, build_scheduler
 from .sync_batchnorm import convert_sync_batchnorm
@@ -312,6 +313,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     except OSError as error:
         raise ConfigError(f"cannot create the output directory {str(output)!r}: {error}") from error
     _setup_logging(output, info.is_main)
+    # Before the data loaders exist: their worker processes inherit the setting.
+    LOG.info(apply_keep_freed_memory(args.keep_freed_memory))
     _check_args(args, info)
     if args.deterministic:
         use_deterministic_kernels()

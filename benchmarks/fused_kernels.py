@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from models import fused_ops  # noqa: E402
 from models.quantizers import HardSign, LearnableBias  # noqa: E402
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(apply_keep_freed_memory(args.keep_freed_memory))
     if fused_ops.backend() != "cpp":
         raise SystemExit("the fused C++ extension is not available here (see the warning): nothing to compare")
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)

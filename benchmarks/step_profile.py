@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from benchmarks.train_step import make_step  # noqa: E402
+from ImageNet.host_memory import add_keep_freed_memory_flag, apply_keep_freed_memory  # noqa: E402
 from models import fused_ops  # noqa: E402
 
 
@@ -81,12 +82,16 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model --width-mult --img-size --batch --threads``: the CPU configuration of the CIFAR-stem benchmarks."""
+    """The CPU configuration of the CIFAR-stem benchmarks.
+
+    ``--model --width-mult --img-size --batch --threads --keep-freed-memory``.
+    """
     parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
     parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=32, help="CIFAR-stem input side (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
+    add_keep_freed_memory_flag(parser)  # as the training script: off by default
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(apply_keep_freed_memory(args.keep_freed_memory))
     groups, ranked = profile_step(args)
     total = sum(groups.values())
     overhead = total - groups.get("convolution", 0.0)

@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from ImageNet.host_memory import add_keep_freed_memory_flag, apply_keep_freed_memory  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import fused_ops  # noqa: E402
 
@@ -650,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="binarizer temperature during the benchmark (default: %(default)s)",
     )
+    add_keep_freed_memory_flag(parser)  # as the training script: off by default
     return parser
 
 
@@ -674,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     info = machine_info(device)
+    info["host_memory"] = apply_keep_freed_memory(args.keep_freed_memory)
     print(machine_line(info), flush=True)
+    print(info["host_memory"], flush=True)
     print(
         f"config: {args.model} stem={args.stem} img={args.img_size} batch={args.batch} width_mult={args.width_mult} "
         f"temperature={args.temperature} warmup={args.warmup} iters={args.iters}",

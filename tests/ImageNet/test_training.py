@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,8 @@ _common = common_args
 @pytest.fixture(scope="module")
 def two_process_run(image_folder: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     output = tmp_path_factory.mktemp("run2p")
-    result = run_train(_common(image_folder, output, epochs=1), nproc=2)
+    # --keep-freed-memory: the option runs in a real two-process run (its effect: test_host_memory.py).
+    result = run_train([*_common(image_folder, output, epochs=1), "--keep-freed-memory"], nproc=2)
     return output, result
 
 
@@ -36,6 +38,8 @@ def test_two_process_torchrun_epoch_writes_checkpoints_config_and_events(two_pro
     output, result = two_process_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout
+    if platform.libc_ver()[0] == "glibc":
+        assert "host memory: freed memory kept for reuse" in result.stdout
     for name in ("last.pth", "best.pth", "config.yaml", "log.txt"):
         assert (output / name).is_file(), name
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))

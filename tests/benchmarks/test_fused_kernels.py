@@ -49,6 +49,7 @@ def test_the_fused_half_calls_the_kernels_and_the_unfused_half_does_not(monkeypa
 def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
-    rows = [line.split() for line in lines[2:]]
+    assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
+    rows = [line.split() for line in lines[3:]]
     assert rows and len(rows) % 3 == 0
     assert all(float(row[-1]) > 0 for row in rows)

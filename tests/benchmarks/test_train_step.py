@@ -190,11 +190,13 @@ def test_main_writes_json_and_reports_skipped_modes(tmp_path: Path, capsys: pyte
 
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("machine: CPU ")
+    assert printed[1] == "host memory: malloc's defaults (no --keep-freed-memory)"
     assert any(line.startswith("eager ") for line in printed)
     assert any(line.startswith("skipped fp16: ") for line in printed)
 
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "config", "results", "skipped", "failed"}
+    assert data["machine"]["host_memory"] == printed[1] and data["config"]["keep_freed_memory"] is False
     assert data["failed"] == []
     assert [entry["mode"] for entry in data["skipped"]] == ["fp16"]
     (result,) = data["results"]
