@@ -334,6 +334,8 @@ def measure(
     autotuning start-up). On CUDA the device is synchronised around every timed call,
     and the peak memory allocated during the step calls is returned as
     ``step_peak_bytes`` (None elsewhere). ``ratio`` is ``step_ms_median / floor_ms_median``.
+    ``pair_ratio_quartiles`` are the lower and upper quartiles of ``step_ms[i] / floor_ms[i]``
+    over the pairs: how far the machine's noise moves a ratio measured side by side.
     """
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
@@ -364,14 +366,26 @@ def measure(
 
     step_median = statistics.median(step_ms)
     floor_median = statistics.median(floor_ms)
+    pair_ratios = [step / floor for step, floor in zip(step_ms, floor_ms, strict=True) if floor > 0]
     return {
         "step_ms": step_ms,
         "floor_ms": floor_ms,
         "step_ms_median": step_median,
         "floor_ms_median": floor_median,
         "ratio": step_median / floor_median if floor_median > 0 else float("inf"),
+        "pair_ratio_quartiles": _quartiles(pair_ratios),
         "step_peak_bytes": step_peak if on_cuda else None,
     }
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float] | None:
+    """Lower and upper quartiles (inclusive method; one value is its own quartiles); None when empty."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, high
 
 
 # --------------------------------------------------------------------------- modes
@@ -562,6 +576,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
         "step_ms_median": timings["step_ms_median"],
         "floor_ms_median": timings["floor_ms_median"],
         "ratio": timings["ratio"],
+        "pair_ratio_quartiles": timings["pair_ratio_quartiles"],
         "images_per_second": args.batch / (timings["step_ms_median"] / 1e3),
         "peak_mem_mb": peak_mb,
         "peak_mem_kind": peak_kind,
@@ -597,7 +612,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     than eager). Modes with another floor (bf16, channels_last) show ``-``.
     """
     header = (
-        f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'vs eager':>9} "
+        f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'pairs q1-q3':>12} {'vs eager':>9} "
         f"{'img/s':>10} {'peak mem MB':>12}"
     )
     eager = next((r["ratio"] for r in results if r["mode"] == "eager"), None)
@@ -607,9 +622,11 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         mode = MODES.get(r["mode"])
         same_floor = mode is not None and mode.amp_dtype is None and not mode.channels_last
         versus = f"{eager / r['ratio']:.2f}" if eager is not None and same_floor else "-"
+        quartiles = r.get("pair_ratio_quartiles")
+        spread = f"{quartiles[0]:.2f}-{quartiles[1]:.2f}" if quartiles else "-"
         lines.append(
             f"{r['mode']:<16} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
-            f"{versus:>9} {r['images_per_second']:>10.1f} {peak:>12}"
+            f"{spread:>12} {versus:>9} {r['images_per_second']:>10.1f} {peak:>12}"
         )
     return "\n".join(lines)
 

@@ -166,9 +166,24 @@ def test_measure_alternates_and_takes_medians() -> None:
     assert result["step_ms_median"] == statistics.median(result["step_ms"])
     assert result["floor_ms_median"] == statistics.median(result["floor_ms"])
     assert result["ratio"] == pytest.approx(result["step_ms_median"] / result["floor_ms_median"])
+    low, high = result["pair_ratio_quartiles"]
+    pair_ratios = sorted(step / floor for step, floor in zip(result["step_ms"], result["floor_ms"], strict=True))
+    assert pair_ratios[0] <= low <= pair_ratios[1] <= high <= pair_ratios[2]
     assert result["step_peak_bytes"] is None
     with pytest.raises(ValueError, match="iters"):
         train_step.measure(lambda: None, lambda: None, warmup=0, iters=0)
+
+
+def test_pair_ratio_quartiles_show_the_noise_of_side_by_side_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Step and floor times per pair (ms): the pairs' ratios are 1.0, 1.2, 1.4, 1.6 and 3.0.
+    clock = iter(t / 1e3 for t in (0, 10, 10, 20, 0, 12, 0, 10, 0, 14, 0, 10, 0, 16, 0, 10, 0, 30, 0, 10))
+    monkeypatch.setattr(train_step.time, "perf_counter", lambda: next(clock))
+    result = train_step.measure(lambda: None, lambda: None, warmup=0, iters=5)
+    assert result["step_ms"] == pytest.approx([10, 12, 14, 16, 30])
+    assert result["pair_ratio_quartiles"] == pytest.approx((1.2, 1.6))
+    assert result["ratio"] == pytest.approx(1.4)
+    table = train_step.format_table([{**result, "mode": "eager", "images_per_second": 1.0, "peak_mem_mb": None}])
+    assert "1.20-1.60" in table.splitlines()[-1]
 
 
 def test_modes_expand_and_unsupported_ones_say_why() -> None:
