@@ -77,5 +77,7 @@ def apply_keep_freed_memory(keep: bool) -> str:
         return "host memory: malloc's defaults (no --keep-freed-memory)"
     if keep_freed_memory():
         return "host memory: freed memory kept for reuse (glibc mallopt: no mmap, no trim)"
-    library = platform.libc_ver()[0] or "unknown"
-    return f"host memory: --keep-freed-memory not applied, the C library is not glibc ({library})"
+    if _glibc() is None:
+        library = platform.libc_ver()[0] or "unknown"
+        return f"host memory: --keep-freed-memory not applied, the C library is not glibc ({library})"
+    return "host memory: --keep-freed-memory not applied, glibc's mallopt refused the settings"
