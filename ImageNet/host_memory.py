@@ -30,8 +30,8 @@ from typing import Any
 FLAG_HELP = (
     "keep freed host memory in glibc's heap for reuse (no mmap, no trim) instead of returning it to the "
     "kernel: saves the page faults of every step's large tensors, and the process keeps its peak memory. "
-    "Off by default: faster for small CPU configurations, not at 224 px on the development machine "
-    "(README, Training speed). Linux with glibc only; elsewhere a log line says it is not applied"
+    "Off by default: on the development machine it was faster in most runs of a small CPU configuration, "
+    "not at 224 px (README, Training speed). Linux with glibc only; elsewhere a log line says it is not applied"
 )
 
 #: ``mallopt`` parameters, from glibc's ``malloc.h``.
