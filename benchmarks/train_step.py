@@ -336,6 +336,8 @@ def measure(
     ``step_peak_bytes`` (None elsewhere). ``ratio`` is ``step_ms_median / floor_ms_median``.
     ``pair_ratio_quartiles`` are the lower and upper quartiles of ``step_ms[i] / floor_ms[i]``
     over the pairs: how far the machine's noise moves a ratio measured side by side.
+    ``step_page_faults_median`` and ``floor_page_faults_median`` count the process's minor
+    page faults per call (fresh memory the kernel had to map; None where ``getrusage`` is missing).
     """
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
@@ -348,21 +350,29 @@ def measure(
 
     step_ms: list[float] = []
     floor_ms: list[float] = []
+    step_faults: list[int] = []
+    floor_faults: list[int] = []
     step_peak = 0
     for _ in range(iters):
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        faults = minor_page_faults()
         start = time.perf_counter()
         step()
         _synchronize(device)
         step_ms.append((time.perf_counter() - start) * 1e3)
+        if faults is not None:
+            step_faults.append(minor_page_faults() - faults)
         if on_cuda:
             step_peak = max(step_peak, torch.cuda.max_memory_allocated(device))
 
+        faults = minor_page_faults()
         start = time.perf_counter()
         floor()
         _synchronize(device)
         floor_ms.append((time.perf_counter() - start) * 1e3)
+        if faults is not None:
+            floor_faults.append(minor_page_faults() - faults)
 
     step_median = statistics.median(step_ms)
     floor_median = statistics.median(floor_ms)
@@ -374,6 +384,8 @@ def measure(
         "floor_ms_median": floor_median,
         "ratio": step_median / floor_median if floor_median > 0 else float("inf"),
         "pair_ratio_quartiles": _quartiles(pair_ratios),
+        "step_page_faults_median": statistics.median(step_faults) if step_faults else None,
+        "floor_page_faults_median": statistics.median(floor_faults) if floor_faults else None,
         "step_peak_bytes": step_peak if on_cuda else None,
     }
 
@@ -520,6 +532,15 @@ def machine_line(info: dict[str, Any]) -> str:
     return line
 
 
+def minor_page_faults() -> int | None:
+    """The process's minor page faults so far (``ru_minflt``), or None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def process_max_rss_mb() -> float | None:
     """The process's peak resident set size in MB (``ru_maxrss``), or None where unavailable."""
     try:
@@ -577,6 +598,8 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
         "floor_ms_median": timings["floor_ms_median"],
         "ratio": timings["ratio"],
         "pair_ratio_quartiles": timings["pair_ratio_quartiles"],
+        "step_page_faults_median": timings["step_page_faults_median"],
+        "floor_page_faults_median": timings["floor_page_faults_median"],
         "images_per_second": args.batch / (timings["step_ms_median"] / 1e3),
         "peak_mem_mb": peak_mb,
         "peak_mem_kind": peak_kind,
@@ -613,7 +636,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     """
     header = (
         f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'pairs q1-q3':>12} {'vs eager':>9} "
-        f"{'img/s':>10} {'peak mem MB':>12}"
+        f"{'img/s':>10} {'peak mem MB':>12} {'page faults step/floor':>23}"
     )
     eager = next((r["ratio"] for r in results if r["mode"] == "eager"), None)
     lines = [header, "-" * len(header)]
@@ -624,9 +647,11 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         versus = f"{eager / r['ratio']:.2f}" if eager is not None and same_floor else "-"
         quartiles = r.get("pair_ratio_quartiles")
         spread = f"{quartiles[0]:.2f}-{quartiles[1]:.2f}" if quartiles else "-"
+        step_faults, floor_faults = r.get("step_page_faults_median"), r.get("floor_page_faults_median")
+        faults = f"{step_faults:.0f}/{floor_faults:.0f}" if step_faults is not None else "n/a"
         lines.append(
             f"{r['mode']:<16} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
-            f"{spread:>12} {versus:>9} {r['images_per_second']:>10.1f} {peak:>12}"
+            f"{spread:>12} {versus:>9} {r['images_per_second']:>10.1f} {peak:>12} {faults:>23}"
         )
     return "\n".join(lines)
 

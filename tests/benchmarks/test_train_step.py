@@ -174,6 +174,15 @@ def test_measure_alternates_and_takes_medians() -> None:
         train_step.measure(lambda: None, lambda: None, warmup=0, iters=0)
 
 
+def test_page_faults_are_counted_per_call_of_the_step_and_the_floor() -> None:
+    # A fresh 64 MiB tensor (above glibc's largest mmap threshold) is mapped, and faulted in, by every step.
+    result = train_step.measure(lambda: torch.empty(2**24).fill_(1.0), lambda: None, warmup=1, iters=3)
+    if train_step.minor_page_faults() is None:
+        pytest.skip("getrusage is not available on this platform")
+    assert result["step_page_faults_median"] >= 2**26 // 2**21  # at least its pages, even if they are 2 MiB
+    assert result["floor_page_faults_median"] < result["step_page_faults_median"]
+
+
 def test_pair_ratio_quartiles_show_the_noise_of_side_by_side_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     # Step and floor times per pair (ms): the pairs' ratios are 1.0, 1.2, 1.4, 1.6 and 3.0.
     clock = iter(t / 1e3 for t in (0, 10, 10, 20, 0, 12, 0, 10, 0, 14, 0, 10, 0, 16, 0, 10, 0, 30, 0, 10))
@@ -182,8 +191,10 @@ def test_pair_ratio_quartiles_show_the_noise_of_side_by_side_ratios(monkeypatch:
     assert result["step_ms"] == pytest.approx([10, 12, 14, 16, 30])
     assert result["pair_ratio_quartiles"] == pytest.approx((1.2, 1.6))
     assert result["ratio"] == pytest.approx(1.4)
-    table = train_step.format_table([{**result, "mode": "eager", "images_per_second": 1.0, "peak_mem_mb": None}])
-    assert "1.20-1.60" in table.splitlines()[-1]
+    row = {**result, "mode": "eager", "images_per_second": 1.0, "peak_mem_mb": None}
+    row.update(step_page_faults_median=9217, floor_page_faults_median=0)
+    last_line = train_step.format_table([row]).splitlines()[-1]
+    assert "1.20-1.60" in last_line and last_line.endswith("9217/0")
 
 
 def test_modes_expand_and_unsupported_ones_say_why() -> None:
