@@ -5,9 +5,9 @@ Linux) with a fresh ``mmap`` and returns it to the kernel on ``free``. A trainin
 allocates and frees tensors of that size every step: the gradients and binarized
 weights of the widest convolutions (BNext-T's 1024x1024x3x3 binary weight is 36 MiB),
 large activations at ImageNet resolution, batches in the data-loading workers. The
-kernel then hands out zeroed pages one page fault at a time, about 1.5 microseconds per
-4 KiB page on the development machine: five times the cost of copying into
-the same memory.
+kernel then hands out zeroed pages one page fault at a time, each costing more than
+copying 4 KiB into memory that is already mapped (``benchmarks/train_step.py`` counts the
+faults of a step).
 
 :func:`keep_freed_memory` turns that off for the whole process (``mallopt``): no
 allocation is served by ``mmap``, and the heap is not trimmed, so memory freed in one
