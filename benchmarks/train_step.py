@@ -532,24 +532,28 @@ def machine_line(info: dict[str, Any]) -> str:
     return line
 
 
-def minor_page_faults() -> int | None:
-    """The process's minor page faults so far (``ru_minflt``), or None where unavailable."""
+def _own_usage() -> Any | None:
+    """``getrusage`` of this process, or None where the ``resource`` module is missing (Windows)."""
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def minor_page_faults() -> int | None:
+    """The process's minor page faults so far (``ru_minflt``), or None where unavailable."""
+    usage = _own_usage()
+    return usage.ru_minflt if usage is not None else None
 
 
 def process_max_rss_mb() -> float | None:
     """The process's peak resident set size in MB (``ru_maxrss``), or None where unavailable."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
+    usage = _own_usage()
+    if usage is None:
         return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return usage.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else usage.ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- one mode
