@@ -381,7 +381,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         on_updates=args.sched_on_updates,
     )
     core = model
-    forward_model: nn.Module = torch.compile(model) if args.compile else model
+    forward_model: nn.Module = model
+    if args.compile:
+        options = models.compile_options(info.device)
+        LOG.info("torch.compile with inductor options %s (compiles at the first step)", options or "(defaults)")
+        forward_model = torch.compile(model, options=options)
     if info.distributed:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         forward_model = DistributedDataParallel(forward_model, device_ids=device_ids)

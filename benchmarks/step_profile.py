@@ -8,7 +8,8 @@ operator's self CPU time into four groups, by its first input:
   kernels included;
 * ``weight``: operators on a weight tensor (binarization, constraints);
 * ``compiled``: with ``--compile``, the code inductor generated (everything of the
-  compiled forward and backward graphs but the convolutions, which stay library calls);
+  compiled forward and backward graphs but the convolutions and the fused kernels, which
+  stay library calls and count as above);
 * ``other``: the rest (optimizer, allocation, autograd bookkeeping, small tensors).
 
 It prints the groups and the largest operators of each, per step. The profiler adds its
@@ -61,7 +62,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
     models.set_temperature(model, 1.0)
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 4 and p.shape[0] != args.batch}
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    forward = torch.compile(model) if args.compile else None
+    forward = torch.compile(model, options=models.compile_options("cpu")) if args.compile else None
     step = make_step(model, (images, torch.randint(0, 10, (args.batch,))), forward=forward)
     with fused_ops.disabled() if args.unfused else contextlib.nullcontext():
         for _ in range(args.warmup):
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     groups, ranked = profile_step(args)
     total = sum(groups.values())
     overhead = total - groups.get("convolution", 0.0)
-    kernels = "off" if args.unfused or args.compile else fused_ops.backend()
+    kernels = "off" if args.unfused else fused_ops.backend()
     print(
         f"{args.model} batch {args.batch} img {args.img_size}, {'compiled' if args.compile else 'eager'}, "
         f"fused kernels {kernels}, {torch.get_num_threads()} threads"

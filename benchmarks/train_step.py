@@ -580,7 +580,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     shapes = collect_conv_shapes(model, images)
     floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last)
 
-    forward = torch.compile(model) if mode.compile else model
+    forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
     step = make_step(model, (images, targets), forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
 

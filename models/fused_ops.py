@@ -17,10 +17,13 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
   (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
 * :func:`divide_clamp`: the progressive weight binarization in one pass, the same bits.
 
-The fused path is taken only in training mode (evaluation and the exports run the
-modules one by one, bit for bit as before), and only where it computes the same
-function: eager mode (not under ``torch.compile``, which fuses the unfused form
-itself, nor under tracing), CPU float32 contiguous NCHW tensors, plain
+The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
+``torch.compile`` calls them from its graph as eager does; the pooling and weight
+kernels are eager only (inductor compiles their unfused form). On the CPU, compile with
+:func:`compile_options` so that inductor keeps the convolutions' NCHW layout, which
+the kernels read. The fused path is taken only in training mode (evaluation and the
+exports run the modules one by one, bit for bit as before), and only where it computes
+the same function: not under tracing, CPU float32 contiguous NCHW tensors, plain
 ``nn.BatchNorm2d`` modules with running statistics and a momentum, and modules without
 forward hooks (the fused path does not call them). Everywhere else, inside
 :func:`disabled` and with ``BNEXT_FUSED_BACKEND=torch``, the modules run one by one.
@@ -34,11 +37,12 @@ import contextlib
 from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from . import kernel_ops
 from .extensions import build_cpu_extension
 from .quantizers import HardSign, LearnableBias
 
@@ -73,6 +77,19 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
+def compile_options(device: torch.device | str) -> dict[str, Any]:
+    """``torch.compile(model, options=...)`` for a model on ``device`` that suits the fused kernels.
+
+    On the CPU inductor stores every convolution's tensors channels-last by default
+    ("layout optimization"); the kernels read NCHW, so each of their calls would add two
+    layout copies, and on the development machine the channels-last convolutions of
+    BNext-T at 32x32 were slower too (``benchmarks/RESULTS.md``). Elsewhere: no options.
+    """
+    if torch.device(device).type == "cpu" and load_extension() is not None:
+        return {"layout_optimization": False}
+    return {}
+
+
 # --------------------------------------------------------------------------- eligibility
 
 
@@ -90,16 +107,22 @@ def _tensors_fit(*tensors: torch.Tensor) -> bool:
     )
 
 
+@torch.compiler.assume_constant_result
+def _kernels_loaded() -> bool:
+    # A constant to torch.compile: the build (or its failure) happens once, before tracing reads it.
+    return load_extension() is not None
+
+
 def _fusable(*tensors: torch.Tensor) -> bool:
-    if not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    # The processor kernels are custom operators (models.kernel_ops): torch.compile keeps them in its graph.
+    if not _enabled or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    return _tensors_fit(*tensors) and load_extension() is not None
+    return _tensors_fit(*tensors) and _kernels_loaded()
 
 
 def _fusable_in_eager(*tensors: torch.Tensor) -> bool:
-    # For the pooling and weight kernels, which have no custom-operator form: eager only, also
-    # when benchmarks/compile_custom_ops_experiment.py lets the processor kernels into compiled
-    # graphs by replacing _fusable (otherwise each of these calls would break the graph).
+    # The pooling and weight kernels are plain extension calls, which would break a compiled
+    # graph: inductor compiles their unfused form instead.
     return not torch.compiler.is_compiling() and _fusable(*tensors)
 
 
@@ -114,85 +137,18 @@ def _fusable_norm(bn: nn.Module) -> bool:
     )
 
 
-def _count_batch(bn: nn.BatchNorm2d) -> None:
-    # What nn.BatchNorm2d.forward does besides the kernel call.
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+def _update_statistics(bn: nn.BatchNorm2d, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
+    # What nn.BatchNorm2d.forward does besides the kernel call. The operator computed the new
+    # statistics on copies (custom operators with a backward may not mutate their inputs).
+    with torch.no_grad():
+        bn.running_mean.copy_(new_mean)
+        bn.running_var.copy_(new_var)
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
 
 
 def _no_values(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
-
-
-# --------------------------------------------------------------------------- autograd functions
-
-
-class _ProcessorInputs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor, clip: float, want_mean: bool):
-        ctx.clip = clip
-        ctx.save_for_backward(x, bias, slope)
-        signs, mean, activated = load_extension().biased_sign_forward(x, bias, want_mean, slope)
-        ctx.mark_non_differentiable(*[t for t in (mean, activated) if t.numel() == 0])
-        return signs, mean, activated
-
-    @staticmethod
-    def backward(ctx, grad_signs, grad_mean, grad_activated):
-        x, bias, slope = ctx.saved_tensors
-        none = _no_values(x)
-        grad_mean = grad_mean.contiguous() if grad_mean is not None and grad_mean.numel() else none
-        grad_activated = grad_activated.contiguous() if grad_activated is not None and slope.numel() else none
-        grad_x, grad_bias, grad_slope = load_extension().biased_sign_backward(
-            grad_signs.contiguous(), grad_mean, grad_activated, x, bias, slope, ctx.clip
-        )
-        return grad_x, grad_bias, (grad_slope if grad_slope.numel() else None), None, None
-
-
-class _BatchNormPReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
-        y, mean, invstd, pooled = load_extension().bn_prelu_forward(
-            x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled
-        )
-        ctx.save_for_backward(x, gamma, beta, slope, mean, invstd)
-        ctx.want_pooled = want_pooled
-        if not want_pooled:
-            ctx.mark_non_differentiable(pooled)
-        return y, pooled
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_pooled):
-        x, gamma, beta, slope, mean, invstd = ctx.saved_tensors
-        if ctx.want_pooled and grad_pooled is not None:
-            grad_pooled = grad_pooled.contiguous()
-        else:
-            grad_pooled = _no_values(x)
-        grad_x, grad_gamma, grad_beta, grad_slope = load_extension().bn_prelu_backward(
-            grad_y.contiguous(), grad_pooled, x, gamma, beta, slope, mean, invstd
-        )
-        return grad_x, grad_gamma, grad_beta, (grad_slope if slope.numel() else None), None, None, None, None, None
-
-
-class _GatedBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps):
-        y, mean, invstd = load_extension().gated_bn_forward(
-            b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps
-        )
-        ctx.save_for_backward(b, gate, residual, gamma, mean, invstd)
-        ctx.multiply_residual = multiply_residual
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        b, gate, residual, gamma, mean, invstd = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_b, grad_gate, grad_r, grad_gamma, grad_beta = load_extension().gated_bn_backward(
-            grad_y, b, gate, residual, ctx.multiply_residual, gamma, mean, invstd
-        )
-        if not ctx.multiply_residual:
-            grad_r = grad_y  # y = BN(gate * b) + r: the residual's gradient is grad_y itself
-        return grad_b, grad_gate, grad_r, None, grad_gamma, grad_beta, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public functions
@@ -219,7 +175,7 @@ def processor_inputs(
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
     if modules_ok and _fusable(x) and _hook_free(move, binarizer, prelu):
         slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else _no_values(x)
-        signs, x_mean, activated = _ProcessorInputs.apply(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
+        signs, x_mean, activated = kernel_ops.processor_inputs(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
         return ProcessorInputs(
             signs,
             x_mean.view(*x.shape[:2], 1, 1) if mean else None,
@@ -239,10 +195,10 @@ def batch_norm_prelu(
     if _fusable(x) and _fusable_norm(norm) and _hook_free(norm, prelu):
         channels = x.shape[1]
         slope = prelu.weight.expand(channels).contiguous() if prelu is not None else _no_values(x)
-        _count_batch(norm)
-        y, mean_hw = _BatchNormPReLU.apply(
+        y, _, _, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
             x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
         )
+        _update_statistics(norm, new_mean, new_var)
         return y, (mean_hw.view(x.shape[0], channels, 1, 1) if pooled else None)
     y = norm(x)
     if prelu is not None:
@@ -262,11 +218,12 @@ def gated_batch_norm_residual(
     if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and _hook_free(norm) and b.shape == residual.shape:
         n, channels = b.shape[:2]
         gate_2d = b.new_ones(n, channels) if gate is None else gate.reshape(n, channels).contiguous()
-        _count_batch(norm)
-        return _GatedBatchNorm.apply(
+        y, _, _, new_mean, new_var = kernel_ops.gated_batch_norm(
             b, gate_2d, residual, multiply_residual, norm.weight, norm.bias,
             norm.running_mean, norm.running_var, norm.momentum, norm.eps,
         )  # fmt: skip
+        _update_statistics(norm, new_mean, new_var)
+        return y
     v = gate * b if gate is not None else b
     if multiply_residual:
         v = v * residual

@@ -252,6 +252,17 @@ def test_amp_channels_last_and_ema_options_run(image_folder: Path, tmp_path: Pat
     assert state["ema"] is not None and "val_ema_top1" in state["history"][0]
 
 
+@pytest.mark.slow
+def test_compiled_training_runs_with_the_kernels_layout(image_folder: Path, tmp_path: Path) -> None:
+    result = run_train([*_common(image_folder, tmp_path, epochs=1), "--compile"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    options = models.compile_options("cpu") or "(defaults)"  # without a C++ compiler, no kernels: no options
+    assert f"torch.compile with inductor options {options}" in log
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert torch.isfinite(torch.tensor(state["history"][0]["train_loss"]))
+
+
 def test_the_8_bit_variant_trains_and_validates_from_its_recorded_config(image_folder: Path, tmp_path: Path) -> None:
     import json
 

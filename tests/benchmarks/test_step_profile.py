@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models
 from benchmarks import step_profile
 
 
@@ -34,13 +35,14 @@ def test_profile_of_a_small_model_names_the_work() -> None:
 def test_compile_flag_profiles_the_compiled_forward(monkeypatch) -> None:
     # The wiring only: compiling BNext-T's training step takes minutes on 2 cores
     # (benchmarks/RESULTS.md has a real run). The grouping of inductor's code is tested above.
-    compiled: list[torch.nn.Module] = []
+    compiled: list[tuple[torch.nn.Module, dict]] = []
 
-    def fake_compile(model):
-        compiled.append(model)
+    def fake_compile(model, options=None):
+        compiled.append((model, options))
         return model
 
     monkeypatch.setattr(step_profile.torch, "compile", fake_compile)
     groups, _ = step_profile.profile_step(_small_config(compile=True))
-    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert len(compiled) == 1 and isinstance(compiled[0][0], torch.nn.Module)
+    assert compiled[0][1] == models.compile_options("cpu")  # the kernels' NCHW layout is kept
     assert groups["convolution"] > 0

@@ -259,13 +259,28 @@ def test_falls_back_where_the_kernels_do_not_apply(monkeypatch, case: str) -> No
         assert calls == []
 
 
-def test_compiled_training_graph_has_no_fused_calls(monkeypatch) -> None:
-    """Under torch.compile the unfused operators are traced (inductor fuses them itself)."""
+def test_compiled_training_graph_calls_the_processor_operators(monkeypatch) -> None:
+    """torch.compile keeps the processor kernels (custom operators) in one graph; the eager-only kernels stay out."""
     torch._dynamo.reset()
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()
     calls = _calls_to_extension(monkeypatch)
-    torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
-    assert calls == []
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    assert {"bnext.processor_inputs.default", "bnext.batch_norm_prelu.default", "bnext.gated_batch_norm.default"} <= (
+        targets
+    )
+    assert {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward"} <= set(calls)  # the graph ran them
+    assert "divide_clamp" not in calls and "pool_2x2_forward" not in calls
+    torch._dynamo.reset()
+
+
+def test_compile_options_keep_the_kernels_layout_on_the_cpu_only() -> None:
+    assert fused_ops.compile_options("cpu") == {"layout_optimization": False}
+    assert fused_ops.compile_options(torch.device("cuda")) == {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_ops, "load_extension", lambda: None)
+        assert fused_ops.compile_options("cpu") == {}
 
 
 def test_backend_variable_is_validated(monkeypatch) -> None:
