@@ -166,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42, help="random seed")
     run.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision for the student")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model, with models.compile_options (on the CPU: the fused kernels' NCHW layout kept)",
+    )
     run.add_argument(
         "--sync-bn",
         action="store_true",
