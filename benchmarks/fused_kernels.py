@@ -7,6 +7,12 @@ mean, ``gated_batch_norm_residual`` with a gate and multiplied residual) twice,
 alternating: through the C++ kernels and with :func:`models.fused_ops.disabled` (the
 modules one by one). Medians; the ratio ``unfused / fused`` is the figure to use.
 
+The last columns put the kernels against the memory: ``copy ms`` is one ``copy_`` of a
+tensor of the shape into a preallocated one (a read and a write of the activation),
+and ``fused/copy`` the kernel's forward plus backward in such copies. The kernels need
+a few passes over the activation each (two or three reads and a write forward, about
+as many backward), so a ratio far above that is per-plane overhead, not memory traffic.
+
 Usage::
 
     python benchmarks/fused_kernels.py                      # BNext-T, CIFAR stem, 32x32, batch 64
@@ -103,6 +109,18 @@ def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[floa
     return statistics.median(fused), statistics.median(unfused)
 
 
+def time_copy(shape: tuple[int, ...], iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of one ``copy_`` of a ``shape`` tensor into a preallocated one."""
+    source, target = torch.randn(shape), torch.empty(shape)
+    samples = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        target.copy_(source)
+        if i >= warmup:
+            samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one line per (shape, kernel): fused and unfused milliseconds and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,12 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
     shapes = norm_input_shapes(model, torch.randn(2, 3, args.img_size, args.img_size))
     print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
-    print(f"{'shape':<22} {'kernel':<26} {'fused ms':>9} {'unfused ms':>11} {'unfused/fused':>14}")
+    header = f"{'shape':<22} {'kernel':<26} {'fused ms':>9} {'unfused ms':>11} {'unfused/fused':>14}"
+    print(f"{header} {'copy ms':>8} {'fused/copy':>11}")
     for shape in shapes:
         shape = (args.batch, *shape[1:])
+        copy_ms = time_copy(shape, args.iters)
         for name, fn in kernel_cases(shape).items():
             fused_ms, unfused_ms = time_pair(fn, args.iters)
-            print(f"{str(shape):<22} {name:<26} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}")
+            row = f"{str(shape):<22} {name:<26} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}"
+            print(f"{row} {copy_ms:>8.3f} {fused_ms / copy_ms:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,18 @@ operators return the updated running statistics (computed by the kernel on copie
 the old ones) and the caller writes them into the module's buffers. The operators are
 the building blocks of :mod:`models.fused_ops`, which decides where they apply; they
 expect what it checks: CPU float32 contiguous NCHW tensors, one value per channel.
+
+A custom operator costs tens of microseconds of Python dispatch per call in eager mode,
+about as much as the kernel itself on the small late-stage activations, so the public
+functions (:func:`processor_inputs`, :func:`batch_norm_prelu`, :func:`gated_batch_norm`)
+call the operators only while ``torch.compile`` traces, and otherwise a plain
+``torch.autograd.Function`` with the same implementation, context and gradient formula.
 """
 
 from __future__ import annotations
+
+import types
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,19 +45,69 @@ def _dense(grad: Tensor | None, wanted: bool, like: Tensor) -> Tensor:
     return grad.contiguous() if wanted and grad is not None else _nothing(like)
 
 
+class _EagerTwin(torch.autograd.Function):
+    """An operator's eager twin: the same implementation, context and gradient, without the dispatch.
+
+    Subclasses name the four functions. ``forward(ctx, ...)`` does the setup itself: with a
+    separate ``setup_context``, ``apply()`` binds the arguments through ``inspect.signature``
+    on every call (tens of microseconds).
+    """
+
+    implementation: Callable[..., tuple[Tensor, ...]]
+    setup: Callable[..., None]
+    gradient: Callable[..., tuple[Tensor | None, ...]]
+    backward_implementation: Callable[..., tuple[Tensor, ...]]
+
+    @staticmethod
+    def forward(ctx, *args):
+        twin = ctx._forward_cls
+        output = twin.implementation(*args)
+        twin.setup(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        twin = ctx._forward_cls
+        return twin.gradient(ctx, *grads, backward=twin.backward_implementation)
+
+
+def _eager_twin(
+    op: torch.library.CustomOpDef,
+    implementation: Callable[..., tuple[Tensor, ...]],
+    setup: Callable[..., None],
+    gradient: Callable[..., tuple[Tensor | None, ...]],
+    backward_implementation: Callable[..., tuple[Tensor, ...]],
+) -> type[_EagerTwin]:
+    """Register ``op``'s backward (``setup`` and ``gradient``) and return its eager twin."""
+    op.register_autograd(gradient, setup_context=setup)
+    members = {
+        "implementation": staticmethod(implementation),
+        "setup": staticmethod(setup),
+        "gradient": staticmethod(gradient),
+        "backward_implementation": staticmethod(backward_implementation),
+    }
+    return types.new_class(f"Eager_{op._name}", (_EagerTwin,), exec_body=lambda namespace: namespace.update(members))
+
+
+def _run(op: torch.library.CustomOpDef, twin: type[_EagerTwin], args: tuple) -> tuple[Tensor, ...]:
+    # The operator only where torch.compile traces: its eager dispatch is the slower path.
+    return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
+
+
 # --------------------------------------------------------------------------- sign(x + bias), mean(x), prelu(x)
 
 
-@torch.library.custom_op("bnext::processor_inputs", mutates_args=())
-def processor_inputs(
+def _processor_inputs(
     x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``sign(x + bias)``, ``x``'s spatial mean ``N x C`` (when ``want_mean``) and ``prelu(x)`` (when ``slope``)."""
     signs, mean, activated = _kernels().biased_sign_forward(x, bias, want_mean, slope)
     return signs, mean, activated
 
 
-@processor_inputs.register_fake
+processor_inputs_op = torch.library.custom_op("bnext::processor_inputs", _processor_inputs, mutates_args=())
+
+
+@processor_inputs_op.register_fake
 def _(x, bias, slope, clip, want_mean):
     n, c = x.shape[:2]
     mean = x.new_empty((n, c)) if want_mean else _nothing(x)
@@ -56,18 +115,21 @@ def _(x, bias, slope, clip, want_mean):
     return torch.empty_like(x), mean, activated
 
 
-@torch.library.custom_op("bnext::processor_inputs_backward", mutates_args=())
-def processor_inputs_backward(
+def _processor_inputs_backward(
     grad_signs: Tensor, grad_mean: Tensor, grad_activated: Tensor, x: Tensor, bias: Tensor, slope: Tensor, clip: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`processor_inputs` for ``x``, ``bias`` and ``slope`` (empty without a slope)."""
     grad_x, grad_bias, grad_slope = _kernels().biased_sign_backward(
         grad_signs, grad_mean, grad_activated, x, bias, slope, clip
     )
     return grad_x, grad_bias, grad_slope
 
 
-@processor_inputs_backward.register_fake
+processor_inputs_backward_op = torch.library.custom_op(
+    "bnext::processor_inputs_backward", _processor_inputs_backward, mutates_args=()
+)
+
+
+@processor_inputs_backward_op.register_fake
 def _(grad_signs, grad_mean, grad_activated, x, bias, slope, clip):
     grad_slope = slope.new_empty(slope.shape) if slope.numel() else _nothing(x)
     return torch.empty_like(x), bias.new_empty(bias.shape), grad_slope
@@ -79,9 +141,9 @@ def _processor_inputs_setup(ctx, inputs, output) -> None:
     ctx.clip, ctx.want_mean = clip, want_mean
 
 
-def _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated):
+def _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated, backward=processor_inputs_backward_op):
     x, bias, slope = ctx.saved_tensors
-    grad_x, grad_bias, grad_slope = processor_inputs_backward(
+    grad_x, grad_bias, grad_slope = backward(
         grad_signs.contiguous(),
         _dense(grad_mean, ctx.want_mean, x),
         _dense(grad_activated, slope.numel() > 0, x),
@@ -93,14 +155,23 @@ def _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated):
     return grad_x, grad_bias, (grad_slope if slope.numel() else None), None, None
 
 
-processor_inputs.register_autograd(_processor_inputs_grad, setup_context=_processor_inputs_setup)
+_ProcessorInputs = _eager_twin(
+    processor_inputs_op, _processor_inputs, _processor_inputs_setup, _processor_inputs_grad, _processor_inputs_backward
+)
+
+
+def processor_inputs(
+    x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``sign(x + bias)`` (straight-through gradient where ``|x + bias| <= clip``), ``x``'s spatial mean
+    ``N x C`` (when ``want_mean``, else empty) and ``prelu(x)`` (when ``slope`` is not empty, else empty)."""
+    return _run(processor_inputs_op, _ProcessorInputs, (x, bias, slope, clip, want_mean))
 
 
 # --------------------------------------------------------------------------- prelu(batch_norm(x)) and its mean
 
 
-@torch.library.custom_op("bnext::batch_norm_prelu", mutates_args=())
-def batch_norm_prelu(
+def _batch_norm_prelu(
     x: Tensor,
     gamma: Tensor,
     beta: Tensor,
@@ -111,10 +182,6 @@ def batch_norm_prelu(
     eps: float,
     want_pooled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training batch norm, PReLU (when ``slope``) and the spatial mean ``N x C`` (when ``want_pooled``).
-
-    Returns ``(y, batch mean, batch invstd, pooled, new running mean, new running var)``.
-    """
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y, mean, invstd, pooled = _kernels().bn_prelu_forward(
         x, gamma, beta, new_mean, new_var, momentum, eps, slope, want_pooled
@@ -122,7 +189,10 @@ def batch_norm_prelu(
     return y, mean, invstd, pooled, new_mean, new_var
 
 
-@batch_norm_prelu.register_fake
+batch_norm_prelu_op = torch.library.custom_op("bnext::batch_norm_prelu", _batch_norm_prelu, mutates_args=())
+
+
+@batch_norm_prelu_op.register_fake
 def _(x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
     n, c = x.shape[:2]
     pooled = x.new_empty((n, c)) if want_pooled else _nothing(x)
@@ -130,8 +200,7 @@ def _(x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pool
     return torch.empty_like(x), stats[0], stats[1], pooled, stats[2], stats[3]
 
 
-@torch.library.custom_op("bnext::batch_norm_prelu_backward", mutates_args=())
-def batch_norm_prelu_backward(
+def _batch_norm_prelu_backward(
     grad_y: Tensor,
     grad_pooled: Tensor,
     x: Tensor,
@@ -141,14 +210,18 @@ def batch_norm_prelu_backward(
     mean: Tensor,
     invstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`batch_norm_prelu` for ``x``, ``gamma``, ``beta`` and ``slope`` (empty without one)."""
     grad_x, grad_gamma, grad_beta, grad_slope = _kernels().bn_prelu_backward(
         grad_y, grad_pooled, x, gamma, beta, slope, mean, invstd
     )
     return grad_x, grad_gamma, grad_beta, grad_slope
 
 
-@batch_norm_prelu_backward.register_fake
+batch_norm_prelu_backward_op = torch.library.custom_op(
+    "bnext::batch_norm_prelu_backward", _batch_norm_prelu_backward, mutates_args=()
+)
+
+
+@batch_norm_prelu_backward_op.register_fake
 def _(grad_y, grad_pooled, x, gamma, beta, slope, mean, invstd):
     grad_slope = slope.new_empty(slope.shape) if slope.numel() else _nothing(x)
     return torch.empty_like(x), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), grad_slope
@@ -162,22 +235,45 @@ def _batch_norm_prelu_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
-def _batch_norm_prelu_grad(ctx, grad_y, _mean, _invstd, grad_pooled, _new_mean, _new_var):
+def _batch_norm_prelu_grad(
+    ctx, grad_y, _mean, _invstd, grad_pooled, _new_mean, _new_var, backward=batch_norm_prelu_backward_op
+):
     x, gamma, beta, slope, mean, invstd = ctx.saved_tensors
-    grad_x, grad_gamma, grad_beta, grad_slope = batch_norm_prelu_backward(
+    grad_x, grad_gamma, grad_beta, grad_slope = backward(
         grad_y.contiguous(), _dense(grad_pooled, ctx.want_pooled, x), x, gamma, beta, slope, mean, invstd
     )
     return grad_x, grad_gamma, grad_beta, (grad_slope if slope.numel() else None), None, None, None, None, None
 
 
-batch_norm_prelu.register_autograd(_batch_norm_prelu_grad, setup_context=_batch_norm_prelu_setup)
+_BatchNormPReLU = _eager_twin(
+    batch_norm_prelu_op, _batch_norm_prelu, _batch_norm_prelu_setup, _batch_norm_prelu_grad, _batch_norm_prelu_backward
+)
+
+
+def batch_norm_prelu(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    slope: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    want_pooled: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training batch norm, PReLU (when ``slope`` is not empty) and the spatial mean ``N x C`` (when ``want_pooled``).
+
+    Returns ``(y, batch mean, batch invstd, pooled, new running mean, new running var)``;
+    the running statistics passed in are left unchanged.
+    """
+    args = (x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled)
+    return _run(batch_norm_prelu_op, _BatchNormPReLU, args)
 
 
 # --------------------------------------------------------------------------- batch_norm(gate * b [* r]) + r
 
 
-@torch.library.custom_op("bnext::gated_batch_norm", mutates_args=())
-def gated_batch_norm(
+def _gated_batch_norm(
     b: Tensor,
     gate: Tensor,
     residual: Tensor,
@@ -189,10 +285,6 @@ def gated_batch_norm(
     momentum: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``batch_norm(gate * b [* residual]) + residual`` with ``gate`` of ``N x C``.
-
-    Returns ``(y, batch mean, batch invstd, new running mean, new running var)``.
-    """
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y, mean, invstd = _kernels().gated_bn_forward(
         b, gate, residual, multiply_residual, gamma, beta, new_mean, new_var, momentum, eps
@@ -200,15 +292,17 @@ def gated_batch_norm(
     return y, mean, invstd, new_mean, new_var
 
 
-@gated_batch_norm.register_fake
+gated_batch_norm_op = torch.library.custom_op("bnext::gated_batch_norm", _gated_batch_norm, mutates_args=())
+
+
+@gated_batch_norm_op.register_fake
 def _(b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps):
     c = b.shape[1]
     stats = [gamma.new_empty(c) for _ in range(4)]
     return torch.empty_like(b), *stats
 
 
-@torch.library.custom_op("bnext::gated_batch_norm_backward", mutates_args=())
-def gated_batch_norm_backward(
+def _gated_batch_norm_backward(
     grad_y: Tensor,
     b: Tensor,
     gate: Tensor,
@@ -218,14 +312,18 @@ def gated_batch_norm_backward(
     mean: Tensor,
     invstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`gated_batch_norm`: b, gate, residual (empty unless multiplied), gamma, beta."""
     grad_b, grad_gate, grad_r, grad_gamma, grad_beta = _kernels().gated_bn_backward(
         grad_y, b, gate, residual, multiply_residual, gamma, mean, invstd
     )
     return grad_b, grad_gate, grad_r, grad_gamma, grad_beta
 
 
-@gated_batch_norm_backward.register_fake
+gated_batch_norm_backward_op = torch.library.custom_op(
+    "bnext::gated_batch_norm_backward", _gated_batch_norm_backward, mutates_args=()
+)
+
+
+@gated_batch_norm_backward_op.register_fake
 def _(grad_y, b, gate, residual, multiply_residual, gamma, mean, invstd):
     grad_r = torch.empty_like(residual) if multiply_residual else _nothing(b)
     per_channel = [gamma.new_empty(gamma.shape) for _ in range(2)]
@@ -240,10 +338,10 @@ def _gated_batch_norm_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
-def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var):
+def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var, backward=gated_batch_norm_backward_op):
     b, gate, residual, gamma, mean, invstd = ctx.saved_tensors
     grad_y = grad_y.contiguous()
-    grad_b, grad_gate, grad_r, grad_gamma, grad_beta = gated_batch_norm_backward(
+    grad_b, grad_gate, grad_r, grad_gamma, grad_beta = backward(
         grad_y, b, gate, residual, ctx.multiply_residual, gamma, mean, invstd
     )
     if not ctx.multiply_residual:
@@ -251,4 +349,27 @@ def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var):
     return grad_b, grad_gate, grad_r, None, grad_gamma, grad_beta, None, None, None, None
 
 
-gated_batch_norm.register_autograd(_gated_batch_norm_grad, setup_context=_gated_batch_norm_setup)
+_GatedBatchNorm = _eager_twin(
+    gated_batch_norm_op, _gated_batch_norm, _gated_batch_norm_setup, _gated_batch_norm_grad, _gated_batch_norm_backward
+)
+
+
+def gated_batch_norm(
+    b: Tensor,
+    gate: Tensor,
+    residual: Tensor,
+    multiply_residual: bool,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``batch_norm(gate * b [* residual]) + residual`` with ``gate`` of ``N x C``.
+
+    Returns ``(y, batch mean, batch invstd, new running mean, new running var)``;
+    the running statistics passed in are left unchanged.
+    """
+    args = (b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps)
+    return _run(gated_batch_norm_op, _GatedBatchNorm, args)

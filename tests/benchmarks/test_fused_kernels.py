@@ -50,6 +50,9 @@ def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture
     fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
+    assert lines[2].split()[-3:] == ["copy", "ms", "fused/copy"]
     rows = [line.split() for line in lines[3:]]
     assert rows and len(rows) % 3 == 0
-    assert all(float(row[-1]) > 0 for row in rows)
+    for row in rows:
+        fused_ms, unfused_ms, ratio, copy_ms, per_copy = map(float, row[-5:])
+        assert min(fused_ms, unfused_ms, ratio, copy_ms, per_copy) > 0
