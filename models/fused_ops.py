@@ -147,10 +147,6 @@ def _update_statistics(bn: nn.BatchNorm2d, new_mean: torch.Tensor, new_var: torc
             bn.num_batches_tracked.add_(1)
 
 
-def _no_values(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
-
-
 # --------------------------------------------------------------------------- public functions
 
 
@@ -174,7 +170,7 @@ def processor_inputs(
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
     if modules_ok and _fusable(x) and _hook_free(move, binarizer, prelu):
-        slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else _no_values(x)
+        slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else kernel_ops.no_values(x)
         signs, x_mean, activated = kernel_ops.processor_inputs(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
         return ProcessorInputs(
             signs,
@@ -194,7 +190,7 @@ def batch_norm_prelu(
     """``y = prelu(norm(x))`` (no PReLU for None) and, when ``pooled``, ``y``'s spatial mean ``N x C x 1 x 1``."""
     if _fusable(x) and _fusable_norm(norm) and _hook_free(norm, prelu):
         channels = x.shape[1]
-        slope = prelu.weight.expand(channels).contiguous() if prelu is not None else _no_values(x)
+        slope = prelu.weight.expand(channels).contiguous() if prelu is not None else kernel_ops.no_values(x)
         y, _, _, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
             x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
         )

@@ -35,40 +35,14 @@ def _kernels():
     return fused_ops.load_extension()
 
 
-def _nothing(like: Tensor) -> Tensor:
+def no_values(like: Tensor) -> Tensor:
     """The kernels' stand-in for an output or input that is not wanted: an empty tensor."""
     return like.new_empty(0)
 
 
 def _dense(grad: Tensor | None, wanted: bool, like: Tensor) -> Tensor:
     # Autograd hands None (or zeros) for outputs that took no part in the loss.
-    return grad.contiguous() if wanted and grad is not None else _nothing(like)
-
-
-class _EagerTwin(torch.autograd.Function):
-    """An operator's eager twin: the same implementation, context and gradient, without the dispatch.
-
-    Subclasses name the four functions. ``forward(ctx, ...)`` does the setup itself: with a
-    separate ``setup_context``, ``apply()`` binds the arguments through ``inspect.signature``
-    on every call (tens of microseconds).
-    """
-
-    implementation: Callable[..., tuple[Tensor, ...]]
-    setup: Callable[..., None]
-    gradient: Callable[..., tuple[Tensor | None, ...]]
-    backward_implementation: Callable[..., tuple[Tensor, ...]]
-
-    @staticmethod
-    def forward(ctx, *args):
-        twin = ctx._forward_cls
-        output = twin.implementation(*args)
-        twin.setup(ctx, args, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        twin = ctx._forward_cls
-        return twin.gradient(ctx, *grads, backward=twin.backward_implementation)
+    return grad.contiguous() if wanted and grad is not None else no_values(like)
 
 
 def _eager_twin(
@@ -77,19 +51,31 @@ def _eager_twin(
     setup: Callable[..., None],
     gradient: Callable[..., tuple[Tensor | None, ...]],
     backward_implementation: Callable[..., tuple[Tensor, ...]],
-) -> type[_EagerTwin]:
-    """Register ``op``'s backward (``setup`` and ``gradient``) and return its eager twin."""
+) -> type[torch.autograd.Function]:
+    """Register ``op``'s backward (``setup`` and ``gradient``) and return its eager twin.
+
+    The twin is an ``autograd.Function`` with the same implementation, context and
+    gradient, without the operator's dispatch. Its ``forward(ctx, ...)`` does the setup
+    itself: with a separate ``setup_context``, ``apply()`` binds the arguments through
+    ``inspect.signature`` on every call (tens of microseconds).
+    """
     op.register_autograd(gradient, setup_context=setup)
-    members = {
-        "implementation": staticmethod(implementation),
-        "setup": staticmethod(setup),
-        "gradient": staticmethod(gradient),
-        "backward_implementation": staticmethod(backward_implementation),
-    }
-    return types.new_class(f"Eager_{op._name}", (_EagerTwin,), exec_body=lambda namespace: namespace.update(members))
+
+    def forward(ctx, *args):
+        output = implementation(*args)
+        setup(ctx, args, output)
+        return output
+
+    def backward(ctx, *grads):
+        return gradient(ctx, *grads, backward=backward_implementation)
+
+    members = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return types.new_class(
+        f"Eager_{op._name}", (torch.autograd.Function,), exec_body=lambda namespace: namespace.update(members)
+    )
 
 
-def _run(op: torch.library.CustomOpDef, twin: type[_EagerTwin], args: tuple) -> tuple[Tensor, ...]:
+def _run(op: torch.library.CustomOpDef, twin: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
     # The operator only where torch.compile traces: its eager dispatch is the slower path.
     return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
 
@@ -110,8 +96,8 @@ processor_inputs_op = torch.library.custom_op("bnext::processor_inputs", _proces
 @processor_inputs_op.register_fake
 def _(x, bias, slope, clip, want_mean):
     n, c = x.shape[:2]
-    mean = x.new_empty((n, c)) if want_mean else _nothing(x)
-    activated = torch.empty_like(x) if slope.numel() else _nothing(x)
+    mean = x.new_empty((n, c)) if want_mean else no_values(x)
+    activated = torch.empty_like(x) if slope.numel() else no_values(x)
     return torch.empty_like(x), mean, activated
 
 
@@ -131,7 +117,7 @@ processor_inputs_backward_op = torch.library.custom_op(
 
 @processor_inputs_backward_op.register_fake
 def _(grad_signs, grad_mean, grad_activated, x, bias, slope, clip):
-    grad_slope = slope.new_empty(slope.shape) if slope.numel() else _nothing(x)
+    grad_slope = slope.new_empty(slope.shape) if slope.numel() else no_values(x)
     return torch.empty_like(x), bias.new_empty(bias.shape), grad_slope
 
 
@@ -195,7 +181,7 @@ batch_norm_prelu_op = torch.library.custom_op("bnext::batch_norm_prelu", _batch_
 @batch_norm_prelu_op.register_fake
 def _(x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
     n, c = x.shape[:2]
-    pooled = x.new_empty((n, c)) if want_pooled else _nothing(x)
+    pooled = x.new_empty((n, c)) if want_pooled else no_values(x)
     stats = [gamma.new_empty(c) for _ in range(4)]
     return torch.empty_like(x), stats[0], stats[1], pooled, stats[2], stats[3]
 
@@ -223,7 +209,7 @@ batch_norm_prelu_backward_op = torch.library.custom_op(
 
 @batch_norm_prelu_backward_op.register_fake
 def _(grad_y, grad_pooled, x, gamma, beta, slope, mean, invstd):
-    grad_slope = slope.new_empty(slope.shape) if slope.numel() else _nothing(x)
+    grad_slope = slope.new_empty(slope.shape) if slope.numel() else no_values(x)
     return torch.empty_like(x), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), grad_slope
 
 
@@ -325,7 +311,7 @@ gated_batch_norm_backward_op = torch.library.custom_op(
 
 @gated_batch_norm_backward_op.register_fake
 def _(grad_y, b, gate, residual, multiply_residual, gamma, mean, invstd):
-    grad_r = torch.empty_like(residual) if multiply_residual else _nothing(b)
+    grad_r = torch.empty_like(residual) if multiply_residual else no_values(b)
     per_channel = [gamma.new_empty(gamma.shape) for _ in range(2)]
     return torch.empty_like(b), gate.new_empty(gate.shape), grad_r, *per_channel
 
