@@ -5,14 +5,21 @@
 // the spatial mean for the recoupling gate, gate * b [* residual], a second batch
 // norm, + residual). Run one PyTorch kernel at a time, each of them reads and writes
 // the whole activation, forward and backward. These kernels run each chain in two
-// or three passes over the data: sums are accumulated in float over short blocks
-// (vectorized) and in double beyond, and the values that the backward needs are
-// recomputed from the saved inputs instead of being stored.
+// or three passes over the data, and recompute the values that the backward needs
+// from the saved inputs instead of storing them.
 //
-// Work is split over the channels (at::parallel_for): each thread walks its range of
-// channels sample by sample, over the (sample, channel) planes of H*W contiguous
-// values, and adds a channel's per-plane sums in sample order, so the results do not
-// depend on the thread count.
+// Work is split over the channels (at::parallel_for). A thread takes a chunk of its
+// channels at a time and walks it sample by sample; in each sample the chunk's planes
+// are one contiguous run of values. Per-channel sums (batch-norm statistics, parameter
+// gradients) are not reduced plane by plane: each value position of the run has its
+// own accumulator, added to in float over blocks of samples and then in double, and a
+// channel's positions are added up once, at the end, in order. So the loops are plain
+// vectorized element-wise loops over a plane (or, for planes of one value, over the
+// run) whatever the plane size: the late stages' planes of 4 or 16 values no longer pay
+// a horizontal reduction and a double conversion per plane, which made those layers
+// several times slower per value than large ones. The results do not depend on the
+// thread count or on the chunking, and the sums are about as accurate as PyTorch's
+// double-accumulating batch-norm statistics.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -33,14 +40,19 @@ void check_vector(const at::Tensor& t, int64_t C, const char* name) {
               " must be a contiguous float32 CPU tensor of ", C, " values");
 }
 
-// Per-plane sums add float sums of kBlock consecutive values (vectorized, a few
-// additions per lane) in double, which keeps them as accurate as PyTorch's
-// double-accumulating batch-norm statistics.
+// Plane sums (the spatial means, the gate's gradient) add float sums of kBlock
+// consecutive values in double.
 constexpr int64_t kBlock = 128;
+// Values per run: a chunk holds about this many values of one sample (at least one
+// plane), so its accumulators stay in the core's L1 cache (a few kB each). In a
+// standalone test of bn_prelu_backward's first pass, runs of 1024 values beat 512 and
+// 4096 on most plane sizes.
+constexpr int64_t kRunValues = 1024;
+// Per-position sums run in float over this many samples, then are added in double.
+constexpr int64_t kSampleBlock = 16;
 
-// Per-channel sums. Each channel belongs to one thread (see for_each_plane), which adds
-// the channel's per-plane sums in sample order: the results do not depend on the
-// number of threads.
+// Per-channel sums. Each channel belongs to one thread, which adds the channel's sums
+// once: the results do not depend on the number of threads.
 struct ChannelSums {
   ChannelSums(int64_t channels, int64_t count) : count(count), values(channels * count, 0.0) {}
   void add(int64_t c, int64_t which, double value) { values[c * count + which] += value; }
@@ -49,19 +61,26 @@ struct ChannelSums {
   std::vector<double> values;
 };
 
-// Runs fn(c, p, hw) for every (sample, channel) plane p = n * C + c of hw = H*W values.
-// Threads take contiguous ranges of channels, about 64k values each at least (small
-// layers stay on the calling thread), and walk them sample by sample, so each thread
-// reads contiguous runs of memory and a channel's planes are visited in sample order.
-// The late stages' planes are 1x1, 2x2 and 4x4: for these hw is a compile-time
-// constant, so the per-plane loops unroll instead of costing more than their values.
+// The channels [c0, c1) of one chunk; a run is their planes in one sample, length values.
+struct Chunk {
+  int64_t c0, c1, length;
+  int64_t planes() const { return c1 - c0; }
+  int64_t offset(int64_t n, int64_t C, int64_t HW) const { return (n * C + c0) * HW; }
+};
+
+// Runs fn(chunk, hw) for chunks of channels. Threads take contiguous ranges of channels,
+// about 64k values each at least (small layers stay on the calling thread), and cut them
+// into chunks of about kRunValues values per sample. For the late stages' planes (1, 4
+// and 16 values) hw is a compile-time constant, so the per-plane loops unroll.
 template <typename Fn>
-void for_each_plane(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
+void for_each_chunk(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
+  const int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, HW));
   const auto run = [&](auto hw) {
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t c = c0; c < c1; ++c) fn(c, n * C + c, hw);
+    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c0 = begin; c0 < end; c0 += channels_per_chunk) {
+        const int64_t c1 = std::min(end, c0 + channels_per_chunk);
+        fn(Chunk{c0, c1, (c1 - c0) * HW}, hw);
       }
     });
   };
@@ -71,6 +90,106 @@ void for_each_plane(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
     case 16: run(std::integral_constant<int64_t, 16>{}); break;
     default: run(HW);
   }
+}
+
+// Runs fn(p) for every (sample, channel) plane p of HW values, in parallel: for kernels
+// without sums (the pooling), where the order does not matter.
+template <typename Fn>
+void for_each_plane(int64_t planes, int64_t HW, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, HW));
+  at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) fn(p);
+  });
+}
+
+// Calls body(j, q) for every value j = q * HW + i of a run of `planes` planes, plane q
+// (the body reads per-channel and per-plane scalars at q, per-value arrays at j). Planes
+// of 4 values and more: a vectorized loop over each plane, with its scalars broadcast;
+// planes of one value: one vectorized loop over the run, where the scalars are arrays.
+// Bodies capture by value ([=]), so their pointers and flags are locals that no store
+// can alias, and read every input before any select: a load under a condition keeps
+// GCC from vectorizing the loop at all (it was ten times slower that way).
+template <typename HWt, typename Body>
+inline void for_each_value(int64_t planes, HWt HW, const Body& body) {
+  if constexpr (std::is_same_v<HWt, std::integral_constant<int64_t, 1>>) {
+#pragma omp simd
+    for (int64_t q = 0; q < planes; ++q) body(q, q);
+  } else {
+    for (int64_t q = 0; q < planes; ++q) {
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) body(q * HW + i, q);
+    }
+  }
+}
+
+// out[p] = (sum of plane p's HW values) / divisor, for `planes` consecutive planes.
+template <typename HWt>
+void plane_sums(const float* values, int64_t planes, HWt HW, double divisor, float* out) {
+  for (int64_t p = 0; p < planes; ++p) {
+    const float* v = values + p * HW;
+    double sum = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
+      float block = 0.0f;
+#pragma omp simd reduction(+ : block)
+      for (int64_t i = i0; i < i1; ++i) block += v[i];
+      sum += block;
+    }
+    out[p] = static_cast<float>(sum / divisor);
+  }
+}
+
+// Sums per value position of a chunk's runs, `count` quantities: a run's loop adds to
+// partial(k)[j]; end_sample() moves the float partial sums into double every
+// kSampleBlock samples; add_to() adds each channel's positions, in order, to `sums`.
+class PositionSums {
+ public:
+  PositionSums(int64_t count, int64_t length)
+      : count_(count), length_(length), partial_(count * length, 0.0f), total_(count * length, 0.0) {}
+  float* partial(int64_t which) { return partial_.data() + which * length_; }
+  void end_sample() {
+    if (++samples_ == kSampleBlock) flush();
+  }
+  void add_to(ChannelSums& sums, const Chunk& chunk, int64_t HW) {
+    flush();
+    for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
+      for (int64_t k = 0; k < count_; ++k) {
+        const double* t = total_.data() + k * length_ + (c - chunk.c0) * HW;
+        double sum = 0.0;
+        for (int64_t i = 0; i < HW; ++i) sum += t[i];
+        sums.add(c, k, sum);
+      }
+    }
+  }
+
+ private:
+  void flush() {
+    float* p = partial_.data();
+    double* t = total_.data();
+#pragma omp simd
+    for (int64_t j = 0; j < count_ * length_; ++j) {
+      t[j] += p[j];
+      p[j] = 0.0f;
+    }
+    samples_ = 0;
+  }
+  int64_t count_, length_, samples_ = 0;
+  std::vector<float> partial_;
+  std::vector<double> total_;
+};
+
+// Per-channel sums of sums.count quantities over all samples: fn(chunk, n, hw, acc) runs
+// for every chunk and sample and adds each value's quantities to acc.partial(k)[j].
+template <typename Fn>
+void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Fn& fn) {
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
+    PositionSums acc(sums.count, chunk.length);
+    for (int64_t n = 0; n < N; ++n) {
+      fn(chunk, n, hw, acc);
+      acc.end_sample();
+    }
+    acc.add_to(sums, chunk, hw);
+  });
 }
 
 // The batch statistics (from per-channel sums of x - shift and of its squares) as the affine map
@@ -104,6 +223,11 @@ Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int
   return out;
 }
 
+// The slope per channel, or ones without PReLU: the loops read it either way.
+std::vector<float> slope_or_ones(const at::Tensor& slope, bool act, int64_t C) {
+  return act ? std::vector<float>(slope.data_ptr<float>(), slope.data_ptr<float>() + C) : std::vector<float>(C, 1.0f);
+}
+
 }  // namespace
 
 // y = prelu(batch_norm(x)) with batch statistics (slope empty: no PReLU), and, when
@@ -131,44 +255,32 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
   std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = xp[c * HW];
   ChannelSums sums(C, 2);
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float* src = xp + p * HW;
-    const float k = shift[c];
-    double sum = 0.0, sum_sq = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_block = 0.0f, sum_sq_block = 0.0f;
-#pragma omp simd reduction(+ : sum_block, sum_sq_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = src[i] - k;
-        sum_block += v;
-        sum_sq_block += v * v;
-      }
-      sum += sum_block; sum_sq += sum_sq_block;
-    }
-    sums.add(c, 0, sum);
-    sums.add(c, 1, sum_sq);
+  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    const float* k = shift.data() + chunk.c0;
+    float* sum = acc.partial(0);
+    float* sum_sq = acc.partial(1);
+    const float* src = xp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      const float v = src[j] - k[q];
+      sum[j] += v;
+      sum_sq[j] += v * v;
+    });
   });
   Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
-  const float* w = act ? slope.data_ptr<float>() : nullptr;
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float alpha = affine.alpha[c], shift = affine.shift[c], slope_c = act ? w[c] : 1.0f;
-    const float* src = xp + p * HW;
-    float* dst = yp + p * HW;
-    double plane_sum = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float plane_sum_block = 0.0f;
-#pragma omp simd reduction(+ : plane_sum_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float z = src[i] * alpha + shift;
-        const float out = (act && !(z > 0.0f)) ? slope_c * z : z;
-        dst[i] = out;
-        plane_sum_block += out;
-      }
-      plane_sum += plane_sum_block;
+  const std::vector<float> slopes = slope_or_ones(slope, act, C);
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+    const float* alpha = affine.alpha.data() + chunk.c0;
+    const float* beta = affine.shift.data() + chunk.c0;
+    const float* w = slopes.data() + chunk.c0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* src = xp + chunk.offset(n, C, HW);
+      float* dst = yp + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        const float z = src[j] * alpha[q] + beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
+        dst[j] = (act && !(z > 0.0f)) ? slope_q * z : z;
+      });
+      if (want_pooled) plane_sums(dst, chunk.planes(), HW, static_cast<double>(HW), pp + n * C + chunk.c0);
     }
-    if (want_pooled) pp[p] = static_cast<float>(plane_sum / HW);
   });
   return {y, affine.mean, affine.invstd, pooled};
 }
@@ -191,42 +303,43 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   auto grad_slope = act ? at::empty({C}, x.options()) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* gp = grad_y.data_ptr<float>();
-  const float* gpool = has_pooled ? grad_pooled.data_ptr<float>() : nullptr;
   const float* mean = save_mean.data_ptr<float>();
   const float* invstd = save_invstd.data_ptr<float>();
-  const float* w = act ? slope.data_ptr<float>() : nullptr;
+  const std::vector<float> slopes = slope_or_ones(slope, act, C);
   std::vector<float> alpha(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
     shift[c] = beta.data_ptr<float>()[c] - mean[c] * alpha[c];
   }
+  // The pooled mean's gradient, grad_pooled / (H*W), reaches every value of its plane.
+  std::vector<float> extra(N * C, 0.0f);
+  if (has_pooled) {
+    const float* gpool = grad_pooled.data_ptr<float>();
+    for (int64_t p = 0; p < N * C; ++p) extra[p] = gpool[p] / static_cast<float>(HW);
+  }
   // Pass 1: the gradient reaching the batch-norm output (through PReLU), its sum and
   // its dot product with the centred input; the PReLU slope's gradient.
   ChannelSums sums(C, 3);
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f;
-    const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
-    const float* src = xp + p * HW;
-    const float* gy = gp + p * HW;
-    double sum_dz = 0.0, dot = 0.0, dw = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_dz_block = 0.0f, dot_block = 0.0f, dw_block = 0.0f;
-#pragma omp simd reduction(+ : sum_dz_block, dot_block, dw_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float z = src[i] * a + b;
-        const float dy = gy[i] + extra;
-        const bool negative = act && !(z > 0.0f);
-        const float dz = negative ? slope_c * dy : dy;
-        sum_dz_block += dz;
-        dot_block += dz * (src[i] - m);
-        dw_block += negative ? dy * z : 0.0f;
-      }
-      sum_dz += sum_dz_block; dot += dot_block; dw += dw_block;
-    }
-    sums.add(c, 0, sum_dz);
-    sums.add(c, 1, dot);
-    sums.add(c, 2, dw);
+  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    const float* a = alpha.data() + chunk.c0;
+    const float* b = shift.data() + chunk.c0;
+    const float* m = mean + chunk.c0;
+    const float* w = slopes.data() + chunk.c0;
+    float* sum_dz = acc.partial(0);
+    float* dot = acc.partial(1);
+    float* dw = acc.partial(2);
+    const float* e = extra.data() + n * C + chunk.c0;
+    const float* src = xp + chunk.offset(n, C, HW);
+    const float* gy = gp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      const float z = src[j] * a[q] + b[q], slope_q = w[q];
+      const float dy = gy[j] + e[q];
+      const bool negative = act && !(z > 0.0f);
+      const float dz = negative ? slope_q * dy : dy;
+      sum_dz[j] += dz;
+      dot[j] += dz * (src[j] - m[q]);
+      dw[j] += negative ? dy * z : 0.0f;
+    });
   });
   std::vector<float> mean_dz(C), k(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -239,18 +352,24 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   }
   // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
   float* gxp = grad_x.data_ptr<float>();
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float a = alpha[c], b = shift[c], m = mean[c], slope_c = act ? w[c] : 1.0f, md = mean_dz[c], kc = k[c];
-    const float extra = has_pooled ? gpool[p] / static_cast<float>(HW) : 0.0f;
-    const float* src = xp + p * HW;
-    const float* gy = gp + p * HW;
-    float* dst = gxp + p * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
-      const float z = src[i] * a + b;
-      const float dy = gy[i] + extra;
-      const float dz = (act && !(z > 0.0f)) ? slope_c * dy : dy;
-      dst[i] = (dz - md - (src[i] - m) * kc) * a;
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+    const float* a = alpha.data() + chunk.c0;
+    const float* b = shift.data() + chunk.c0;
+    const float* m = mean + chunk.c0;
+    const float* w = slopes.data() + chunk.c0;
+    const float* md = mean_dz.data() + chunk.c0;
+    const float* kc = k.data() + chunk.c0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* e = extra.data() + n * C + chunk.c0;
+      const float* src = xp + chunk.offset(n, C, HW);
+      const float* gy = gp + chunk.offset(n, C, HW);
+      float* dst = gxp + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        const float z = src[j] * a[q] + b[q], slope_q = w[q];
+        const float dy = gy[j] + e[q];
+        const float dz = (act && !(z > 0.0f)) ? slope_q * dy : dy;
+        dst[j] = (dz - md[q] - (src[j] - m[q]) * kc[q]) * a[q];
+      });
     }
   });
   return {grad_x, grad_gamma, grad_beta, grad_slope};
@@ -282,36 +401,32 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
     shift[c] = multiply_residual ? (gtp[c] * bp[c * HW]) * rp[c * HW] : gtp[c] * bp[c * HW];
   }
   ChannelSums sums(C, 2);
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float* bs = bp + p * HW;
-    const float* rs = rp + p * HW;
-    const float s = gtp[p];
-    const float k = shift[c];
-    double sum = 0.0, sum_sq = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_block = 0.0f, sum_sq_block = 0.0f;
-#pragma omp simd reduction(+ : sum_block, sum_sq_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = (multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i]) - k;
-        sum_block += v;
-        sum_sq_block += v * v;
-      }
-      sum += sum_block; sum_sq += sum_sq_block;
-    }
-    sums.add(c, 0, sum);
-    sums.add(c, 1, sum_sq);
+  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    const float* k = shift.data() + chunk.c0;
+    float* sum = acc.partial(0);
+    float* sum_sq = acc.partial(1);
+    const float* s = gtp + n * C + chunk.c0;
+    const float* bs = bp + chunk.offset(n, C, HW);
+    const float* rs = rp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      const float v = (multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j]) - k[q];
+      sum[j] += v;
+      sum_sq[j] += v * v;
+    });
   });
   Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float alpha = affine.alpha[c], shift = affine.shift[c], s = gtp[p];
-    const float* bs = bp + p * HW;
-    const float* rs = rp + p * HW;
-    float* dst = yp + p * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
-      const float v = multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i];
-      dst[i] = (v * alpha + shift) + rs[i];
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+    const float* alpha = affine.alpha.data() + chunk.c0;
+    const float* beta = affine.shift.data() + chunk.c0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* s = gtp + n * C + chunk.c0;
+      const float* bs = bp + chunk.offset(n, C, HW);
+      const float* rs = rp + chunk.offset(n, C, HW);
+      float* dst = yp + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
+        dst[j] = (v * alpha[q] + beta[q]) + rs[j];
+      });
     }
   });
   return {y, affine.mean, affine.invstd};
@@ -338,25 +453,19 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   const float* mean = save_mean.data_ptr<float>();
   const float* invstd = save_invstd.data_ptr<float>();
   ChannelSums sums(C, 2);
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float m = mean[c], s = gtp[p];
-    const float* bs = bp + p * HW;
-    const float* rs = rp + p * HW;
-    const float* gy = gp + p * HW;
-    double sum_dy = 0.0, dot = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_dy_block = 0.0f, dot_block = 0.0f;
-#pragma omp simd reduction(+ : sum_dy_block, dot_block)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = multiply_residual ? (s * bs[i]) * rs[i] : s * bs[i];
-        sum_dy_block += gy[i];
-        dot_block += gy[i] * (v - m);
-      }
-      sum_dy += sum_dy_block; dot += dot_block;
-    }
-    sums.add(c, 0, sum_dy);
-    sums.add(c, 1, dot);
+  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    const float* m = mean + chunk.c0;
+    float* sum_dy = acc.partial(0);
+    float* dot = acc.partial(1);
+    const float* s = gtp + n * C + chunk.c0;
+    const float* bs = bp + chunk.offset(n, C, HW);
+    const float* rs = rp + chunk.offset(n, C, HW);
+    const float* gy = gp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
+      sum_dy[j] += gy[j];
+      dot[j] += gy[j] * (v - m[q]);
+    });
   });
   std::vector<float> alpha(C), mean_dy(C), k(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -370,38 +479,38 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   float* gbp = grad_b.data_ptr<float>();
   float* grp = multiply_residual ? grad_r.data_ptr<float>() : nullptr;
   float* ggp = grad_gate.data_ptr<float>();
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float a = alpha[c], m = mean[c], md = mean_dy[c], kc = k[c], s = gtp[p];
-    const float* bs = bp + p * HW;
-    const float* rs = rp + p * HW;
-    const float* gy = gp + p * HW;
-    float* gb = gbp + p * HW;
-    float* gr = multiply_residual ? grp + p * HW : nullptr;
-    double dgate = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float dgate_block = 0.0f;
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+    const float* a = alpha.data() + chunk.c0;
+    const float* m = mean + chunk.c0;
+    const float* md = mean_dy.data() + chunk.c0;
+    const float* kc = k.data() + chunk.c0;
+    std::vector<float> share(chunk.length);  // each value's share of its plane's gate gradient
+    float* dgate = share.data();
+    for (int64_t n = 0; n < N; ++n) {
+      const float* s = gtp + n * C + chunk.c0;
+      const float* bs = bp + chunk.offset(n, C, HW);
+      const float* rs = rp + chunk.offset(n, C, HW);
+      const float* gy = gp + chunk.offset(n, C, HW);
+      float* gb = gbp + chunk.offset(n, C, HW);
       if (multiply_residual) {
-#pragma omp simd reduction(+ : dgate_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float sb = s * bs[i];
-          const float dv = (gy[i] - md - (sb * rs[i] - m) * kc) * a;
-          const float dsb = dv * rs[i];  // gradient reaching s * b
-          gb[i] = dsb * s;
-          gr[i] = gy[i] + dv * sb;
-          dgate_block += dsb * bs[i];
-        }
+        float* gr = grp + chunk.offset(n, C, HW);
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+          const float sb = s[q] * bs[j];
+          const float dv = (gy[j] - md[q] - (sb * rs[j] - m[q]) * kc[q]) * a[q];
+          const float dsb = dv * rs[j];  // gradient reaching s * b
+          gb[j] = dsb * s[q];
+          gr[j] = gy[j] + dv * sb;
+          dgate[j] = dsb * bs[j];
+        });
       } else {
-#pragma omp simd reduction(+ : dgate_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float dv = (gy[i] - md - (s * bs[i] - m) * kc) * a;
-          gb[i] = dv * s;
-          dgate_block += dv * bs[i];
-        }
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+          const float dv = (gy[j] - md[q] - (s[q] * bs[j] - m[q]) * kc[q]) * a[q];
+          gb[j] = dv * s[q];
+          dgate[j] = dv * bs[j];
+        });
       }
-      dgate += dgate_block;
+      plane_sums(dgate, chunk.planes(), HW, 1.0, ggp + n * C + chunk.c0);
     }
-    ggp[p] = static_cast<float>(dgate);
   });
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
 }
@@ -421,40 +530,31 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
   auto mean = want_mean ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
   auto activated = act ? at::empty_like(x) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* bp = bias.data_ptr<float>();
-  const float* wp = act ? slope.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
   float* ap = act ? activated.data_ptr<float>() : nullptr;
-  for_each_plane(N, C, HW, [&](int64_t c, int64_t p, auto HW) {
-    const float beta = bp[c];
-    const float w = act ? wp[c] : 1.0f;
-    const float* src = xp + p * HW;
-    float* dst = yp + p * HW;
-    float* out = act ? ap + p * HW : nullptr;
-    double sum = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_block = 0.0f;
+  const std::vector<float> slopes = slope_or_ones(slope, act, C);
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+    const float* beta = bias.data_ptr<float>() + chunk.c0;
+    const float* w = slopes.data() + chunk.c0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* src = xp + chunk.offset(n, C, HW);
+      float* dst = yp + chunk.offset(n, C, HW);
       if (act) {
-#pragma omp simd reduction(+ : sum_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float v = src[i] + beta;
-          dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
-          out[i] = src[i] > 0.0f ? src[i] : w * src[i];
-          sum_block += src[i];
-        }
+        float* out = ap + chunk.offset(n, C, HW);
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+          const float x_j = src[j], v = x_j + beta[q], slope_q = w[q];
+          dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
+          out[j] = x_j > 0.0f ? x_j : slope_q * x_j;
+        });
       } else {
-#pragma omp simd reduction(+ : sum_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float v = src[i] + beta;
-          dst[i] = static_cast<float>((0.0f < v) - (v < 0.0f));
-          sum_block += src[i];
-        }
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+          const float v = src[j] + beta[q];
+          dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
+        });
       }
-      sum += sum_block;
+      if (want_mean) plane_sums(src, chunk.planes(), HW, static_cast<double>(HW), mp + n * C + chunk.c0);
     }
-    if (want_mean) mp[p] = static_cast<float>(sum / HW);
   });
   return {y, mean, activated};
 }
@@ -483,48 +583,43 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
   const float* xp = x.data_ptr<float>();
   const float* gp = grad_y.data_ptr<float>();
   const float* gap = act ? grad_activated.data_ptr<float>() : nullptr;
-  const float* gmp = has_mean ? grad_mean.data_ptr<float>() : nullptr;
-  const float* bp = bias.data_ptr<float>();
-  const float* wp = act ? slope.data_ptr<float>() : nullptr;
   float* gxp = grad_x.data_ptr<float>();
+  const std::vector<float> slopes = slope_or_ones(slope, act, C);
+  // The mean's gradient, grad_mean / (H*W), reaches every value of its plane.
+  std::vector<float> extra(N * C, 0.0f);
+  if (has_mean) {
+    const float* gmp = grad_mean.data_ptr<float>();
+    for (int64_t p = 0; p < N * C; ++p) extra[p] = gmp[p] / static_cast<float>(HW);
+  }
   const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
   ChannelSums sums(C, 2);
-  for_each_plane(N, C, HW, [&, lo, hi](int64_t c, int64_t p, auto HW) {  // bounds by value: no aliasing with the stores
-    const float beta = bp[c];
-    const float w = act ? wp[c] : 1.0f;
-    const float extra = has_mean ? gmp[p] / static_cast<float>(HW) : 0.0f;
-    const float* src = xp + p * HW;
-    const float* gy = gp + p * HW;
-    const float* ga = act ? gap + p * HW : nullptr;
-    float* dst = gxp + p * HW;
-    double sum = 0.0, dw = 0.0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-      const int64_t i1 = std::min<int64_t>(HW, i0 + kBlock);
-      float sum_block = 0.0f, dw_block = 0.0f;
-      if (act) {
-#pragma omp simd reduction(+ : sum_block, dw_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float v = src[i] + beta;
-          const float g = (v < lo || v > hi) ? 0.0f : gy[i];
-          const bool positive = src[i] > 0.0f;
-          dst[i] = (g + extra) + (positive ? ga[i] : w * ga[i]);
-          sum_block += g;
-          dw_block += positive ? 0.0f : ga[i] * src[i];
-        }
-      } else {
-#pragma omp simd reduction(+ : sum_block)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float v = src[i] + beta;
-          const float g = (v < lo || v > hi) ? 0.0f : gy[i];
-          dst[i] = g + extra;
-          sum_block += g;
-        }
-      }
-      sum += sum_block;
-      dw += dw_block;
+  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    const float* beta = bias.data_ptr<float>() + chunk.c0;
+    const float* w = slopes.data() + chunk.c0;
+    float* sum = acc.partial(0);
+    float* dw = acc.partial(1);
+    const float* e = extra.data() + n * C + chunk.c0;
+    const float* src = xp + chunk.offset(n, C, HW);
+    const float* gy = gp + chunk.offset(n, C, HW);
+    float* dst = gxp + chunk.offset(n, C, HW);
+    if (act) {
+      const float* ga = gap + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        const float x_j = src[j], v = x_j + beta[q], grad_j = gy[j], ga_j = ga[j], slope_q = w[q];
+        const float g = (v < lo || v > hi) ? 0.0f : grad_j;
+        const bool positive = x_j > 0.0f;
+        dst[j] = (g + e[q]) + (positive ? ga_j : slope_q * ga_j);
+        sum[j] += g;
+        dw[j] += positive ? 0.0f : ga_j * x_j;
+      });
+    } else {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        const float v = src[j] + beta[q], grad_j = gy[j];
+        const float g = (v < lo || v > hi) ? 0.0f : grad_j;
+        dst[j] = g + e[q];
+        sum[j] += g;
+      });
     }
-    sums.add(c, 0, sum);
-    sums.add(c, 1, dw);
   });
   for (int64_t c = 0; c < C; ++c) {
     grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 0));
@@ -542,7 +637,7 @@ at::Tensor pool_2x2_forward(const at::Tensor& x) {
   auto y = at::empty({N, C, Ho, Wo}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_each_plane(N, C, H * W, [&](int64_t, int64_t p, auto) {
+  for_each_plane(N * C, H * W, [&](int64_t p) {
     for (int64_t i = 0; i < Ho; ++i) {
       const float* top = xp + p * H * W + 2 * i * W;
       const float* bottom = top + W;
@@ -565,7 +660,7 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
   auto grad_x = at::empty({N, C, H, W}, grad.options());
   const float* gp = grad.data_ptr<float>();
   float* gxp = grad_x.data_ptr<float>();
-  for_each_plane(N, C, H * W, [&](int64_t, int64_t p, auto) {
+  for_each_plane(N * C, H * W, [&](int64_t p) {
     float* plane = gxp + p * H * W;
     for (int64_t i = 0; i < Ho; ++i) {
       const float* g = gp + p * Ho * Wo + i * Wo;
