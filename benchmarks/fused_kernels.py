@@ -9,9 +9,13 @@ modules one by one). Medians; the ratio ``unfused / fused`` is the figure to use
 
 The last columns put the kernels against the memory: ``copy ms`` is one ``copy_`` of a
 tensor of the shape into a preallocated one (a read and a write of the activation),
-and ``fused/copy`` the kernel's forward plus backward in such copies. The kernels need
-a few passes over the activation each (two or three reads and a write forward, about
-as many backward), so a ratio far above that is per-plane overhead, not memory traffic.
+and ``fused/copy`` the kernel's forward plus backward in such copies. ``kernel ms`` is
+the C++ forward and backward calls alone (the same arguments, no autograd, no module
+code) and ``kernel/copy`` that in copies: the difference between ``fused ms`` and
+``kernel ms`` is the per-call cost of Python and autograd, which dominates on small
+activations. The kernels need a few passes over the activation each (two or three
+reads and a write forward, about as many backward), so a ``kernel/copy`` far above
+that is overhead inside the kernel, not memory traffic.
 
 Usage::
 
@@ -94,6 +98,46 @@ def kernel_cases(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
     return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
 
 
+def kernel_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
+    """The C++ forward and backward calls of each case of :func:`kernel_cases`, without autograd."""
+    kernels = fused_ops.load_extension()
+    torch.manual_seed(0)
+    n, channels = shape[:2]
+    x, b, residual, upstream = (torch.randn(shape) for _ in range(4))
+    gate, ones = torch.rand(n, channels), torch.ones(n, channels)
+    bias, beta, gamma = torch.zeros(channels), torch.zeros(channels), torch.ones(channels)
+    slope = torch.full((channels,), 0.25)
+
+    def running_statistics() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(channels), torch.ones(channels)
+
+    def inputs() -> None:
+        kernels.biased_sign_forward(x, bias, True, slope)
+        kernels.biased_sign_backward(upstream, ones, upstream, x, bias, slope, 1.5)
+
+    def norm_prelu() -> None:
+        _, mean, invstd, _ = kernels.bn_prelu_forward(x, gamma, beta, *running_statistics(), 0.1, 1e-5, slope, True)
+        kernels.bn_prelu_backward(upstream, ones, x, gamma, beta, slope, mean, invstd)
+
+    def gated() -> None:
+        statistics = running_statistics()
+        _, mean, invstd = kernels.gated_bn_forward(b, gate, residual, True, gamma, beta, *statistics, 0.1, 1e-5)
+        kernels.gated_bn_backward(upstream, b, gate, residual, True, gamma, mean, invstd)
+
+    return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
+
+
+def time_alone(fn: Callable[[], None], iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn``."""
+    samples = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
 def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[float, float]:
     """Median milliseconds of ``fn`` with the kernels and without, alternating after a warm-up."""
     fused: list[float] = []
@@ -112,13 +156,7 @@ def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[floa
 def time_copy(shape: tuple[int, ...], iters: int, warmup: int = 2) -> float:
     """Median milliseconds of one ``copy_`` of a ``shape`` tensor into a preallocated one."""
     source, target = torch.randn(shape), torch.empty(shape)
-    samples = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        target.copy_(source)
-        if i >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return time_alone(lambda: target.copy_(source), iters, warmup)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,14 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     shapes = norm_input_shapes(model, torch.randn(2, 3, args.img_size, args.img_size))
     print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
     header = f"{'shape':<22} {'kernel':<26} {'fused ms':>9} {'unfused ms':>11} {'unfused/fused':>14}"
-    print(f"{header} {'copy ms':>8} {'fused/copy':>11}")
+    print(f"{header} {'copy ms':>8} {'fused/copy':>11} {'kernel ms':>10} {'kernel/copy':>12}")
     for shape in shapes:
         shape = (args.batch, *shape[1:])
         copy_ms = time_copy(shape, args.iters)
+        calls = kernel_calls(shape)
         for name, fn in kernel_cases(shape).items():
             fused_ms, unfused_ms = time_pair(fn, args.iters)
+            kernel_ms = time_alone(calls[name], args.iters)
             row = f"{str(shape):<22} {name:<26} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}"
-            print(f"{row} {copy_ms:>8.3f} {fused_ms / copy_ms:>11.1f}")
+            print(f"{row} {copy_ms:>8.3f} {fused_ms / copy_ms:>11.1f} {kernel_ms:>10.3f} {kernel_ms / copy_ms:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,20 @@ def code_running_payload(tmp_path: Path) -> tuple[object, Path]:
     """An object to save into a checkpoint, and the directory that loading it unsafely would create."""
     marker = tmp_path / "executed"
     return _CodeRunningPayload(str(marker)), marker
+
+
+@pytest.fixture
+def extension_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the fused C++ extension's functions that the test reads, in order (a spy on the real one)."""
+    from models import fused_ops
+
+    calls: list[str] = []
+    real = fused_ops.load_extension()
+
+    class Spy:
+        def __getattr__(self, attr: str):
+            calls.append(attr)
+            return getattr(real, attr)
+
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: Spy())
+    return calls

@@ -46,13 +46,28 @@ def test_the_fused_half_calls_the_kernels_and_the_unfused_half_does_not(monkeypa
         assert any(name.endswith("_backward") for _, name in calls)
 
 
+def test_kernel_calls_run_each_kernel_forward_and_backward(extension_calls: list[str]) -> None:
+    calls = extension_calls
+    kernel_calls = fused_kernels.kernel_calls((4, 8, 4, 4))
+    expected = {
+        "processor_inputs": ["biased_sign_forward", "biased_sign_backward"],
+        "batch_norm_prelu": ["bn_prelu_forward", "bn_prelu_backward"],
+        "gated_batch_norm_residual": ["gated_bn_forward", "gated_bn_backward"],
+    }
+    assert set(kernel_calls) == set(expected)
+    for name, fn in kernel_calls.items():
+        calls.clear()
+        fn()
+        assert calls == expected[name], name
+
+
 def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
-    assert lines[2].split()[-3:] == ["copy", "ms", "fused/copy"]
+    assert lines[2].split()[-6:] == ["copy", "ms", "fused/copy", "kernel", "ms", "kernel/copy"]
     rows = [line.split() for line in lines[3:]]
     assert rows and len(rows) % 3 == 0
     for row in rows:
-        fused_ms, unfused_ms, ratio, copy_ms, per_copy = map(float, row[-5:])
-        assert min(fused_ms, unfused_ms, ratio, copy_ms, per_copy) > 0
+        fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy = map(float, row[-7:])
+        assert min(fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy) > 0

@@ -54,6 +54,14 @@ def test_compiled_training_step_matches_eager() -> None:
     torch.manual_seed(0)
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16]).train()
     models.set_temperature(model, 0.3)
+    # In a network this small, a batch-norm channel can see four identical values (the
+    # same signs in every sample): its variance is 0 and its backward multiplies the
+    # rounding noise of its input gradient by gamma / sqrt(eps), about 300 per such layer.
+    # Two eager implementations (fused and unfused kernels) then differ by 2 % on some
+    # seeds; a larger eps keeps the comparison about the compiled code, not that noise.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 0.1
     x = torch.randn(4, 3, 16, 16)
     eager_model = copy.deepcopy(model)
     expected = _training_step(eager_model, eager_model, x)
@@ -62,12 +70,15 @@ def test_compiled_training_step_matches_eager() -> None:
     scale = expected[0].abs().max().item()
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5 * scale)
     assert actual[1].keys() == expected[1].keys() and len(expected[1]) > 20
-    # Inductor's code for the glue between the kernels rounds differently: sums that cancel
-    # (the SE gates' biases) differ by a few 1e-5 of their largest element.
+    # Inductor's code for the glue between the kernels rounds differently. Each gradient is
+    # compared at its own scale, but at least 1e-3 of the largest gradient in the model:
+    # some are sums that cancel to nearly nothing (1e-9, against 1e-1 elsewhere) and
+    # keep only rounding noise, which no implementation reproduces.
+    floor = 1e-3 * max(grad.abs().max().item() for grad in expected[1].values())
     for name, grad in expected[1].items():
-        largest = grad.abs().max().item()
+        scale = max(grad.abs().max().item(), floor)
         torch.testing.assert_close(
-            actual[1][name], grad, rtol=1e-3, atol=1e-4 * largest, msg=lambda m, n=name: f"{n}: {m}"
+            actual[1][name], grad, rtol=1e-3, atol=1e-4 * scale, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert actual[2].keys() == expected[2].keys()
     for name, buffer in expected[2].items():

@@ -195,22 +195,9 @@ def test_training_step_of_whole_models_matches_unfused(unfused, name: str, kwarg
         _assert_close(fused[2][key].float(), buffer.float(), key)
 
 
-def _calls_to_extension(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    real = fused_ops.load_extension()
-
-    class Spy:
-        def __getattr__(self, attr):
-            calls.append(attr)
-            return getattr(real, attr)
-
-    monkeypatch.setattr(fused_ops, "load_extension", lambda: Spy())
-    return calls
-
-
-def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(monkeypatch) -> None:
+def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(extension_calls: list[str]) -> None:
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16])
-    calls = _calls_to_extension(monkeypatch)
+    calls = extension_calls
     model.train()
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     expected = {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward", "divide_clamp", "pool_2x2_forward"}
@@ -224,7 +211,7 @@ def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["float64", "channels_last", "hook", "sync_bn_class"])
-def test_falls_back_where_the_kernels_do_not_apply(monkeypatch, case: str) -> None:
+def test_falls_back_where_the_kernels_do_not_apply(extension_calls: list[str], case: str) -> None:
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()
     x = torch.randn(2, 3, 16, 16)
     hooked: list[str] = []
@@ -243,7 +230,7 @@ def test_falls_back_where_the_kernels_do_not_apply(monkeypatch, case: str) -> No
         for module in model.modules():
             if type(module) is nn.BatchNorm2d:
                 module.__class__ = other_norm
-    calls = _calls_to_extension(monkeypatch)
+    calls = extension_calls
     model(x).sum().backward()
     if case == "hook":
         # Only the batch norms and signs that carry hooks fall back; their hooks all ran.
@@ -259,11 +246,11 @@ def test_falls_back_where_the_kernels_do_not_apply(monkeypatch, case: str) -> No
         assert calls == []
 
 
-def test_compiled_training_graph_calls_the_processor_operators(monkeypatch) -> None:
+def test_compiled_training_graph_calls_the_processor_operators(extension_calls: list[str]) -> None:
     """torch.compile keeps the processor kernels (custom operators) in one graph; the eager-only kernels stay out."""
     torch._dynamo.reset()
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()
-    calls = _calls_to_extension(monkeypatch)
+    calls = extension_calls
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
