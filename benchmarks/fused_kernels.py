@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
     header = f"{'shape':<22} {'kernel':<26} {'fused ms':>9} {'unfused ms':>11} {'unfused/fused':>14}"
     print(f"{header} {'copy ms':>8} {'fused/copy':>11} {'kernel ms':>10} {'kernel/copy':>12}")
+    totals = [0.0, 0.0, 0.0]  # fused, unfused, kernel
     for shape in shapes:
         shape = (args.batch, *shape[1:])
         copy_ms = time_copy(shape, args.iters)
@@ -182,8 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in kernel_cases(shape).items():
             fused_ms, unfused_ms = time_pair(fn, args.iters)
             kernel_ms = time_alone(calls[name], args.iters)
+            totals = [t + v for t, v in zip(totals, (fused_ms, unfused_ms, kernel_ms))]
             row = f"{str(shape):<22} {name:<26} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}"
             print(f"{row} {copy_ms:>8.3f} {fused_ms / copy_ms:>11.1f} {kernel_ms:>10.3f} {kernel_ms / copy_ms:>12.1f}")
+    fused_ms, unfused_ms, kernel_ms = totals
+    # One call of each kernel per shape: a summary of the table, not of a model's step.
+    row = f"{'total (one call per row)':<49} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}"
+    print(f"{row} {'':>8} {'':>11} {kernel_ms:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,12 @@ def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
     assert lines[2].split()[-6:] == ["copy", "ms", "fused/copy", "kernel", "ms", "kernel/copy"]
-    rows = [line.split() for line in lines[3:]]
+    rows = [line.split() for line in lines[3:-1]]
     assert rows and len(rows) % 3 == 0
+    total = lines[-1].split()
+    assert total[:4] == ["total", "(one", "call", "per"]
+    sums = [sum(float(row[i]) for row in rows) for i in (-7, -6, -2)]  # fused, unfused, kernel ms
+    assert [float(total[i]) for i in (-4, -3, -1)] == pytest.approx(sums, abs=0.02 * len(rows))
     for row in rows:
         fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy = map(float, row[-7:])
         assert min(fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy) > 0
