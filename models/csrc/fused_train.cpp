@@ -48,8 +48,16 @@ constexpr int64_t kBlock = 128;
 // standalone test of bn_prelu_backward's first pass, runs of 1024 values beat 512 and
 // 4096 on most plane sizes.
 constexpr int64_t kRunValues = 1024;
-// Per-position sums run in float over this many samples, then are added in double.
+// Per-position sums run in float over about this many values, then are added in double.
 constexpr int64_t kSampleBlock = 16;
+// Planes of more than kLanes values share kLanes accumulators per channel (value i adds
+// to lane i % kLanes), so that a chunk can hold many channels of a large plane: a
+// thread then reads long contiguous runs, as memory prefetching wants (with one channel
+// per chunk, the 32x32 planes' kernels were up to 40 % slower than plane by plane).
+constexpr int64_t kLanes = 64;
+
+// Accumulators per channel for planes of HW values.
+inline int64_t lanes(int64_t HW) { return std::min(HW, kLanes); }
 
 // Per-channel sums. Each channel belongs to one thread, which adds the channel's sums
 // once: the results do not depend on the number of threads.
@@ -70,12 +78,13 @@ struct Chunk {
 
 // Runs fn(chunk, hw) for chunks of channels. Threads take contiguous ranges of channels,
 // about 64k values each at least (small layers stay on the calling thread), and cut them
-// into chunks of about kRunValues values per sample. For the late stages' planes (1, 4
+// into chunks of about kRunValues accumulators (kRunValues values per sample up to
+// planes of kLanes values, more beyond). For the late stages' planes (1, 4
 // and 16 values) hw is a compile-time constant, so the per-plane loops unroll.
 template <typename Fn>
 void for_each_chunk(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
-  const int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, HW));
+  const int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, lanes(HW)));
   const auto run = [&](auto hw) {
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c0 = begin; c0 < end; c0 += channels_per_chunk) {
@@ -102,10 +111,12 @@ void for_each_plane(int64_t planes, int64_t HW, const Fn& fn) {
   });
 }
 
-// Calls body(j, q) for every value j = q * HW + i of a run of `planes` planes, plane q
-// (the body reads per-channel and per-plane scalars at q, per-value arrays at j). Planes
-// of 4 values and more: a vectorized loop over each plane, with its scalars broadcast;
-// planes of one value: one vectorized loop over the run, where the scalars are arrays.
+// Calls body(j, q, slot) for every value j = q * HW + i of a run of `planes` planes, plane
+// q, whose per-channel sums go to accumulator `slot` (j up to kLanes values per plane, else
+// q * kLanes + i % kLanes). The body reads per-channel and per-plane scalars at q,
+// per-value arrays at j. Planes of 4 values and more: vectorized loops over each plane,
+// with its scalars broadcast; planes of one value: one vectorized loop over the run,
+// where the scalars are arrays.
 // Bodies capture by value ([=]), so their pointers and flags are locals that no store
 // can alias, and read every input before any select: a load under a condition keeps
 // GCC from vectorizing the loop at all (it was ten times slower that way).
@@ -113,11 +124,21 @@ template <typename HWt, typename Body>
 inline void for_each_value(int64_t planes, HWt HW, const Body& body) {
   if constexpr (std::is_same_v<HWt, std::integral_constant<int64_t, 1>>) {
 #pragma omp simd
-    for (int64_t q = 0; q < planes; ++q) body(q, q);
+    for (int64_t q = 0; q < planes; ++q) body(q, q, q);
   } else {
-    for (int64_t q = 0; q < planes; ++q) {
+    if (HW <= kLanes) {
+      for (int64_t q = 0; q < planes; ++q) {
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) body(q * HW + i, q);
+        for (int64_t i = 0; i < HW; ++i) body(q * HW + i, q, q * HW + i);
+      }
+      return;
+    }
+    for (int64_t q = 0; q < planes; ++q) {
+      for (int64_t i0 = 0; i0 < HW; i0 += kLanes) {
+        const int64_t count = std::min<int64_t>(kLanes, HW - i0);
+#pragma omp simd
+        for (int64_t l = 0; l < count; ++l) body(q * HW + i0 + l, q, q * kLanes + l);
+      }
     }
   }
 }
@@ -151,24 +172,29 @@ void plane_sums(const float* values, int64_t planes, HWt HW, double divisor, flo
   }
 }
 
-// Sums per value position of a chunk's runs, `count` quantities: a run's loop adds to
-// partial(k)[j]; end_sample() moves the float partial sums into double every
-// kSampleBlock samples; add_to() adds each channel's positions, in order, to `sums`.
+// Per-channel sums, `count` quantities, kept per accumulator (see for_each_value): a
+// run's loop adds to partial(k)[slot]; end_sample() moves the float partial sums into
+// double once they hold about kSampleBlock values each; add_to() adds each channel's
+// accumulators, in order, to `sums`.
 class PositionSums {
  public:
-  PositionSums(int64_t count, int64_t length)
-      : count_(count), length_(length), partial_(count * length, 0.0f), total_(count * length, 0.0) {}
+  PositionSums(int64_t count, int64_t length, int64_t HW)
+      : count_(count),
+        length_(length),
+        samples_per_flush_(std::max<int64_t>(1, kSampleBlock / ((HW + kLanes - 1) / kLanes))),
+        partial_(count * length, 0.0f),
+        total_(count * length, 0.0) {}
   float* partial(int64_t which) { return partial_.data() + which * length_; }
   void end_sample() {
-    if (++samples_ == kSampleBlock) flush();
+    if (++samples_ == samples_per_flush_) flush();
   }
-  void add_to(ChannelSums& sums, const Chunk& chunk, int64_t HW) {
+  void add_to(ChannelSums& sums, const Chunk& chunk, int64_t per_channel) {
     flush();
     for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
       for (int64_t k = 0; k < count_; ++k) {
-        const double* t = total_.data() + k * length_ + (c - chunk.c0) * HW;
+        const double* t = total_.data() + k * length_ + (c - chunk.c0) * per_channel;
         double sum = 0.0;
-        for (int64_t i = 0; i < HW; ++i) sum += t[i];
+        for (int64_t i = 0; i < per_channel; ++i) sum += t[i];
         sums.add(c, k, sum);
       }
     }
@@ -185,22 +211,23 @@ class PositionSums {
     }
     samples_ = 0;
   }
-  int64_t count_, length_, samples_ = 0;
+  int64_t count_, length_, samples_per_flush_, samples_ = 0;
   std::vector<float> partial_;
   std::vector<double> total_;
 };
 
 // Per-channel sums of sums.count quantities over all samples: fn(chunk, n, hw, acc) runs
-// for every chunk and sample and adds each value's quantities to acc.partial(k)[j].
+// for every chunk and sample and adds each value's quantities to acc.partial(k)[slot].
 template <typename Fn>
 void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Fn& fn) {
   for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
-    PositionSums acc(sums.count, chunk.length);
+    const int64_t per_channel = lanes(hw);
+    PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
     for (int64_t n = 0; n < N; ++n) {
       fn(chunk, n, hw, acc);
       acc.end_sample();
     }
-    acc.add_to(sums, chunk, hw);
+    acc.add_to(sums, chunk, per_channel);
   });
 }
 
@@ -272,10 +299,10 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
     float* sum = acc.partial(0);
     float* sum_sq = acc.partial(1);
     const float* src = xp + chunk.offset(n, C, HW);
-    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
       const float v = src[j] - k[q];
-      sum[j] += v;
-      sum_sq[j] += v * v;
+      sum[slot] += v;
+      sum_sq[slot] += v * v;
     });
   });
   Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
@@ -287,7 +314,7 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
     for (int64_t n = 0; n < N; ++n) {
       const float* src = xp + chunk.offset(n, C, HW);
       float* dst = yp + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
         const float z = src[j] * alpha[q] + beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
         dst[j] = (act && !(z > 0.0f)) ? slope_q * z : z;
       });
@@ -343,14 +370,14 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
     const float* e = extra.data() + n * C + chunk.c0;
     const float* src = xp + chunk.offset(n, C, HW);
     const float* gy = gp + chunk.offset(n, C, HW);
-    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
       const float z = src[j] * a[q] + b[q], slope_q = w[q];
       const float dy = gy[j] + e[q];
       const bool negative = act && !(z > 0.0f);
       const float dz = negative ? slope_q * dy : dy;
-      sum_dz[j] += dz;
-      dot[j] += dz * (src[j] - m[q]);
-      dw[j] += negative ? dy * z : 0.0f;
+      sum_dz[slot] += dz;
+      dot[slot] += dz * (src[j] - m[q]);
+      dw[slot] += negative ? dy * z : 0.0f;
     });
   });
   std::vector<float> mean_dz(C), k(C);
@@ -376,7 +403,7 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
       const float* src = xp + chunk.offset(n, C, HW);
       const float* gy = gp + chunk.offset(n, C, HW);
       float* dst = gxp + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
         const float z = src[j] * a[q] + b[q], slope_q = w[q];
         const float dy = gy[j] + e[q];
         const float dz = (act && !(z > 0.0f)) ? slope_q * dy : dy;
@@ -420,10 +447,10 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
     const float* s = gtp + n * C + chunk.c0;
     const float* bs = bp + chunk.offset(n, C, HW);
     const float* rs = rp + chunk.offset(n, C, HW);
-    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
       const float v = (multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j]) - k[q];
-      sum[j] += v;
-      sum_sq[j] += v * v;
+      sum[slot] += v;
+      sum_sq[slot] += v * v;
     });
   });
   Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
@@ -435,7 +462,7 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
       const float* bs = bp + chunk.offset(n, C, HW);
       const float* rs = rp + chunk.offset(n, C, HW);
       float* dst = yp + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
         const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
         dst[j] = (v * alpha[q] + beta[q]) + rs[j];
       });
@@ -473,10 +500,10 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
     const float* bs = bp + chunk.offset(n, C, HW);
     const float* rs = rp + chunk.offset(n, C, HW);
     const float* gy = gp + chunk.offset(n, C, HW);
-    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
       const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
-      sum_dy[j] += gy[j];
-      dot[j] += gy[j] * (v - m[q]);
+      sum_dy[slot] += gy[j];
+      dot[slot] += gy[j] * (v - m[q]);
     });
   });
   std::vector<float> alpha(C), mean_dy(C), k(C);
@@ -506,7 +533,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       float* gb = gbp + chunk.offset(n, C, HW);
       if (multiply_residual) {
         float* gr = grp + chunk.offset(n, C, HW);
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
           const float sb = s[q] * bs[j];
           const float dv = (gy[j] - md[q] - (sb * rs[j] - m[q]) * kc[q]) * a[q];
           const float dsb = dv * rs[j];  // gradient reaching s * b
@@ -515,7 +542,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
           dgate[j] = dsb * bs[j];
         });
       } else {
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
           const float dv = (gy[j] - md[q] - (s[q] * bs[j] - m[q]) * kc[q]) * a[q];
           gb[j] = dv * s[q];
           dgate[j] = dv * bs[j];
@@ -554,13 +581,13 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
       float* dst = yp + chunk.offset(n, C, HW);
       if (act) {
         float* out = ap + chunk.offset(n, C, HW);
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
           const float x_j = src[j], v = x_j + beta[q], slope_q = w[q];
           dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
           out[j] = x_j > 0.0f ? x_j : slope_q * x_j;
         });
       } else {
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
           const float v = src[j] + beta[q];
           dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
         });
@@ -616,20 +643,20 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
     float* dst = gxp + chunk.offset(n, C, HW);
     if (act) {
       const float* ga = gap + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
         const float x_j = src[j], v = x_j + beta[q], grad_j = gy[j], ga_j = ga[j], slope_q = w[q];
         const float g = (v < lo || v > hi) ? 0.0f : grad_j;
         const bool positive = x_j > 0.0f;
         dst[j] = (g + e[q]) + (positive ? ga_j : slope_q * ga_j);
-        sum[j] += g;
-        dw[j] += positive ? 0.0f : ga_j * x_j;
+        sum[slot] += g;
+        dw[slot] += positive ? 0.0f : ga_j * x_j;
       });
     } else {
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q) {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
         const float v = src[j] + beta[q], grad_j = gy[j];
         const float g = (v < lo || v > hi) ? 0.0f : grad_j;
         dst[j] = g + e[q];
-        sum[j] += g;
+        sum[slot] += g;
       });
     }
   });
