@@ -86,8 +86,9 @@ def _compare(fused, reference) -> None:
 
 
 #: H x W of the kernel tests: the unrolled plane sizes of the late stages (1, 4 and 16
-#: values), an odd one, and one of two summation blocks (192 values).
-PLANE_SIZES = [(1, 1), (2, 2), (4, 4), (5, 7), (12, 16)]
+#: values), an odd one, one of two summation blocks and three accumulator lanes (192
+#: values), and one whose lanes do not divide it (99 values: 64 + 35).
+PLANE_SIZES = [(1, 1), (2, 2), (4, 4), (5, 7), (12, 16), (9, 11)]
 
 
 @pytest.mark.parametrize("size", PLANE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
