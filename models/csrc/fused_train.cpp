@@ -11,9 +11,10 @@
 // Work is split over the channels (at::parallel_for). A thread takes a chunk of its
 // channels at a time and walks it sample by sample; in each sample the chunk's planes
 // are one contiguous run of values. Per-channel sums (batch-norm statistics, parameter
-// gradients) are not reduced plane by plane: each value position of the run has its
-// own accumulator, added to in float over blocks of samples and then in double, and a
-// channel's positions are added up once, at the end, in order. So the loops are plain
+// gradients) are not reduced plane by plane: each value position of a plane has its own
+// accumulator (planes of more than kLanes values share kLanes), added to in float over
+// blocks of samples and then in double, and a channel's accumulators are added up once,
+// at the end, in order. So the loops are plain
 // vectorized element-wise loops over a plane (or, for planes of one value, over the
 // run) whatever the plane size: the late stages' planes of 4 or 16 values no longer pay
 // a horizontal reduction and a double conversion per plane, which made those layers
@@ -43,10 +44,10 @@ void check_vector(const at::Tensor& t, int64_t C, const char* name) {
 // Plane sums (the spatial means, the gate's gradient) add float sums of kBlock
 // consecutive values in double.
 constexpr int64_t kBlock = 128;
-// Values per run: a chunk holds about this many values of one sample (at least one
-// plane), so its accumulators stay in the core's L1 cache (a few kB each). In a
-// standalone test of bn_prelu_backward's first pass, runs of 1024 values beat 512 and
-// 4096 on most plane sizes.
+// Accumulators per chunk (per quantity summed): a chunk holds this many values of one
+// sample (at least one plane) up to planes of kLanes values, so that its accumulators
+// stay in the core's L1 cache (a few kB each). In a standalone test of
+// bn_prelu_backward's first pass, 1024 beat 512 and 4096 on most plane sizes.
 constexpr int64_t kRunValues = 1024;
 // Per-position sums run in float over about this many values, then are added in double.
 constexpr int64_t kSampleBlock = 16;
