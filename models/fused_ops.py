@@ -15,7 +15,7 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``;
 * :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
   (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
-* :func:`divide_clamp`: the progressive weight binarization in one pass, the same bits.
+* :func:`binarize_weight`: the progressive weight binarization in one pass, the same bits.
 
 The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
 ``torch.compile`` calls them from its graph as eager does; the pooling and weight
@@ -34,6 +34,7 @@ values, double beyond), so results agree to float32 rounding, not bit for bit.
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
@@ -44,7 +45,7 @@ from torch import nn
 
 from . import kernel_ops
 from .extensions import build_cpu_extension
-from .quantizers import HardSign, LearnableBias
+from .quantizers import MIN_TEMPERATURE, HardSign, LearnableBias
 
 BACKEND_ENV = "BNEXT_FUSED_BACKEND"
 _enabled = True
@@ -257,13 +258,32 @@ def spread_2x2(grad: torch.Tensor, input_shape: torch.Size, kernel: bool = True)
     return spread
 
 
-def divide_clamp(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, kernel: bool) -> torch.Tensor:
-    """``clamp(weight / first / second, -1, 1)`` (one-value divisors), bit for bit in either path.
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (as a float32 tensor would hold it), as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
-    The kernel (one pass instead of three) runs where ``kernel`` says (the caller's
-    training step), the weight is a CPU float32 contiguous 4-D tensor and the divisors
-    are float32.
+
+_MIN_TEMPERATURE_32 = _float32(MIN_TEMPERATURE)
+_TINY_32 = torch.finfo(torch.float32).tiny
+
+
+def binarize_weight(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """``clamp(weight / d1 / d2, -1, 1)`` in one pass, with the divisors of
+    :class:`models.quantizers._ProgressiveBinarizeSTE` (the same bits); None where the kernel does not apply.
+
+    For the caller's training step: a CPU float32 contiguous 4-D weight and a float32
+    one-value CPU temperature, outside ``torch.compile``. The divisors are picked on the
+    host, in float32 as the tensor formula picks them: ``d1 = max(T, 1e-8)`` and
+    ``d2 = 1``, or both the smallest normal float32 when ``T < threshold``. Reading a CPU
+    tensor waits for nothing, and it saves the six small tensor operations per weight
+    that the device-side choice takes.
     """
-    if kernel and first.dtype == second.dtype == torch.float32 and _fusable_in_eager(weight):
-        return load_extension().divide_clamp(weight, first.item(), second.item())
-    return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)
+    cpu_scalar = temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1
+    if not cpu_scalar or not _fusable_in_eager(weight):
+        return None
+    t = temperature.item()  # a float32 value, exact as a Python float
+    if t < _float32(threshold):
+        first = second = _TINY_32
+    else:  # clamp(min=1e-8); a NaN temperature stays NaN, as with torch.clamp
+        first, second = (_MIN_TEMPERATURE_32 if t < _MIN_TEMPERATURE_32 else t), 1.0
+    return load_extension().divide_clamp(weight, first, second)

@@ -76,24 +76,28 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
     ``d1 = max(T, 1e-8)``, ``d2 = 1`` gives the official soft weights bit for bit;
     ``d1 = d2 = tiny`` (the smallest normal number of the dtype) sends every nonzero
     weight, subnormal ones included, beyond ``±1`` and keeps zeros at zero, which is
-    ``sign(W)`` exactly.
+    ``sign(W)`` exactly. A CPU training step takes the one-pass kernel of
+    :func:`models.fused_ops.binarize_weight` instead, which reads the temperature on the
+    host (a CPU tensor: no synchronisation to wait for) and gives the same bits.
     """
 
+    # forward(ctx, ...) rather than a separate setup_context: apply() would otherwise bind the
+    # arguments through inspect.signature on every call, about as long as the small weights' kernel.
     @staticmethod
-    def forward(weight: torch.Tensor, temperature: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, temperature: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
+        from . import fused_ops  # here, not at the top: fused_ops imports this module
+
+        # A training step on the CPU: one C++ pass, divisors picked on the host (the same bits).
+        binarized = fused_ops.binarize_weight(weight, temperature, threshold) if training else None
+        if binarized is not None:
+            return binarized
         # The divisors in the dtype of the division (a float32 temperature promotes bf16 weights).
         dtype = torch.promote_types(weight.dtype, temperature.dtype)
         tiny = torch.finfo(dtype).tiny
         hard = temperature < threshold
         first = temperature.clamp(min=MIN_TEMPERATURE).to(dtype).masked_fill(hard, tiny)
         second = torch.ones_like(first).masked_fill(hard, tiny)
-        from . import fused_ops  # here, not at the top: fused_ops imports this module
-
-        return fused_ops.divide_clamp(weight, first, second, kernel=training)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
+        return torch.div(weight, first).div_(second).clamp_(-1.0, 1.0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

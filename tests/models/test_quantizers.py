@@ -71,6 +71,20 @@ def test_soft_binarization_is_the_official_formula_bit_for_bit(temperature: floa
     assert torch.equal(out.signbit(), expected.signbit())  # -0.0 stays -0.0
 
 
+@pytest.mark.parametrize("threshold", [1e-7, 1e-5])
+@pytest.mark.parametrize("step", [-1, 0, 1], ids=["below", "at", "above"])
+def test_kernel_and_operators_pick_the_same_regime_at_the_threshold(threshold: float, step: int) -> None:
+    """The kernel path picks its divisors on the host: in float32, as the operators compare on the tensor."""
+    at = torch.tensor([threshold])  # float32: the threshold as the comparison sees it
+    towards = torch.tensor([math.inf if step > 0 else 0.0])
+    t = at if step == 0 else torch.nextafter(at, towards)
+    weight = torch.randn(16, 8, 3, 3) * threshold
+    by_operators = progressive_binarize(weight, t, threshold)
+    by_kernel = progressive_binarize(weight.clone().requires_grad_(True), t, threshold)
+    assert torch.equal(by_kernel, by_operators)
+    assert torch.equal(by_kernel, torch.sign(weight)) == (step < 0)
+
+
 def test_activation_temperature_does_not_change_the_sign() -> None:
     sign = HardSign()
     x = torch.randn(100)
