@@ -157,15 +157,13 @@ class _AvgPool2x2(torch.autograd.Function):
     See :func:`models.fused_ops.window_mean_2x2` and :func:`models.fused_ops.spread_2x2`.
     """
 
+    # forward(ctx, ...): a separate setup_context makes apply() bind the arguments with inspect on every call.
     @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return fused_ops.window_mean_2x2(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.input_shape = inputs[0].shape
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape = x.shape
         # The gradient keeps the input's layout: no kernel (NCHW only) for a channels_last input.
-        ctx.input_is_nchw = inputs[0].is_contiguous()
+        ctx.input_is_nchw = x.is_contiguous()
+        return fused_ops.window_mean_2x2(x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -209,12 +207,9 @@ class _PReLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # ctx first: see _AvgPool2x2
+        ctx.save_for_backward(x, weight)
         return F.prelu(x, weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -266,7 +261,9 @@ class SqueezeExcite(nn.Module):
 
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The gate from an already averaged ``N x C x 1 x 1`` input (skips ``se[0]``, the pooling)."""
-        return torch.sigmoid(self.se[1:](pooled))
+        # The layers one by one: slicing the Sequential (se[1:]) would build a new module per call.
+        _, reduce, relu, expand = self.se
+        return torch.sigmoid(expand(relu(reduce(pooled))))
 
 
 def frozen_prelu(channels: int) -> PReLU:
