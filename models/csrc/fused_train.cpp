@@ -20,7 +20,9 @@
 // a horizontal reduction and a double conversion per plane, which made those layers
 // several times slower per value than large ones. The results do not depend on the
 // thread count or on the chunking, and the sums are about as accurate as PyTorch's
-// double-accumulating batch-norm statistics.
+// double-accumulating batch-norm statistics. A batch-norm kernel runs both its passes
+// (the sums, then the outputs) on one chunk before it takes the next (two_passes), so
+// that the second pass finds the chunk's inputs still in the cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -217,19 +219,33 @@ class PositionSums {
   std::vector<double> total_;
 };
 
-// Per-channel sums of sums.count quantities over all samples: fn(chunk, n, hw, acc) runs
-// for every chunk and sample and adds each value's quantities to acc.partial(k)[slot].
-template <typename Fn>
-void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Fn& fn) {
+// The two passes of a batch-norm kernel, chunk by chunk: for each chunk of channels,
+// sum(chunk, n, hw, acc) for every sample adds each value's quantities to
+// acc.partial(k)[slot]; the chunk's per-channel sums go to `sums`; finish(chunk) turns
+// them into the chunk's per-channel coefficients; apply(chunk, hw) makes the second pass
+// over the chunk's samples. The second pass reads what the first has just read, from
+// the cache (about 1024 values per sample and input: some hundreds of KiB), not from
+// memory. Each channel's sums keep their order: the bits do not depend on the chunks.
+template <typename Sum, typename Finish, typename Apply>
+void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
+                const Apply& apply) {
   for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
     const int64_t per_channel = lanes(hw);
     PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
     for (int64_t n = 0; n < N; ++n) {
-      fn(chunk, n, hw, acc);
+      sum(chunk, n, hw, acc);
       acc.end_sample();
     }
     acc.add_to(sums, chunk, per_channel);
+    finish(chunk);
+    apply(chunk, hw);
   });
+}
+
+// Per-channel sums of sums.count quantities over all samples (the first pass alone).
+template <typename Sum>
+void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum) {
+  two_passes(N, C, HW, sums, sum, [](const Chunk&) {}, [](const Chunk&, auto) {});
 }
 
 // The batch statistics (from per-channel sums of x - shift and of its squares) as the affine map
@@ -237,18 +253,19 @@ void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const
 // update of torch.nn.functional.batch_norm in training mode (biased variance to
 // normalize, unbiased to track).
 struct Affine {
+  Affine(int64_t C, const at::TensorOptions& options)
+      : mean(at::empty({C}, options)), invstd(at::empty({C}, options)), alpha(C), shift(C) {}
   at::Tensor mean, invstd;
   std::vector<float> alpha, shift;
 };
 
-Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int64_t C, int64_t M,
-                   double eps, double momentum, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& running_mean,
-                   const at::Tensor& running_var) {
-  Affine out{at::empty({C}, gamma.options()), at::empty({C}, gamma.options()), std::vector<float>(C),
-             std::vector<float>(C)};
+// Fills `out` for the channels of `chunk` and updates their running statistics.
+void batch_stats(Affine& out, const Chunk& chunk, const ChannelSums& sums, const std::vector<float>& shift,
+                 int64_t M, double eps, double momentum, const at::Tensor& gamma, const at::Tensor& beta,
+                 const at::Tensor& running_mean, const at::Tensor& running_var) {
   float* rm = running_mean.data_ptr<float>();
   float* rv = running_var.data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
     const double shifted_mean = sums.get(c, 0) / M;
     const double var = std::max(0.0, sums.get(c, 1) / M - shifted_mean * shifted_mean);
     const double mean = shifted_mean + shift[c];
@@ -260,7 +277,6 @@ Affine batch_stats(const ChannelSums& sums, const std::vector<float>& shift, int
     out.alpha[c] = invstd * gamma.data_ptr<float>()[c];
     out.shift[c] = beta.data_ptr<float>()[c] - static_cast<float>(mean) * out.alpha[c];
   }
-  return out;
 }
 
 // The slope per channel, or ones without PReLU: the loops read it either way.
@@ -295,7 +311,9 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
   std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = xp[c * HW];
   ChannelSums sums(C, 2);
-  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  Affine affine(C, gamma.options());
+  const std::vector<float> slopes = slope_or_ones(slope, act, C);
+  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
     const float* k = shift.data() + chunk.c0;
     float* sum = acc.partial(0);
     float* sum_sq = acc.partial(1);
@@ -305,10 +323,11 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
       sum[slot] += v;
       sum_sq[slot] += v * v;
     });
-  });
-  Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
-  const std::vector<float> slopes = slope_or_ones(slope, act, C);
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+  };
+  const auto finish = [&](const Chunk& chunk) {
+    batch_stats(affine, chunk, sums, shift, M, eps, momentum, gamma, beta, running_mean, running_var);
+  };
+  const auto output = [&](const Chunk& chunk, auto HW) {
     const float* alpha = affine.alpha.data() + chunk.c0;
     const float* beta = affine.shift.data() + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
@@ -321,7 +340,8 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
       });
       if (want_pooled) plane_sums(dst, chunk.planes(), HW, static_cast<double>(HW), pp + n * C + chunk.c0);
     }
-  });
+  };
+  two_passes(N, C, HW, sums, statistics, finish, output);
   return {y, affine.mean, affine.invstd, pooled};
 }
 
@@ -360,7 +380,7 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   // Pass 1: the gradient reaching the batch-norm output (through PReLU), its sum and
   // its dot product with the centred input; the PReLU slope's gradient.
   ChannelSums sums(C, 3);
-  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
     const float* a = alpha.data() + chunk.c0;
     const float* b = shift.data() + chunk.c0;
     const float* m = mean + chunk.c0;
@@ -380,19 +400,21 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
       dot[slot] += dz * (src[j] - m[q]);
       dw[slot] += negative ? dy * z : 0.0f;
     });
-  });
+  };
   std::vector<float> mean_dz(C), k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double sum_dz = sums.get(c, 0), dot = sums.get(c, 1);
-    grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dz);
-    grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
-    if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 2));
-    mean_dz[c] = static_cast<float>(sum_dz / M);
-    k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
-  }
+  const auto finish = [&](const Chunk& chunk) {
+    for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
+      const double sum_dz = sums.get(c, 0), dot = sums.get(c, 1);
+      grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dz);
+      grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+      if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 2));
+      mean_dz[c] = static_cast<float>(sum_dz / M);
+      k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
+    }
+  };
   // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
   float* gxp = grad_x.data_ptr<float>();
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+  const auto input_gradient = [&](const Chunk& chunk, auto HW) {
     const float* a = alpha.data() + chunk.c0;
     const float* b = shift.data() + chunk.c0;
     const float* m = mean + chunk.c0;
@@ -411,7 +433,8 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
         dst[j] = (dz - md[q] - (src[j] - m[q]) * kc[q]) * a[q];
       });
     }
-  });
+  };
+  two_passes(N, C, HW, sums, gradient_sums, finish, input_gradient);
   return {grad_x, grad_gamma, grad_beta, grad_slope};
 }
 
@@ -441,7 +464,8 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
     shift[c] = multiply_residual ? (gtp[c] * bp[c * HW]) * rp[c * HW] : gtp[c] * bp[c * HW];
   }
   ChannelSums sums(C, 2);
-  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  Affine affine(C, gamma.options());
+  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
     const float* k = shift.data() + chunk.c0;
     float* sum = acc.partial(0);
     float* sum_sq = acc.partial(1);
@@ -453,9 +477,11 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
       sum[slot] += v;
       sum_sq[slot] += v * v;
     });
-  });
-  Affine affine = batch_stats(sums, shift, C, M, eps, momentum, gamma, beta, running_mean, running_var);
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+  };
+  const auto finish = [&](const Chunk& chunk) {
+    batch_stats(affine, chunk, sums, shift, M, eps, momentum, gamma, beta, running_mean, running_var);
+  };
+  const auto output = [&](const Chunk& chunk, auto HW) {
     const float* alpha = affine.alpha.data() + chunk.c0;
     const float* beta = affine.shift.data() + chunk.c0;
     for (int64_t n = 0; n < N; ++n) {
@@ -468,7 +494,8 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
         dst[j] = (v * alpha[q] + beta[q]) + rs[j];
       });
     }
-  });
+  };
+  two_passes(N, C, HW, sums, statistics, finish, output);
   return {y, affine.mean, affine.invstd};
 }
 
@@ -493,7 +520,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   const float* mean = save_mean.data_ptr<float>();
   const float* invstd = save_invstd.data_ptr<float>();
   ChannelSums sums(C, 2);
-  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
     const float* m = mean + chunk.c0;
     float* sum_dy = acc.partial(0);
     float* dot = acc.partial(1);
@@ -506,20 +533,22 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       sum_dy[slot] += gy[j];
       dot[slot] += gy[j] * (v - m[q]);
     });
-  });
+  };
   std::vector<float> alpha(C), mean_dy(C), k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double sum_dy = sums.get(c, 0), dot = sums.get(c, 1);
-    grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
-    grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
-    alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
-    mean_dy[c] = static_cast<float>(sum_dy / M);
-    k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
-  }
+  const auto finish = [&](const Chunk& chunk) {
+    for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
+      const double sum_dy = sums.get(c, 0), dot = sums.get(c, 1);
+      grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
+      grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+      alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
+      mean_dy[c] = static_cast<float>(sum_dy / M);
+      k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
+    }
+  };
   float* gbp = grad_b.data_ptr<float>();
   float* grp = multiply_residual ? grad_r.data_ptr<float>() : nullptr;
   float* ggp = grad_gate.data_ptr<float>();
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+  const auto input_gradients = [&](const Chunk& chunk, auto HW) {
     const float* a = alpha.data() + chunk.c0;
     const float* m = mean + chunk.c0;
     const float* md = mean_dy.data() + chunk.c0;
@@ -551,7 +580,8 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       }
       plane_sums(dgate, chunk.planes(), HW, 1.0, ggp + n * C + chunk.c0);
     }
-  });
+  };
+  two_passes(N, C, HW, sums, gradient_sums, finish, input_gradients);
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
 }
 
