@@ -223,9 +223,11 @@ class PositionSums {
 // sum(chunk, n, hw, acc) for every sample adds each value's quantities to
 // acc.partial(k)[slot]; the chunk's per-channel sums go to `sums`; finish(chunk) turns
 // them into the chunk's per-channel coefficients; apply(chunk, hw) makes the second pass
-// over the chunk's samples. The second pass reads what the first has just read, from
-// the cache (about 1024 values per sample and input: some hundreds of KiB), not from
-// memory. Each channel's sums keep their order: the bits do not depend on the chunks.
+// over the chunk's samples. The second pass reads what the first has just read: up to
+// planes of kLanes values a chunk holds about kRunValues values per sample, a few hundred
+// KiB per input over a batch of 64, which stays in a core's L2 cache; larger planes'
+// chunks (kRunValues / kLanes channels) hold more, and less of them stays. Each channel's
+// sums keep their order: the bits do not depend on the chunks.
 template <typename Sum, typename Finish, typename Apply>
 void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
                 const Apply& apply) {
