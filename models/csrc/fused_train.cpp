@@ -281,6 +281,19 @@ void batch_stats(Affine& out, const Chunk& chunk, const ChannelSums& sums, const
   }
 }
 
+// The batch-norm backward's per-channel results for channel c, from its sums
+// {sum of dy, sum of dy * (x - mean)}: grad_beta, grad_gamma, and the coefficients
+// mean(dy) and mean(dy * (x - mean)) * invstd^2 of the input gradient.
+void norm_backward_coefficients(int64_t c, const ChannelSums& sums, const float* invstd, int64_t M,
+                                const at::Tensor& grad_gamma, const at::Tensor& grad_beta, std::vector<float>& mean_dy,
+                                std::vector<float>& k) {
+  const double sum_dy = sums.get(c, 0), dot = sums.get(c, 1);
+  grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
+  grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+  mean_dy[c] = static_cast<float>(sum_dy / M);
+  k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
+}
+
 // The slope per channel, or ones without PReLU: the loops read it either way.
 std::vector<float> slope_or_ones(const at::Tensor& slope, bool act, int64_t C) {
   return act ? std::vector<float>(slope.data_ptr<float>(), slope.data_ptr<float>() + C) : std::vector<float>(C, 1.0f);
@@ -406,12 +419,8 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   std::vector<float> mean_dz(C), k(C);
   const auto finish = [&](const Chunk& chunk) {
     for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
-      const double sum_dz = sums.get(c, 0), dot = sums.get(c, 1);
-      grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dz);
-      grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+      norm_backward_coefficients(c, sums, invstd, M, grad_gamma, grad_beta, mean_dz, k);
       if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 2));
-      mean_dz[c] = static_cast<float>(sum_dz / M);
-      k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
     }
   };
   // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
@@ -539,12 +548,8 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   std::vector<float> alpha(C), mean_dy(C), k(C);
   const auto finish = [&](const Chunk& chunk) {
     for (int64_t c = chunk.c0; c < chunk.c1; ++c) {
-      const double sum_dy = sums.get(c, 0), dot = sums.get(c, 1);
-      grad_beta.data_ptr<float>()[c] = static_cast<float>(sum_dy);
-      grad_gamma.data_ptr<float>()[c] = static_cast<float>(dot * invstd[c]);
+      norm_backward_coefficients(c, sums, invstd, M, grad_gamma, grad_beta, mean_dy, k);
       alpha[c] = invstd[c] * gamma.data_ptr<float>()[c];
-      mean_dy[c] = static_cast<float>(sum_dy / M);
-      k[c] = static_cast<float>(dot / M * invstd[c] * invstd[c]);
     }
   };
   float* gbp = grad_b.data_ptr<float>();
