@@ -51,6 +51,14 @@ constexpr int64_t kBlock = 128;
 // stay in the core's L1 cache (a few kB each). In a standalone test of
 // bn_prelu_backward's first pass, 1024 beat 512 and 4096 on most plane sizes.
 constexpr int64_t kRunValues = 1024;
+// Values per input that a chunk of a two-pass kernel holds over all samples at most (when a
+// chunk of kRunValues accumulators would hold more, as for planes of more than kLanes
+// values): 256 KiB per tensor, so that the second pass over a chunk reads its three
+// inputs (and writes its outputs) in a 2 MiB L2 cache instead of the L3 or the memory.
+#ifndef BNEXT_CACHE_VALUES
+#define BNEXT_CACHE_VALUES (1 << 16)
+#endif
+constexpr int64_t kCacheValues = BNEXT_CACHE_VALUES;
 // Per-position sums run in float over about this many values, then are added in double.
 constexpr int64_t kSampleBlock = 16;
 // Planes of more than kLanes values share kLanes accumulators per channel (value i adds
@@ -82,12 +90,17 @@ struct Chunk {
 // Runs fn(chunk, hw) for chunks of channels. Threads take contiguous ranges of channels,
 // about 64k values each at least (small layers stay on the calling thread), and cut them
 // into chunks of about kRunValues accumulators (kRunValues values per sample up to
-// planes of kLanes values, more beyond). For the late stages' planes (1, 4
-// and 16 values) hw is a compile-time constant, so the per-plane loops unroll.
+// planes of kLanes values, more beyond). With cache_local, a chunk also holds at most
+// kCacheValues values over all samples, so that a second pass over it finds its inputs
+// in the core's L2 cache (two_passes). For the late stages' planes (1, 4 and 16 values)
+// hw is a compile-time constant, so the per-plane loops unroll.
 template <typename Fn>
-void for_each_chunk(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
+void for_each_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
-  const int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, lanes(HW)));
+  int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, lanes(HW)));
+  if (cache_local) {
+    channels_per_chunk = std::max<int64_t>(1, std::min(channels_per_chunk, kCacheValues / std::max<int64_t>(1, N * HW)));
+  }
   const auto run = [&](auto hw) {
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c0 = begin; c0 < end; c0 += channels_per_chunk) {
@@ -223,15 +236,14 @@ class PositionSums {
 // sum(chunk, n, hw, acc) for every sample adds each value's quantities to
 // acc.partial(k)[slot]; the chunk's per-channel sums go to `sums`; finish(chunk) turns
 // them into the chunk's per-channel coefficients; apply(chunk, hw) makes the second pass
-// over the chunk's samples. The second pass reads what the first has just read: up to
-// planes of kLanes values a chunk holds about kRunValues values per sample, a few hundred
-// KiB per input over a batch of 64, which stays in a core's L2 cache; larger planes'
-// chunks (kRunValues / kLanes channels) hold more, and less of them stays. Each channel's
-// sums keep their order: the bits do not depend on the chunks.
+// over the chunk's samples. The second pass reads what the first has just read: a chunk
+// holds at most kCacheValues values per input over all samples (cache_local of
+// for_each_chunk), which stay in a core's L2 cache. Each channel's sums keep their
+// order: the bits do not depend on the chunks.
 template <typename Sum, typename Finish, typename Apply>
-void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
-                const Apply& apply) {
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
+void passes_by_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, ChannelSums& sums, const Sum& sum,
+                     const Finish& finish, const Apply& apply) {
+  for_each_chunk(N, C, HW, cache_local, [&](const Chunk& chunk, auto hw) {
     const int64_t per_channel = lanes(hw);
     PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
     for (int64_t n = 0; n < N; ++n) {
@@ -244,10 +256,18 @@ void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& 
   });
 }
 
-// Per-channel sums of sums.count quantities over all samples (the first pass alone).
+template <typename Sum, typename Finish, typename Apply>
+void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
+                const Apply& apply) {
+  passes_by_chunk(N, C, HW, true, sums, sum, finish, apply);
+}
+
+// Per-channel sums of sums.count quantities over all samples (the first pass alone): with
+// no second pass to serve, chunks keep kRunValues accumulators, the longest contiguous
+// runs (capping them as two_passes does made this pass slower on 32x32 planes).
 template <typename Sum>
 void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum) {
-  two_passes(N, C, HW, sums, sum, [](const Chunk&) {}, [](const Chunk&, auto) {});
+  passes_by_chunk(N, C, HW, false, sums, sum, [](const Chunk&) {}, [](const Chunk&, auto) {});
 }
 
 // The batch statistics (from per-channel sums of x - shift and of its squares) as the affine map
@@ -611,7 +631,7 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
   float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
   float* ap = act ? activated.data_ptr<float>() : nullptr;
   const std::vector<float> slopes = slope_or_ones(slope, act, C);
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto HW) {
+  for_each_chunk(N, C, HW, false, [&](const Chunk& chunk, auto HW) {
     const float* beta = bias.data_ptr<float>() + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
     for (int64_t n = 0; n < N; ++n) {
