@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -98,9 +99,13 @@ def kernel_cases(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
     return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
 
 
-def kernel_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
-    """The C++ forward and backward calls of each case of :func:`kernel_cases`, without autograd."""
-    kernels = fused_ops.load_extension()
+def kernel_calls(shape: tuple[int, ...], kernels: ModuleType | None = None) -> dict[str, Callable[[], tuple]]:
+    """The C++ forward and backward calls of each case of :func:`kernel_cases`, without autograd.
+
+    ``kernels`` is the extension to call (default: this tree's); each closure returns the
+    forward's and the backward's results, and gives the same results on every call.
+    """
+    kernels = kernels if kernels is not None else fused_ops.load_extension()
     torch.manual_seed(0)
     n, channels = shape[:2]
     x, b, residual, upstream = (torch.randn(shape) for _ in range(4))
@@ -111,18 +116,19 @@ def kernel_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
     def running_statistics() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(channels), torch.ones(channels)
 
-    def inputs() -> None:
-        kernels.biased_sign_forward(x, bias, True, slope)
-        kernels.biased_sign_backward(upstream, ones, upstream, x, bias, slope, 1.5)
+    def inputs() -> tuple:
+        forward = kernels.biased_sign_forward(x, bias, True, slope)
+        return forward, kernels.biased_sign_backward(upstream, ones, upstream, x, bias, slope, 1.5)
 
-    def norm_prelu() -> None:
-        _, mean, invstd, _ = kernels.bn_prelu_forward(x, gamma, beta, *running_statistics(), 0.1, 1e-5, slope, True)
-        kernels.bn_prelu_backward(upstream, ones, x, gamma, beta, slope, mean, invstd)
+    def norm_prelu() -> tuple:
+        forward = kernels.bn_prelu_forward(x, gamma, beta, *running_statistics(), 0.1, 1e-5, slope, True)
+        _, mean, invstd, _ = forward
+        return forward, kernels.bn_prelu_backward(upstream, ones, x, gamma, beta, slope, mean, invstd)
 
-    def gated() -> None:
-        statistics = running_statistics()
-        _, mean, invstd = kernels.gated_bn_forward(b, gate, residual, True, gamma, beta, *statistics, 0.1, 1e-5)
-        kernels.gated_bn_backward(upstream, b, gate, residual, True, gamma, mean, invstd)
+    def gated() -> tuple:
+        forward = kernels.gated_bn_forward(b, gate, residual, True, gamma, beta, *running_statistics(), 0.1, 1e-5)
+        _, mean, invstd = forward
+        return forward, kernels.gated_bn_backward(upstream, b, gate, residual, True, gamma, mean, invstd)
 
     return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
 

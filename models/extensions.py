@@ -41,6 +41,24 @@ def cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def compile_source(name: str, path: Path) -> ModuleType:
+    """Compile (or load from the cache) the C++ file ``path`` as the extension ``name``, with the project's flags.
+
+    Raises what ``torch.utils.cpp_extension.load`` raises when the build fails.
+    """
+    from torch.utils import cpp_extension
+
+    # -ffp-contract=off: float arithmetic must round exactly like PyTorch's kernels
+    # (explicit fma where they use one, nothing fused behind our back).
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        # -march=native turns on AVX2/AVX-512 (and VPOPCNTDQ) where the CPU has them.
+        flags.append("-march=native")
+    return cpp_extension.load(
+        name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
+    )
+
+
 def build_cpu_extension(name: str, source: str, env_var: str, fallback: str) -> ModuleType | None:
     """Compile (or load from the cache) ``csrc/<source>`` as ``<name>_<cpu tag>``; None for the fallback.
 
@@ -55,21 +73,7 @@ def build_cpu_extension(name: str, source: str, env_var: str, fallback: str) -> 
     # The first build takes about a minute (later runs load the cached library): say so.
     _log.info("loading the C++ extension %s (compiled on first use, which takes about a minute)", source)
     try:
-        from torch.utils import cpp_extension
-
-        # -ffp-contract=off: float arithmetic must round exactly like PyTorch's kernels
-        # (explicit fma where they use one, nothing fused behind our back).
-        flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-            # -march=native turns on AVX2/AVX-512 (and VPOPCNTDQ) where the CPU has them.
-            flags.append("-march=native")
-        return cpp_extension.load(
-            name=f"{name}_{cpu_tag()}",
-            sources=[str(CSRC / source)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return compile_source(f"{name}_{cpu_tag()}", CSRC / source)
     except Exception as error:  # compiler, ninja or headers missing: every failure means "fall back"
         if choice == "cpp":
             raise RuntimeError(f"{env_var}=cpp but the C++ extension {source} could not be built: {error}") from error

@@ -1,0 +1,156 @@
+"""This tree's fused CPU training kernels against another revision's, interleaved in one process.
+
+Builds ``models/csrc/fused_train.cpp`` of a baseline (a git revision, or a file) as a
+second extension next to this tree's, then for every activation shape of the model
+times the C++ forward and backward calls of each kernel (those of
+``benchmarks/fused_kernels.py``'s ``kernel ms`` column) alternately, baseline then this
+tree, after a warm-up, and prints the medians, ``base/this`` (above 1: this tree is
+faster) and whether the two builds give the same bits (every output tensor compared
+with ``torch.equal``).
+
+On a shared machine two separate runs of ``fused_kernels.py`` differ by more than a
+kernel change gains; alternating the two builds in one process on the same tensors
+puts the machine's drift on both sides. With ``--keep-freed-memory`` the outputs' memory
+is reused from call to call: without it, glibc may hand out freshly mapped pages for the
+large activations on some calls (page faults cost both sides alike, but can swamp the
+kernels' own time on the 32x32 shapes).
+
+Usage::
+
+    python benchmarks/fused_kernels_ab.py --baseline HEAD~1        # a git revision of this repository
+    python benchmarks/fused_kernels_ab.py --baseline /tmp/old.cpp   # a saved fused_train.cpp
+    python benchmarks/fused_kernels_ab.py --baseline 3fb00cc --keep-freed-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from benchmarks.fused_kernels import kernel_calls, norm_input_shapes  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from models import extensions, fused_ops  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SOURCE = "models/csrc/fused_train.cpp"
+#: Where baseline sources are written: a fixed place, so that torch's build cache finds them again.
+BUILD_DIR = Path(tempfile.gettempdir()) / "bnext_fused_train_baselines"
+
+
+def baseline_source(baseline: str) -> str:
+    """The C++ text of ``baseline``: an existing file, else ``git show <baseline>:models/csrc/fused_train.cpp``."""
+    path = Path(baseline)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    shown = subprocess.run(
+        ["git", "show", f"{baseline}:{SOURCE}"], cwd=REPOSITORY, capture_output=True, text=True, check=False
+    )
+    if shown.returncode != 0:
+        raise SystemExit(
+            f"--baseline {baseline!r} is neither a file nor a git revision with {SOURCE}: {shown.stderr.strip()}"
+        )
+    return shown.stdout
+
+
+def build_baseline(text: str, build_dir: Path) -> ModuleType:
+    """Compile ``text`` with the project's flags as an extension named after its content (cached by torch)."""
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path = build_dir / f"fused_train_{digest}.cpp"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        partial = path.with_suffix(".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)  # atomic: a concurrent run never compiles half a file
+    return extensions.compile_source(f"bnext_fused_train_base_{digest}_{extensions.cpu_tag()}", path)
+
+
+def same_bits(first: object, second: object) -> bool:
+    """Whether two nested tuples/lists of tensors are equal tensor by tensor (``torch.equal``)."""
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return torch.equal(first, second)
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)) and len(first) == len(second):
+        return all(same_bits(a, b) for a, b in zip(first, second))
+    return False
+
+
+def time_alternating(base: Callable[[], object], this: Callable[[], object], iters: int, warmup: int = 3):
+    """Median milliseconds of ``base`` and ``this``, called alternately (base first in every pair)."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + iters):
+        for fn, out in zip((base, this), samples):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def compare(shapes: list[tuple[int, ...]], base: ModuleType, this: ModuleType, iters: int) -> list[dict]:
+    """One row per (shape, kernel): ``base_ms``, ``this_ms`` and ``same_bits``."""
+    rows = []
+    for shape in shapes:
+        base_calls, this_calls = kernel_calls(shape, base), kernel_calls(shape, this)
+        for name, this_fn in this_calls.items():
+            base_fn = base_calls[name]
+            same = same_bits(base_fn(), this_fn())
+            base_ms, this_ms = time_alternating(base_fn, this_fn, iters)
+            rows.append({"shape": shape, "kernel": name, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one line per (shape, kernel) and a total: baseline ms, this tree's ms, their ratio, same bits."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--baseline", required=True, help="a git revision of this repository, or a fused_train.cpp file, to compare"
+    )
+    parser.add_argument("--iters", type=int, default=25, help="timed pairs per kernel (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(apply_keep_freed_memory(args.keep_freed_memory))
+    this = fused_ops.load_extension()
+    if this is None:
+        raise SystemExit("the fused C++ extension is not available here (see the warning): nothing to compare")
+    text = baseline_source(args.baseline)
+    base = build_baseline(text, BUILD_DIR)
+    model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
+    shapes = [(args.batch, *s[1:]) for s in norm_input_shapes(model, torch.randn(2, 3, args.img_size, args.img_size))]
+    print(
+        f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"kernel forward + backward, baseline {args.baseline} against this tree, alternating"
+    )
+    print(f"{'shape':<22} {'kernel':<26} {'base ms':>9} {'this ms':>9} {'base/this':>10} {'same bits':>10}")
+    rows = compare(shapes, base, this, args.iters)
+    for row in rows:
+        ratio = row["base_ms"] / row["this_ms"]
+        print(
+            f"{str(row['shape']):<22} {row['kernel']:<26} {row['base_ms']:>9.3f} {row['this_ms']:>9.3f} "
+            f"{ratio:>10.2f} {'yes' if row['same_bits'] else 'NO':>10}"
+        )
+    base_total, this_total = sum(r["base_ms"] for r in rows), sum(r["this_ms"] for r in rows)
+    all_same = all(r["same_bits"] for r in rows)
+    print(
+        f"{'total (one call per row)':<49} {base_total:>9.3f} {this_total:>9.3f} {base_total / this_total:>10.2f} "
+        f"{'yes' if all_same else 'NO':>10}"
+    )
+
+
+if __name__ == "__main__":
+    main()

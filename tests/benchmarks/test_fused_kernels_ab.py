@@ -1,0 +1,88 @@
+"""The A/B kernel benchmark resolves its baseline, checks the bits and times both builds per shape."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import fused_kernels_ab
+from models import fused_ops
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
+    reason="the fused C++ extension could not be built here (see the warning)",
+)
+
+SHAPES = [(4, 8, 4, 4), (4, 3, 5, 7)]
+
+
+def _in_git_checkout() -> bool:
+    probe = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=fused_kernels_ab.REPOSITORY, capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
+def test_baseline_is_read_from_a_file(tmp_path: Path) -> None:
+    source = tmp_path / "old.cpp"
+    source.write_text("// an old kernel\n", encoding="utf-8")
+    assert fused_kernels_ab.baseline_source(str(source)) == "// an old kernel\n"
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="not a git checkout: no revisions to read")
+def test_baseline_is_read_from_a_git_revision() -> None:
+    committed = fused_kernels_ab.baseline_source("HEAD")
+    assert "biased_sign_forward" in committed and "PYBIND11_MODULE" in committed
+
+
+def test_an_unknown_baseline_says_what_it_needs() -> None:
+    with pytest.raises(SystemExit, match="neither a file nor a git revision"):
+        fused_kernels_ab.baseline_source("no-such-revision-or-file")
+
+
+def test_same_bits_compares_every_tensor() -> None:
+    a = (torch.ones(3), (torch.zeros(2), torch.arange(4.0)))
+    assert fused_kernels_ab.same_bits(a, (torch.ones(3), (torch.zeros(2), torch.arange(4.0))))
+    assert not fused_kernels_ab.same_bits(a, (torch.ones(3), (torch.zeros(2), torch.arange(4.0) + 1e-7)))
+    assert not fused_kernels_ab.same_bits(a, (torch.ones(3),))
+
+
+def test_rows_cover_every_shape_and_kernel_and_flag_different_bits() -> None:
+    this = fused_ops.load_extension()
+
+    def perturbed_gated_bn_backward(*args):
+        grad_b, *rest = this.gated_bn_backward(*args)
+        return [grad_b.nextafter(torch.full_like(grad_b, float("inf"))), *rest]  # one float up everywhere
+
+    base = types.SimpleNamespace(
+        **{name: getattr(this, name) for name in dir(this) if not name.startswith("_")},
+    )
+    base.gated_bn_backward = perturbed_gated_bn_backward
+    rows = fused_kernels_ab.compare(SHAPES, base, this, iters=1)
+    kernels = {"processor_inputs", "batch_norm_prelu", "gated_batch_norm_residual"}
+    assert {(r["shape"], r["kernel"]) for r in rows} == {(s, k) for s in SHAPES for k in kernels}
+    for row in rows:
+        assert row["base_ms"] > 0 and row["this_ms"] > 0
+        assert row["same_bits"] == (row["kernel"] != "gated_batch_norm_residual"), row
+
+
+def test_main_prints_a_row_per_shape_and_kernel_and_a_total(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The baseline build is this tree's extension (a second compile takes a minute).
+    monkeypatch.setattr(fused_kernels_ab, "build_baseline", lambda text, build_dir: fused_ops.load_extension())
+    monkeypatch.setattr(fused_kernels_ab, "baseline_source", lambda baseline: "// unused")
+    fused_kernels_ab.main(
+        ["--baseline", "HEAD", "--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].split() == ["shape", "kernel", "base", "ms", "this", "ms", "base/this", "same", "bits"]
+    rows = [line.split() for line in lines[3:-1]]
+    assert rows and len(rows) % 3 == 0 and all(row[-1] == "yes" for row in rows)
+    total = lines[-1].split()
+    assert total[:5] == ["total", "(one", "call", "per", "row)"] and total[-1] == "yes"
+    base_sum = sum(float(row[-4]) for row in rows)
+    assert float(total[-4]) == pytest.approx(base_sum, abs=0.002 * len(rows))
