@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import subprocess
 import sys
@@ -57,9 +58,12 @@ def baseline_source(baseline: str) -> str:
     path = Path(baseline)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    shown = subprocess.run(
-        ["git", "show", f"{baseline}:{SOURCE}"], cwd=REPOSITORY, capture_output=True, text=True, check=False
-    )
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"{baseline}:{SOURCE}"], cwd=REPOSITORY, capture_output=True, text=True, check=False
+        )
+    except OSError as error:  # no git on this machine
+        raise SystemExit(f"--baseline {baseline!r} is not a file, and git cannot be run here ({error})") from error
     if shown.returncode != 0:
         raise SystemExit(
             f"--baseline {baseline!r} is neither a file nor a git revision with {SOURCE}: {shown.stderr.strip()}"
@@ -73,7 +77,7 @@ def build_baseline(text: str, build_dir: Path) -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     path = build_dir / f"fused_train_{digest}.cpp"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        partial = path.with_suffix(".partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         partial.write_text(text, encoding="utf-8")
         partial.replace(path)  # atomic: a concurrent run never compiles half a file
     return extensions.compile_source(f"bnext_fused_train_base_{digest}_{extensions.cpu_tag()}", path)
@@ -107,7 +111,10 @@ def compare(shapes: list[tuple[int, ...]], base: ModuleType, this: ModuleType, i
         base_calls, this_calls = kernel_calls(shape, base), kernel_calls(shape, this)
         for name, this_fn in this_calls.items():
             base_fn = base_calls[name]
-            same = same_bits(base_fn(), this_fn())
+            try:
+                same = same_bits(base_fn(), this_fn())
+            except (AttributeError, TypeError) as error:  # a baseline older than these kernels' signatures
+                raise SystemExit(f"the baseline's {name} kernels cannot be called as this tree's: {error}") from error
             base_ms, this_ms = time_alternating(base_fn, this_fn, iters)
             rows.append({"shape": shape, "kernel": name, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
     return rows

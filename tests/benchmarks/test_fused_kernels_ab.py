@@ -22,9 +22,12 @@ SHAPES = [(4, 8, 4, 4), (4, 3, 5, 7)]
 
 
 def _in_git_checkout() -> bool:
-    probe = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=fused_kernels_ab.REPOSITORY, capture_output=True, check=False
-    )
+    try:
+        probe = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=fused_kernels_ab.REPOSITORY, capture_output=True, check=False
+        )
+    except OSError:  # no git here
+        return False
     return probe.returncode == 0
 
 
@@ -41,8 +44,21 @@ def test_baseline_is_read_from_a_git_revision() -> None:
 
 
 def test_an_unknown_baseline_says_what_it_needs() -> None:
-    with pytest.raises(SystemExit, match="neither a file nor a git revision"):
+    with pytest.raises(SystemExit, match="neither a file nor a git revision|not a file, and git cannot be run"):
         fused_kernels_ab.baseline_source("no-such-revision-or-file")
+
+
+def _stand_in(kernels) -> types.SimpleNamespace:
+    """A baseline "build" with the functions of ``kernels`` (one can then be replaced)."""
+    return types.SimpleNamespace(**{name: getattr(kernels, name) for name in dir(kernels) if not name.startswith("_")})
+
+
+def test_a_baseline_with_other_kernel_signatures_is_refused_clearly() -> None:
+    this = fused_ops.load_extension()
+    base = _stand_in(this)
+    base.bn_prelu_forward = lambda x, gamma, beta: None  # an older signature
+    with pytest.raises(SystemExit, match="baseline's batch_norm_prelu kernels cannot be called"):
+        fused_kernels_ab.compare(SHAPES[:1], base, this, iters=1)
 
 
 def test_same_bits_compares_every_tensor() -> None:
@@ -59,9 +75,7 @@ def test_rows_cover_every_shape_and_kernel_and_flag_different_bits() -> None:
         grad_b, *rest = this.gated_bn_backward(*args)
         return [grad_b.nextafter(torch.full_like(grad_b, float("inf"))), *rest]  # one float up everywhere
 
-    base = types.SimpleNamespace(
-        **{name: getattr(this, name) for name in dir(this) if not name.startswith("_")},
-    )
+    base = _stand_in(this)
     base.gated_bn_backward = perturbed_gated_bn_backward
     rows = fused_kernels_ab.compare(SHAPES, base, this, iters=1)
     kernels = {"processor_inputs", "batch_norm_prelu", "gated_batch_norm_residual"}
