@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -144,19 +143,29 @@ def time_alone(fn: Callable[[], None], iters: int, warmup: int = 2) -> float:
     return statistics.median(samples)
 
 
+def time_alternating(
+    first: Callable[[], object], second: Callable[[], object], iters: int, warmup: int = 2
+) -> tuple[float, float]:
+    """Median milliseconds of ``first`` and ``second``, called alternately (first, then second) after a warm-up."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + iters):
+        for fn, out in zip((first, second), samples):
+            start = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if i >= warmup:
+                out.append(elapsed)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def time_pair(fn: Callable[[], None], iters: int, warmup: int = 2) -> tuple[float, float]:
     """Median milliseconds of ``fn`` with the kernels and without, alternating after a warm-up."""
-    fused: list[float] = []
-    unfused: list[float] = []
-    for i in range(warmup + iters):
-        for samples, off in ((fused, False), (unfused, True)):
-            with fused_ops.disabled() if off else contextlib.nullcontext():
-                start = time.perf_counter()
-                fn()
-                elapsed = (time.perf_counter() - start) * 1e3
-            if i >= warmup:
-                samples.append(elapsed)
-    return statistics.median(fused), statistics.median(unfused)
+
+    def unfused() -> None:
+        with fused_ops.disabled():
+            fn()
+
+    return time_alternating(fn, unfused, iters, warmup)
 
 
 def time_copy(shape: tuple[int, ...], iters: int, warmup: int = 2) -> float:

@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -42,7 +39,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from benchmarks.fused_kernels import kernel_calls, norm_input_shapes  # noqa: E402
+from benchmarks.fused_kernels import kernel_calls, norm_input_shapes, time_alternating  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
 from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from models import extensions, fused_ops  # noqa: E402
@@ -92,18 +89,6 @@ def same_bits(first: object, second: object) -> bool:
     return False
 
 
-def time_alternating(base: Callable[[], object], this: Callable[[], object], iters: int, warmup: int = 3):
-    """Median milliseconds of ``base`` and ``this``, called alternately (base first in every pair)."""
-    samples: tuple[list[float], list[float]] = ([], [])
-    for i in range(warmup + iters):
-        for fn, out in zip((base, this), samples):
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                out.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples[0]), statistics.median(samples[1])
-
-
 def compare(shapes: list[tuple[int, ...]], base: ModuleType, this: ModuleType, iters: int) -> list[dict]:
     """One row per (shape, kernel): ``base_ms``, ``this_ms`` and ``same_bits``."""
     rows = []
@@ -115,7 +100,7 @@ def compare(shapes: list[tuple[int, ...]], base: ModuleType, this: ModuleType, i
                 same = same_bits(base_fn(), this_fn())
             except (AttributeError, TypeError) as error:  # a baseline older than these kernels' signatures
                 raise SystemExit(f"the baseline's {name} kernels cannot be called as this tree's: {error}") from error
-            base_ms, this_ms = time_alternating(base_fn, this_fn, iters)
+            base_ms, this_ms = time_alternating(base_fn, this_fn, iters, warmup=3)
             rows.append({"shape": shape, "kernel": name, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
     return rows
 

@@ -75,3 +75,12 @@ def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture
     for row in rows:
         fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy = map(float, row[-7:])
         assert min(fused_ms, unfused_ms, ratio, copy_ms, per_copy, kernel_ms, kernel_per_copy) > 0
+
+
+def test_time_alternating_calls_first_then_second_after_the_warm_up() -> None:
+    calls: list[str] = []
+    first_ms, second_ms = fused_kernels.time_alternating(
+        lambda: calls.append("first"), lambda: calls.append("second"), iters=3, warmup=2
+    )
+    assert calls == ["first", "second"] * 5
+    assert first_ms >= 0 and second_ms >= 0
