@@ -6,6 +6,7 @@ Behaviour only: no test here depends on how fast anything runs.
 from __future__ import annotations
 
 import json
+import mmap
 import statistics
 from pathlib import Path
 
@@ -174,9 +175,16 @@ def test_measure_alternates_and_takes_medians() -> None:
         train_step.measure(lambda: None, lambda: None, warmup=0, iters=0)
 
 
+def _write_a_fresh_mapping() -> None:
+    # 64 MiB in an anonymous mapping of its own, unmapped when it goes: every page faults in
+    # every call. (A tensor of that size could come from free memory that earlier tests
+    # left at the top of malloc's heap, and then fault not at all.)
+    mapping = mmap.mmap(-1, 2**26)
+    torch.frombuffer(mapping, dtype=torch.uint8).fill_(1)
+
+
 def test_page_faults_are_counted_per_call_of_the_step_and_the_floor() -> None:
-    # A fresh 64 MiB tensor (above glibc's largest mmap threshold) is mapped, and faulted in, by every step.
-    result = train_step.measure(lambda: torch.empty(2**24).fill_(1.0), lambda: None, warmup=1, iters=3)
+    result = train_step.measure(_write_a_fresh_mapping, lambda: None, warmup=1, iters=3)
     if train_step.minor_page_faults() is None:
         pytest.skip("getrusage is not available on this platform")
     assert result["step_page_faults_median"] >= 2**26 // 2**21  # at least its pages, even if they are 2 MiB
