@@ -15,7 +15,10 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``;
 * :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
   (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
-* :func:`binarize_weight`: the progressive weight binarization in one pass, the same bits.
+* :func:`binarize_weight`: the progressive weight binarization in one pass, the same bits;
+* :func:`training_conv2d`: the binary convolutions of a training step, by one matrix
+  product per kernel tap on small planes (:mod:`models.tap_conv`, plain PyTorch, no
+  extension), where that is faster than oneDNN.
 
 The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
 ``torch.compile`` calls them from its graph as eager does; the pooling and weight
@@ -41,9 +44,10 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_ops
+from . import kernel_ops, tap_conv
 from .extensions import build_cpu_extension
 from .quantizers import MIN_TEMPERATURE, HardSign, LearnableBias
 
@@ -287,3 +291,23 @@ def binarize_weight(weight: torch.Tensor, temperature: torch.Tensor, threshold: 
     else:  # clamp(min=1e-8); a NaN temperature stays NaN, as with torch.clamp
         first, second = (_MIN_TEMPERATURE_32 if t < _MIN_TEMPERATURE_32 else t), 1.0
     return load_extension().divide_clamp(weight, first, second)
+
+
+def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)`` for a training step.
+
+    Where :func:`models.tap_conv.applies` (CPU float32, small planes) and a gradient is
+    being recorded, by :func:`models.tap_conv.conv2d`: on the development machine two to
+    three times as fast as oneDNN on BNext's 2x2 planes, the same values to float32
+    rounding. Elsewhere, inside :func:`disabled` and under tracing, ``F.conv2d``.
+    The convolution floor of ``benchmarks/train_step.py`` calls this function too.
+    """
+    if (
+        _enabled
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting())
+        and tap_conv.applies(x, weight, stride, padding, groups)
+    ):
+        return tap_conv.conv2d(x, weight, stride, padding)
+    return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)

@@ -45,7 +45,7 @@ def _dense(grad: Tensor | None, wanted: bool, like: Tensor) -> Tensor:
     return grad.contiguous() if wanted and grad is not None else no_values(like)
 
 
-def _eager_twin(
+def eager_twin(
     op: torch.library.CustomOpDef,
     implementation: Callable[..., tuple[Tensor, ...]],
     setup: Callable[..., None],
@@ -75,8 +75,8 @@ def _eager_twin(
     )
 
 
-def _run(op: torch.library.CustomOpDef, twin: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
-    # The operator only where torch.compile traces: its eager dispatch is the slower path.
+def run(op: torch.library.CustomOpDef, twin: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
+    """``op(*args)`` while ``torch.compile`` traces, else its eager twin (the operator's dispatch is slower)."""
     return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
 
 
@@ -141,7 +141,7 @@ def _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated, backward=
     return grad_x, grad_bias, (grad_slope if slope.numel() else None), None, None
 
 
-_ProcessorInputs = _eager_twin(
+_ProcessorInputs = eager_twin(
     processor_inputs_op, _processor_inputs, _processor_inputs_setup, _processor_inputs_grad, _processor_inputs_backward
 )
 
@@ -151,7 +151,7 @@ def processor_inputs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``sign(x + bias)`` (straight-through gradient where ``|x + bias| <= clip``), ``x``'s spatial mean
     ``N x C`` (when ``want_mean``, else empty) and ``prelu(x)`` (when ``slope`` is not empty, else empty)."""
-    return _run(processor_inputs_op, _ProcessorInputs, (x, bias, slope, clip, want_mean))
+    return run(processor_inputs_op, _ProcessorInputs, (x, bias, slope, clip, want_mean))
 
 
 # --------------------------------------------------------------------------- prelu(batch_norm(x)) and its mean
@@ -231,7 +231,7 @@ def _batch_norm_prelu_grad(
     return grad_x, grad_gamma, grad_beta, (grad_slope if slope.numel() else None), None, None, None, None, None
 
 
-_BatchNormPReLU = _eager_twin(
+_BatchNormPReLU = eager_twin(
     batch_norm_prelu_op, _batch_norm_prelu, _batch_norm_prelu_setup, _batch_norm_prelu_grad, _batch_norm_prelu_backward
 )
 
@@ -253,7 +253,7 @@ def batch_norm_prelu(
     the running statistics passed in are left unchanged.
     """
     args = (x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled)
-    return _run(batch_norm_prelu_op, _BatchNormPReLU, args)
+    return run(batch_norm_prelu_op, _BatchNormPReLU, args)
 
 
 # --------------------------------------------------------------------------- batch_norm(gate * b [* r]) + r
@@ -335,7 +335,7 @@ def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var, bac
     return grad_b, grad_gate, grad_r, None, grad_gamma, grad_beta, None, None, None, None
 
 
-_GatedBatchNorm = _eager_twin(
+_GatedBatchNorm = eager_twin(
     gated_batch_norm_op, _gated_batch_norm, _gated_batch_norm_setup, _gated_batch_norm_grad, _gated_batch_norm_backward
 )
 
@@ -358,4 +358,4 @@ def gated_batch_norm(
     the running statistics passed in are left unchanged.
     """
     args = (b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps)
-    return _run(gated_batch_norm_op, _GatedBatchNorm, args)
+    return run(gated_batch_norm_op, _GatedBatchNorm, args)

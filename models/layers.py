@@ -66,7 +66,10 @@ class BinaryConv2d(nn.Module):
         return progressive_binarize(self.weight, self.temperature, self.sign_threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.binary_weight(), stride=self.stride, padding=self.padding, groups=self.groups)
+        weight = self.binary_weight()
+        if self.training:  # small planes by tap products on the CPU (evaluation keeps F.conv2d's bits)
+            return fused_ops.training_conv2d(x, weight, self.stride, self.padding, self.groups)
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding, groups=self.groups)
 
     @torch.no_grad()
     def apply_constraints_(self) -> None:

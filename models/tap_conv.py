@@ -1,0 +1,253 @@
+"""Convolution on small planes as one matrix product per kernel tap (CPU training).
+
+A ``k x k`` convolution is a sum over its ``k*k`` taps: tap ``(ky, kx)`` multiplies
+every input position by the ``Cout x Cin`` matrix ``W[:, :, ky, kx]`` and adds the
+result to the output position it shifts to. With the positions as the outer dimension
+(``positions x N x C``), each tap is one matrix product of ``(valid positions * N) x Cin``
+by ``Cin x Cout``, where the valid positions are those whose shifted source lies inside
+the plane: the zero padding is skipped, not multiplied.
+
+On small planes this beats oneDNN's direct convolution on the CPU, most of all in the
+backward: BNext's last stage at CIFAR size runs 3x3 convolutions on 2x2 planes, where 5
+of the 9 taps of every output see only padding and oneDNN's weight gradient is slow
+(``benchmarks/RESULTS.md``). The sums are taken in another order than oneDNN's, so the
+results agree to float32 rounding (exactly, for the ``±1`` values of a binarized
+network, whose sums are integers). :func:`applies` says where the layers use it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from . import kernel_ops
+
+#: The largest input planes (height * width) that take the tap products, for kernels
+#: larger than 1x1 and for 1x1 kernels. Chosen by ``benchmarks/tap_conv.py`` on the
+#: development machine: 3x3 convolutions on 4x4 planes are 1.1 (stride 1) to 2 times
+#: (stride 2) as fast as oneDNN's, on 2x2 planes about 3 times; 1x1 convolutions gain
+#: on 2x2 planes and lose on 4x4 ones.
+MAX_POSITIONS = 16
+MAX_POSITIONS_1X1 = 4
+
+
+class Tap:
+    """One kernel tap: its index ``ky * k + kx`` and the output/input positions it pairs.
+
+    ``outputs`` and ``inputs`` are flat position indices (``row * width + column``),
+    or None where the tap pairs every output position with the same input position
+    (the centre tap at stride 1), so no gather or scatter is needed.
+    """
+
+    __slots__ = ("index", "outputs", "inputs")
+
+    def __init__(self, index: int, outputs: Tensor | None, inputs: Tensor | None) -> None:
+        self.index = index
+        self.outputs = outputs
+        self.inputs = inputs
+
+
+@lru_cache(maxsize=64)
+def taps(height: int, width: int, kernel: int, stride: int, padding: int) -> tuple[Tap, ...]:
+    """The taps with at least one valid position pair, for an input of ``height x width``."""
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    found = []
+    for ky in range(kernel):
+        for kx in range(kernel):
+            outputs, inputs = [], []
+            for i in range(out_h):
+                for j in range(out_w):
+                    y, x = i * stride + ky - padding, j * stride + kx - padding
+                    if 0 <= y < height and 0 <= x < width:
+                        outputs.append(i * out_w + j)
+                        inputs.append(y * width + x)
+            if not outputs:
+                continue
+            identity = out_h * out_w == height * width and outputs == inputs == list(range(height * width))
+            if identity:
+                found.append(Tap(ky * kernel + kx, None, None))
+            else:
+                found.append(Tap(ky * kernel + kx, torch.tensor(outputs), torch.tensor(inputs)))
+    return tuple(found)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """The output side of a convolution over ``size`` input positions."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def applies(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> bool:
+    """Whether :func:`conv2d` takes this convolution where ``F.conv2d`` would run.
+
+    CPU float32 outside autocast, a contiguous NCHW input, no groups, a square kernel,
+    and an input plane of at most :data:`MAX_POSITIONS` positions (:data:`MAX_POSITIONS_1X1`
+    for 1x1 kernels).
+    """
+    if groups != 1 or x.dim() != 4 or weight.dim() != 4 or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    kernel = weight.shape[-1]
+    if weight.shape[-2] != kernel or x.shape[1] != weight.shape[1] or not x.is_contiguous():
+        return False
+    height, width = x.shape[-2:]
+    if output_size(height, kernel, stride, padding) < 1 or output_size(width, kernel, stride, padding) < 1:
+        return False  # F.conv2d's own error says what is wrong
+    return height * width <= (MAX_POSITIONS if kernel > 1 else MAX_POSITIONS_1X1)
+
+
+def _positions_first(t: Tensor) -> Tensor:
+    """``N x C x H x W`` as a contiguous ``(H*W) x N x C``."""
+    n, c, h, w = t.shape
+    return t.permute(2, 3, 0, 1).reshape(h * w, n, c).contiguous()
+
+
+def _planes(t: Tensor, height: int, width: int) -> Tensor:
+    """``(H*W) x N x C`` back to a contiguous ``N x C x H x W``."""
+    _, n, c = t.shape
+    return t.permute(1, 2, 0).reshape(n, c, height, width).contiguous()
+
+
+def tap_matrices(weight: Tensor) -> Tensor:
+    """``Cout x Cin x k x k`` as a contiguous ``Cout x (k*k) x Cin``.
+
+    Tap ``t``'s matrix ``[:, t]`` is then a ``Cout x Cin`` view with unit column stride,
+    which BLAS reads in place. (This transpose is about twice as fast on the CPU as
+    the one to ``(k*k) x Cout x Cin``.)
+    """
+    cout, cin, kh, kw = weight.shape
+    # Always a new tensor (for 1x1 kernels the transposed view is contiguous already): the
+    # operator returns it, and an operator's output may not alias its input.
+    return weight.reshape(cout, cin, kh * kw).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+
+
+def forward(x: Tensor, weights: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products (no bias, no groups).
+
+    ``weights`` is :func:`tap_matrices` of the ``kernel x kernel`` weight.
+    """
+    n, cin, height, width = x.shape
+    cout = weights.shape[0]
+    out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
+    rows = _positions_first(x)
+    out = x.new_zeros(out_h * out_w, n, cout)
+    for tap in taps(height, width, kernel, stride, padding):
+        matrix = weights[:, tap.index].t()
+        if tap.outputs is None:
+            out.view(-1, cout).addmm_(rows.view(-1, cin), matrix)
+        else:
+            product = torch.mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
+            out.index_add_(0, tap.outputs, product.view(-1, n, cout))
+    return _planes(out, out_h, out_w)
+
+
+def backward(
+    grad: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`forward` for ``x`` and the ``Cout x Cin x k x k`` weight.
+
+    A gradient that is not asked for is returned empty (:func:`models.kernel_ops.no_values`).
+    """
+    n, cin, height, width = x.shape
+    cout = weights.shape[0]
+    grads = _positions_first(grad)  # outputs x N x Cout
+    flat_grads = grads.view(-1, cout)
+    rows = _positions_first(x) if weight_grad else None
+    grad_x = x.new_zeros(height * width, n, cin) if input_grad else None
+    grad_w = None
+    used = taps(height, width, kernel, stride, padding)
+    if weight_grad:  # every tap's matrix is written below; only unused taps need zeros
+        grad_w = (
+            x.new_empty(kernel * kernel, cout, cin)
+            if len(used) == kernel * kernel
+            else x.new_zeros(kernel * kernel, cout, cin)
+        )
+    for tap in used:
+        selected = flat_grads if tap.outputs is None else grads.index_select(0, tap.outputs).view(-1, cout)
+        if grad_x is not None:
+            matrix = weights[:, tap.index]
+            if tap.inputs is None:
+                grad_x.view(-1, cin).addmm_(selected, matrix)
+            else:
+                grad_x.index_add_(0, tap.inputs, torch.mm(selected, matrix).view(-1, n, cin))
+        if grad_w is not None:
+            source = rows.view(-1, cin) if tap.inputs is None else rows.index_select(0, tap.inputs).view(-1, cin)
+            torch.mm(selected.t(), source, out=grad_w[tap.index])
+    grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(x)
+    if grad_w is not None:
+        grad_w = grad_w.view(kernel, kernel, cout, cin).permute(2, 3, 0, 1).contiguous()
+    return grad_x, grad_w if grad_w is not None else kernel_ops.no_values(x)
+
+
+# --------------------------------------------------------------------------- operators
+# torch.library operators, so that torch.compile calls the same code from its graph;
+# eager mode calls their autograd twin (see models.kernel_ops).
+
+
+def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[Tensor, Tensor]:
+    weights = tap_matrices(weight)
+    return forward(x, weights, weight.shape[-1], stride, padding), weights
+
+
+tap_conv2d_op = torch.library.custom_op("bnext::tap_conv2d", _tap_conv2d, mutates_args=())
+
+
+@tap_conv2d_op.register_fake
+def _(x, weight, stride, padding):
+    cout, cin, kernel, _ = weight.shape
+    height, width = x.shape[-2:]
+    out = x.new_empty(
+        x.shape[0], cout, output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
+    )
+    return out, weight.new_empty(cout, kernel * kernel, cin)
+
+
+tap_conv2d_backward_op = torch.library.custom_op("bnext::tap_conv2d_backward", backward, mutates_args=())
+
+
+@tap_conv2d_backward_op.register_fake
+def _(grad, x, weights, kernel, stride, padding, input_grad, weight_grad):
+    cout, _, cin = weights.shape
+    grad_x = torch.empty_like(x) if input_grad else kernel_ops.no_values(x)
+    grad_w = weights.new_empty(cout, cin, kernel, kernel) if weight_grad else kernel_ops.no_values(x)
+    return grad_x, grad_w
+
+
+def _tap_conv2d_setup(ctx, inputs, output) -> None:
+    x, weight, stride, padding = inputs
+    _, weights = output
+    # The tap matrices, not the weight: the backward reads them, and the weight may go.
+    ctx.save_for_backward(x, weights)
+    ctx.kernel, ctx.stride, ctx.padding = weight.shape[-1], stride, padding
+    ctx.mark_non_differentiable(weights)
+
+
+def _tap_conv2d_grad(ctx, grad, _weights, backward=tap_conv2d_backward_op):
+    x, weights = ctx.saved_tensors
+    input_grad, weight_grad = ctx.needs_input_grad[:2]
+    grad_x, grad_w = backward(
+        grad.contiguous(), x, weights, ctx.kernel, ctx.stride, ctx.padding, input_grad, weight_grad
+    )
+    return (grad_x if input_grad else None), (grad_w if weight_grad else None), None, None
+
+
+_TapConv2d = kernel_ops.eager_twin(tap_conv2d_op, _tap_conv2d, _tap_conv2d_setup, _tap_conv2d_grad, backward)
+
+
+def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products, with autograd.
+
+    For the inputs that :func:`applies` accepts; the result agrees to float32 rounding.
+    """
+    out, _ = kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding))
+    return out

@@ -1,0 +1,176 @@
+"""Convolution by tap products (models.tap_conv) computes F.conv2d, and the layers use it where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import fused_ops, tap_conv
+
+# (batch, in, out, height, width, kernel, stride, padding): BNext's small planes, odd and
+# uneven planes, a 1x1 plane that only the centre tap reaches, a 5x5 kernel.
+SHAPES = [
+    (3, 8, 6, 2, 2, 3, 1, 1),
+    (3, 8, 8, 4, 4, 3, 2, 1),
+    (2, 5, 7, 3, 2, 3, 1, 1),
+    (2, 4, 4, 1, 1, 3, 1, 1),
+    (2, 6, 4, 2, 2, 1, 1, 0),
+    (2, 4, 3, 3, 3, 5, 1, 2),
+    (2, 4, 4, 4, 3, 3, 2, 1),
+]
+
+
+def _conv_and_grads(conv, x, weight, stride, padding, grad):
+    x = x.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    out = conv(x, weight, stride, padding)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
+    return out.detach(), grad_x, grad_w
+
+
+def _reference(x, weight, stride, padding):
+    return F.conv2d(x, weight, stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_equal_conv2d(shape) -> None:
+    n, cin, cout, height, width, kernel, stride, padding = shape
+    torch.manual_seed(0)
+    x, weight = torch.randn(n, cin, height, width), torch.randn(cout, cin, kernel, kernel)
+    out_shape = _reference(x, weight, stride, padding).shape
+    grad = torch.randn(out_shape)
+    expected = _conv_and_grads(_reference, x, weight, stride, padding, grad)
+    actual = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    for name, a, e in zip(("output", "input gradient", "weight gradient"), actual, expected):
+        assert a.shape == e.shape and a.is_contiguous()
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_signs_give_exactly_the_convolution_of_signs() -> None:
+    # ±1 inputs and weights make every partial sum an integer: any order gives the same bits.
+    torch.manual_seed(1)
+    x = torch.randn(4, 64, 2, 2).sign()
+    weight = torch.randn(32, 64, 3, 3).sign()
+    grad = torch.randn(4, 32, 2, 2).sign()
+    expected = _conv_and_grads(_reference, x, weight, 1, 1, grad)
+    actual = _conv_and_grads(tap_conv.conv2d, x, weight, 1, 1, grad)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+def test_only_the_asked_gradient_is_computed() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    weight = torch.randn(4, 4, 3, 3)
+    tap_conv.conv2d(x, weight, 1, 1).sum().backward()
+    assert x.grad is not None and weight.grad is None
+    torch.testing.assert_close(x.grad, torch.autograd.grad(_reference(x, weight, 1, 1).sum(), x)[0])
+
+
+def test_operators_pass_opcheck() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, requires_grad=True)
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight, 1, 1))
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 4, 4), torch.randn(5, 4, 3, 3), 2, 1))
+    # 1x1 kernels: the tap matrices must still be a new tensor (an output may not alias an input).
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (x, torch.randn(5, 4, 1, 1, requires_grad=True), 1, 0))
+
+
+def test_taps_pair_every_valid_position_once() -> None:
+    # 3x3 kernel on a 2x2 plane: all nine taps reach the plane; 16 output/input pairs in all.
+    found = tap_conv.taps(2, 2, 3, 1, 1)
+    assert sorted(t.index for t in found) == list(range(9))
+    centre = next(t for t in found if t.index == 4)
+    assert centre.outputs is None and centre.inputs is None  # identity: no gather
+    pairs = sum(4 if t.outputs is None else len(t.outputs) for t in found)
+    assert pairs == 16
+    # On a 1x1 plane only the centre tap is left.
+    assert [t.index for t in tap_conv.taps(1, 1, 3, 1, 1)] == [4]
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "weight_shape", "stride", "groups", "dtype", "expected"),
+    [
+        ((2, 8, 2, 2), (8, 8, 3, 3), 1, 1, torch.float32, True),
+        ((2, 8, 4, 4), (8, 8, 3, 3), 2, 1, torch.float32, True),
+        ((2, 8, 2, 2), (8, 8, 1, 1), 1, 1, torch.float32, True),
+        ((2, 8, 4, 4), (8, 8, 1, 1), 1, 1, torch.float32, False),  # 1x1 kernels only on planes <= 4
+        ((2, 8, 8, 8), (8, 8, 3, 3), 1, 1, torch.float32, False),  # large planes: oneDNN
+        ((2, 8, 2, 2), (8, 4, 3, 3), 1, 2, torch.float32, False),  # groups
+        ((2, 8, 2, 2), (8, 8, 3, 3), 1, 1, torch.float64, False),
+    ],
+)
+def test_applies_to_small_float32_planes_only(x_shape, weight_shape, stride, groups, dtype, expected) -> None:
+    x, weight = torch.randn(x_shape, dtype=dtype), torch.randn(weight_shape, dtype=dtype)
+    assert tap_conv.applies(x, weight, stride, 1, groups) is expected
+
+
+def test_not_under_autocast_nor_for_channels_last_inputs() -> None:
+    x, weight = torch.randn(2, 8, 2, 2), torch.randn(8, 8, 3, 3)
+    assert tap_conv.applies(x, weight, 1, 1, 1)
+    assert not tap_conv.applies(x.contiguous(memory_format=torch.channels_last), weight, 1, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not tap_conv.applies(x, weight, 1, 1, 1)
+
+
+def _count_tap_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = tap_conv.conv2d
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tap_conv, "conv2d", counting)
+    return calls
+
+
+def test_binary_conv_trains_by_taps_and_evaluates_with_conv2d(monkeypatch) -> None:
+    torch.manual_seed(4)
+    layer = models.BinaryConv2d(16, 16, 3)
+    x = torch.randn(2, 16, 2, 2, requires_grad=True)
+    calls = _count_tap_calls(monkeypatch)
+    trained = layer.train()(x)
+    assert len(calls) == 1
+    reference = F.conv2d(x, layer.binary_weight(), padding=1)
+    torch.testing.assert_close(trained, reference, rtol=1e-5, atol=1e-5)
+    evaluated = layer.eval()(x)
+    assert len(calls) == 1 and torch.equal(evaluated, reference)  # evaluation keeps F.conv2d's bits
+    with fused_ops.disabled():
+        assert torch.equal(layer.train()(x), reference)
+    assert len(calls) == 1
+
+
+def test_training_conv2d_needs_a_recorded_gradient(monkeypatch) -> None:
+    x, weight = torch.randn(2, 8, 2, 2), torch.randn(8, 8, 3, 3)
+    calls = _count_tap_calls(monkeypatch)
+    fused_ops.training_conv2d(x, weight, 1, 1, 1)  # nothing requires grad
+    assert not calls
+    fused_ops.training_conv2d(x, weight.requires_grad_(True), 1, 1, 1)
+    assert len(calls) == 1
+    with torch.no_grad():
+        fused_ops.training_conv2d(x, weight, 1, 1, 1)
+    assert len(calls) == 1
+
+
+def test_compiled_taps_match_eager() -> None:
+    # aot_eager runs the operators' shape functions and registered backward as a compiled
+    # graph does (the full inductor path is covered by test_compile_equivalence).
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    weight = torch.randn(6, 8, 3, 3, requires_grad=True)
+
+    def conv(x, weight):
+        return fused_ops.training_conv2d(x, weight, 1, 1, 1)
+
+    results = []
+    for forward in (conv, torch.compile(conv, fullgraph=True, backend="aot_eager")):
+        out = forward(x, weight)
+        results.append((out.detach(), *torch.autograd.grad(out.square().sum(), (x, weight))))
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected)
+    torch._dynamo.reset()
