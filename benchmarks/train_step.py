@@ -9,8 +9,11 @@ For a model, input size and batch this times, alternately after warm-up:
 * the *convolution floor*: every convolution and linear layer the model calls (binary
   and real-valued alike), with the shapes, strides, paddings and groups recorded from
   one forward, run as bare ``F.conv2d``/``F.linear`` forward plus backward and nothing
-  else. The floor is what the step would cost if everything but the convolutions were
-  free, so ``step / floor`` says how much room the non-convolution work leaves.
+  else. The binary convolutions run through :func:`models.fused_ops.training_conv2d`,
+  as in the step (tap products on small CPU planes, :mod:`models.tap_conv`), so the
+  floor stays the same convolutions however the step computes them. The floor is what
+  the step would cost if everything but the convolutions were free, so
+  ``step / floor`` says how much room the non-convolution work leaves.
 
 Usage::
 
@@ -192,7 +195,9 @@ class ConvFloor:
     autocast the step's convolutions also compute in that dtype; the casts of the
     fp32 master weights belong to the step, not to the floor). Biases take part in the
     forward, as in the model, but get no gradient. Gradients are returned by
-    :func:`torch.autograd.grad`, so nothing is accumulated between calls.
+    :func:`torch.autograd.grad`, so nothing is accumulated between calls. Binary
+    convolutions go through :func:`models.fused_ops.training_conv2d`, as the model's
+    do in training (and so, inside :func:`models.fused_ops.disabled`, ``F.conv2d``).
     """
 
     def __init__(
@@ -234,6 +239,9 @@ class ConvFloor:
         with _autocast(self.device, self.dtype):
             if shape.kind == "linear":
                 y = F.linear(x, weight, bias)
+            elif shape.binary:
+                # What BinaryConv2d runs in a training step: tap products on small CPU planes.
+                y = fused_ops.training_conv2d(x, weight, shape.stride[0], shape.padding[0], shape.groups)
             else:
                 y = F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, shape.groups)
         wanted = (x, weight) if shape.input_requires_grad else (weight,)

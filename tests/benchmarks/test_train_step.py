@@ -128,6 +128,34 @@ def test_floor_gives_gradients_of_the_recorded_shapes(dtype: torch.dtype, channe
     assert floor.resident_bytes() > 0
 
 
+def test_floor_runs_the_binary_convolutions_as_the_training_step_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small planes: tap products in the step, so in the floor too (and neither inside fused_ops.disabled())."""
+    from models import fused_ops, tap_conv
+
+    shapes = train_step.collect_conv_shapes(small_model(), torch.randn(IMAGE))
+    floor = train_step.make_floor(shapes, "cpu")
+    taken = [
+        s
+        for s in shapes
+        if s.binary
+        and tap_conv.applies(torch.empty(s.input_shape), torch.empty(s.weight_shape), *s.stride[:1], *s.padding[:1], 1)
+    ]
+    assert taken and len(taken) < sum(s.binary for s in shapes)  # 16 px: the last stages' planes only
+    calls: list[tuple[int, ...]] = []
+    original = tap_conv.conv2d
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return original(x, *args)
+
+    monkeypatch.setattr(tap_conv, "conv2d", spy)
+    floor()
+    assert calls == [s.input_shape for s in taken]
+    with fused_ops.disabled():
+        floor()
+    assert len(calls) == len(taken)
+
+
 def test_step_updates_the_model_and_applies_the_constraints() -> None:
     model = small_model()
     images, targets = torch.randn(IMAGE), torch.tensor([1, 7])

@@ -1,0 +1,118 @@
+"""Binary convolutions by tap products (models.tap_conv) against F.conv2d, per shape of a model.
+
+For every distinct binary convolution of a model's forward pass (input shape, weight
+shape, stride), times forward plus backward (the input and weight gradients) twice,
+alternating: ``F.conv2d`` (oneDNN on the CPU) and :func:`models.tap_conv.conv2d`. Medians;
+``conv/taps`` above 1 means the tap products are faster. ``used`` says whether a training
+step takes the tap products for that shape (:func:`models.tap_conv.applies`), so the
+table shows the rule's both sides; ``max rel diff`` is the largest difference of the
+output and the gradients, relative to each one's largest value (float32 rounding).
+``per step`` weighs each shape by its calls per forward, over the shapes that are used.
+
+Usage::
+
+    python benchmarks/tap_conv.py                      # BNext-T, CIFAR stem, 32x32, batch 64
+    python benchmarks/tap_conv.py --iters 15 --keep-freed-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from benchmarks.fused_kernels import time_alternating  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from benchmarks.train_step import ConvShape, collect_conv_shapes  # noqa: E402
+from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from models import tap_conv  # noqa: E402
+
+Key = tuple[tuple[int, ...], tuple[int, ...], int, int]
+
+
+def binary_conv_shapes(model: torch.nn.Module, example: torch.Tensor) -> collections.Counter[Key]:
+    """``(input shape, weight shape, stride, padding)`` of each binary convolution, with its calls per forward."""
+    counts: collections.Counter[Key] = collections.Counter()
+    for shape in collect_conv_shapes(model, example):
+        if shape.binary:
+            counts[_key(shape)] += 1
+    return counts
+
+
+def _key(shape: ConvShape) -> Key:
+    return shape.input_shape, shape.weight_shape, shape.stride[0], shape.padding[0]
+
+
+def forward_backward(conv: Callable[..., torch.Tensor], key: Key) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A call running ``conv`` forward and backward on fixed random tensors of ``key``'s shapes."""
+    input_shape, weight_shape, stride, padding = key
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(input_shape, generator=generator).requires_grad_(True)
+    weight = torch.randn(weight_shape, generator=generator).requires_grad_(True)
+    grad = torch.randn(F.conv2d(x.detach(), weight.detach(), stride=stride, padding=padding).shape, generator=generator)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = conv(x, weight, stride, padding)
+        return (out.detach(), *torch.autograd.grad(out, (x, weight), grad))
+
+    return run
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    return F.conv2d(x, weight, stride=stride, padding=padding)
+
+
+def max_relative_difference(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    """The largest ``|a - e|`` over the tensors, each relative to its own largest ``|e|``."""
+    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for a, e in zip(actual, expected))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """Print one row per binary convolution shape; returns the rows."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--iters", type=int, default=9, help="timed pairs per shape (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(apply_keep_freed_memory(args.keep_freed_memory))
+    model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
+    counts = binary_conv_shapes(model, torch.randn(args.batch, 3, args.img_size, args.img_size))
+    print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
+    header = f"{'input':<20} {'weight':<20} {'stride':>6} {'calls':>5} {'conv ms':>9} {'taps ms':>9}"
+    print(f"{header} {'conv/taps':>9} {'used':>5} {'max rel diff':>13}")
+    rows: list[dict[str, object]] = []
+    totals = [0.0, 0.0]
+    for key, calls in counts.items():
+        input_shape, weight_shape, stride, padding = key
+        x, weight = torch.empty(input_shape), torch.empty(weight_shape)
+        used = tap_conv.applies(x, weight, stride, padding, 1)
+        reference, taps = forward_backward(_conv2d, key), forward_backward(tap_conv.conv2d, key)
+        difference = max_relative_difference(taps(), reference())
+        conv_ms, taps_ms = time_alternating(reference, taps, args.iters)
+        if used:
+            totals = [totals[0] + calls * conv_ms, totals[1] + calls * taps_ms]
+        rows.append({"key": key, "calls": calls, "conv_ms": conv_ms, "taps_ms": taps_ms, "used": used})
+        line = f"{str(input_shape):<20} {str(weight_shape):<20} {stride:>6} {calls:>5} {conv_ms:>9.2f} {taps_ms:>9.2f}"
+        print(f"{line} {conv_ms / taps_ms:>9.2f} {'yes' if used else 'no':>5} {difference:>13.1e}")
+    if totals[1] > 0:
+        print(
+            f"per step, used shapes x calls: conv {totals[0]:.1f} ms, taps {totals[1]:.1f} ms, "
+            f"conv/taps {totals[0] / totals[1]:.2f}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
