@@ -9,16 +9,22 @@ table shows the rule's both sides; ``max rel diff`` is the largest difference of
 output and the gradients, relative to each one's largest value (float32 rounding).
 ``per step`` weighs each shape by its calls per forward, over the shapes that are used.
 
+Then (``--step-pairs``, default 6) the whole eager training step of
+``benchmarks/train_step.py`` (forward, loss, backward, AdamW, constraints), with the
+tap products and inside :func:`models.tap_conv.disabled`, on two copies of the same
+model, alternating: the change's effect on a step, which the per-shape rows only add up to.
+
 Usage::
 
     python benchmarks/tap_conv.py                      # BNext-T, CIFAR stem, 32x32, batch 64
-    python benchmarks/tap_conv.py --iters 15 --keep-freed-memory
+    python benchmarks/tap_conv.py --iters 15 --step-pairs 12 --keep-freed-memory
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import models  # noqa: E402
 from benchmarks.fused_kernels import time_alternating  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
-from benchmarks.train_step import ConvShape, collect_conv_shapes  # noqa: E402
+from benchmarks.train_step import ConvShape, collect_conv_shapes, make_step  # noqa: E402
 from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from models import tap_conv  # noqa: E402
 
@@ -76,14 +82,33 @@ def max_relative_difference(actual: tuple[torch.Tensor, ...], expected: tuple[to
     return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for a, e in zip(actual, expected))
 
 
+def time_steps(model: torch.nn.Module, batch: int, img_size: int, pairs: int) -> tuple[float, float]:
+    """Median ms of a training step of ``model`` with the tap products and without, alternating."""
+    images, targets = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
+    with_taps = make_step(copy.deepcopy(model), (images, targets))
+    conv2d_step = make_step(copy.deepcopy(model), (images, targets))
+
+    def without_taps() -> None:
+        with tap_conv.disabled():
+            conv2d_step()
+
+    return time_alternating(with_taps, without_taps, pairs)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     """Print one row per binary convolution shape; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--iters", type=int, default=9, help="timed pairs per shape (default: %(default)s)")
+    parser.add_argument(
+        "--step-pairs",
+        type=int,
+        default=6,
+        help="timed pairs of whole training steps with and without the taps; 0 skips them (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.iters < 1:
-        parser.error("--iters must be >= 1")
+    if args.iters < 1 or args.step_pairs < 0:
+        parser.error("--iters must be >= 1 and --step-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(apply_keep_freed_memory(args.keep_freed_memory))
@@ -110,6 +135,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         print(
             f"per step, used shapes x calls: conv {totals[0]:.1f} ms, taps {totals[1]:.1f} ms, "
             f"conv/taps {totals[0] / totals[1]:.2f}"
+        )
+    if args.step_pairs:
+        taps_ms, conv_ms = time_steps(model, args.batch, args.img_size, args.step_pairs)
+        print(
+            f"training step (eager, {args.step_pairs} pairs): with taps {taps_ms:.1f} ms, "
+            f"without {conv_ms:.1f} ms, without/with {conv_ms / taps_ms:.2f}"
         )
     return rows
 

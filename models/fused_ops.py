@@ -299,11 +299,13 @@ def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding:
     Where :func:`models.tap_conv.applies` (CPU float32, small planes) and a gradient is
     being recorded, by :func:`models.tap_conv.conv2d`: on the development machine two to
     three times as fast as oneDNN on BNext's 2x2 planes, the same values to float32
-    rounding. Elsewhere, inside :func:`disabled` and under tracing, ``F.conv2d``.
+    rounding. Elsewhere, inside :func:`disabled` or :func:`models.tap_conv.disabled` and
+    under tracing, ``F.conv2d``.
     The convolution floor of ``benchmarks/train_step.py`` calls this function too.
     """
     if (
         _enabled
+        and tap_conv.enabled()
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
         and not (torch.jit.is_tracing() or torch.jit.is_scripting())

@@ -17,6 +17,8 @@ network, whose sums are integers). :func:`applies` says where the layers use it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
@@ -31,6 +33,27 @@ from . import kernel_ops
 #: on 2x2 planes and lose on 4x4 ones.
 MAX_POSITIONS = 16
 MAX_POSITIONS_1X1 = 4
+
+_enabled = True
+
+
+def enabled() -> bool:
+    """False inside :func:`disabled`."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside this block the layers run ``F.conv2d`` everywhere (for side-by-side timings and debugging).
+
+    :func:`models.fused_ops.disabled` turns the tap products off too, with the fused kernels.
+    """
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 class Tap:

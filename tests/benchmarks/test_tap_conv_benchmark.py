@@ -29,7 +29,9 @@ def test_both_implementations_give_the_same_values() -> None:
 
 
 def test_main_prints_one_row_per_shape_and_the_step_total(capsys: pytest.CaptureFixture[str]) -> None:
-    rows = bench.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1"])
+    rows = bench.main(
+        ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
     table = lines[3:-1]
@@ -42,3 +44,28 @@ def test_main_prints_one_row_per_shape_and_the_step_total(capsys: pytest.Capture
     conv = sum(row["calls"] * row["conv_ms"] for row in used)
     assert lines[-1].startswith("per step, used shapes x calls: conv ")
     assert float(lines[-1].split("conv ")[1].split(" ms")[0]) == pytest.approx(conv, abs=0.05)
+
+
+def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple[int, ...]] = []
+    real_conv2d = tap_conv.conv2d
+    monkeypatch.setattr(tap_conv, "conv2d", lambda x, *args: calls.append(tuple(x.shape)) or real_conv2d(x, *args))
+    per_step: list[int] = []
+
+    def run_each_once(first, second, iters):
+        for fn in (first, second):
+            before = len(calls)
+            fn()
+            per_step.append(len(calls) - before)
+        return 2.0, 3.0
+
+    monkeypatch.setattr(bench, "time_alternating", run_each_once)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    assert bench.time_steps(model, 2, 16, 1) == (2.0, 3.0)
+    assert per_step[0] > 0 and per_step[1] == 0  # with the taps, then inside tap_conv.disabled()
+    assert tap_conv.enabled()
+
+    monkeypatch.setattr(bench, "time_alternating", lambda first, second, iters: (2.0, 3.0))
+    bench.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "training step (eager, 1 pairs): with taps 2.0 ms, without 3.0 ms, without/with 1.50"

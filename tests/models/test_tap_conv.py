@@ -141,7 +141,9 @@ def test_binary_conv_trains_by_taps_and_evaluates_with_conv2d(monkeypatch) -> No
     assert len(calls) == 1 and torch.equal(evaluated, reference)  # evaluation keeps F.conv2d's bits
     with fused_ops.disabled():
         assert torch.equal(layer.train()(x), reference)
-    assert len(calls) == 1
+    with tap_conv.disabled():
+        assert torch.equal(layer.train()(x), reference)
+    assert len(calls) == 1 and tap_conv.enabled()
 
 
 def test_training_conv2d_needs_a_recorded_gradient(monkeypatch) -> None:
