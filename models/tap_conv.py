@@ -34,12 +34,12 @@ from . import kernel_ops
 MAX_POSITIONS = 16
 MAX_POSITIONS_1X1 = 4
 
-_enabled = True
+_disabled_blocks = 0  # how many disabled() blocks are open (they may nest)
 
 
 def enabled() -> bool:
     """False inside :func:`disabled`."""
-    return _enabled
+    return _disabled_blocks == 0
 
 
 @contextlib.contextmanager
@@ -48,12 +48,12 @@ def disabled() -> Iterator[None]:
 
     :func:`models.fused_ops.disabled` turns the tap products off too, with the fused kernels.
     """
-    global _enabled
-    before, _enabled = _enabled, False
+    global _disabled_blocks
+    _disabled_blocks += 1
     try:
         yield
     finally:
-        _enabled = before
+        _disabled_blocks -= 1
 
 
 class Tap:

@@ -176,3 +176,12 @@ def test_compiled_taps_match_eager() -> None:
     for actual, expected in zip(results[1], results[0]):
         torch.testing.assert_close(actual, expected)
     torch._dynamo.reset()
+
+
+def test_disabled_blocks_nest() -> None:
+    assert tap_conv.enabled()
+    with tap_conv.disabled():
+        with tap_conv.disabled():
+            assert not tap_conv.enabled()
+        assert not tap_conv.enabled()
+    assert tap_conv.enabled()
