@@ -13,6 +13,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("BNEXT_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's intra-op thread count after each test.
+
+    Some code under test sets it for the whole process (the data-loading benchmark
+    emulates a one-thread worker); later tests would otherwise run on other BLAS paths,
+    and their results would depend on the tests that ran before them.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The official-numerics fixtures; skipped when absent, but never under CI=true."""

@@ -178,6 +178,10 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
     ],
 )
 def test_training_step_of_whole_models_matches_unfused(unfused, name: str, kwargs: dict) -> None:
+    # The straight-through gradient is cut where |x + beta| > 1.5: a value that rounding puts on
+    # the other side of that edge in one implementation changes gradients by about 1 % (seen with
+    # this seed at one thread, where BLAS takes other paths). These seeds have no such value on
+    # the thread counts the suite runs with (conftest restores it after each test).
     torch.manual_seed(0)
     model = models.create_model(name, num_classes=10, stem="cifar", **kwargs)
     models.set_temperature(model, 0.3)
