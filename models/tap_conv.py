@@ -253,11 +253,16 @@ def _tap_conv2d_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weights)
     ctx.kernel, ctx.stride, ctx.padding = weight.shape[-1], stride, padding
     ctx.mark_non_differentiable(weights)
+    # Otherwise autograd hands the backward a zero tensor of the tap matrices' size (38 MB for
+    # BNext-T's widest layer) as their "gradient", written on every step.
+    ctx.set_materialize_grads(False)
 
 
 def _tap_conv2d_grad(ctx, grad, _weights, backward=tap_conv2d_backward_op):
     x, weights = ctx.saved_tensors
     input_grad, weight_grad = ctx.needs_input_grad[:2]
+    if grad is None:  # the output took no part in the loss
+        return None, None, None, None
     grad_x, grad_w = backward(
         grad.contiguous(), x, weights, ctx.kernel, ctx.stride, ctx.padding, input_grad, weight_grad
     )

@@ -185,3 +185,16 @@ def test_disabled_blocks_nest() -> None:
             assert not tap_conv.enabled()
         assert not tap_conv.enabled()
     assert tap_conv.enabled()
+
+
+def test_backward_builds_no_zero_gradient_for_the_tap_matrices() -> None:
+    # The operator's second output (the saved tap matrices) takes no part in the loss; autograd
+    # would otherwise fill a zero tensor of its size for the backward on every step.
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    weight = torch.randn(6, 8, 3, 3, requires_grad=True)
+    out = tap_conv.conv2d(x, weight, 1, 1)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out.sum().backward()
+    filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes]
+    assert [6, 9, 8] not in filled, filled
+    assert x.grad is not None and weight.grad is not None
