@@ -3,7 +3,8 @@
 Profiles the training step of :func:`benchmarks.train_step.make_step` and sums each
 operator's self CPU time into four groups, by its first input:
 
-* ``convolution``: convolution forward and backward (the floor's work);
+* ``convolution``: convolution forward and backward (the floor's work), with the tap
+  products of small planes (:mod:`models.tap_conv`) and every operator they call;
 * ``activation``: operators on activations (first input ``batch x ...``), the fused
   kernels included;
 * ``weight``: operators on a weight tensor (binarization, constraints);
@@ -29,6 +30,7 @@ import collections
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -40,6 +42,18 @@ import models  # noqa: E402
 from benchmarks.train_step import make_step  # noqa: E402
 from ImageNet.host_memory import add_keep_freed_memory_flag, apply_keep_freed_memory  # noqa: E402
 from models import fused_ops  # noqa: E402
+
+#: Names of the tap-product convolution's profiler events: its eager twin and backward, and its operators.
+TAP_CONV_EVENTS = ("Eager_tap_conv2d", "bnext::tap_conv2d")
+
+
+def inside_tap_conv(event: Any) -> bool:
+    """Whether a profiler event is a tap-product convolution or runs inside one (its matrix products, copies)."""
+    while event is not None:
+        if event.name.startswith(TAP_CONV_EVENTS):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def group_of(name: str, first_shape: list[int], batch: int, weight_shapes: set[tuple[int, ...]]) -> str:
@@ -72,12 +86,17 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
                 step()
     groups: dict[str, float] = collections.defaultdict(float)
     operators: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-    for event in prof.key_averages(group_by_input_shape=True):
-        first = event.input_shapes[0] if event.input_shapes else []
-        group = group_of(event.key, first, args.batch, weight_shapes)
+    for event in prof.events():
+        name = event.name
+        if inside_tap_conv(event):
+            group = "convolution"
+            name = name if name.startswith(TAP_CONV_EVENTS) else f"tap conv: {name}"
+        else:
+            first = event.input_shapes[0] if event.input_shapes else []
+            group = group_of(name, first, args.batch, weight_shapes)
         milliseconds = event.self_cpu_time_total / 1e3 / args.steps
         groups[group] += milliseconds
-        operators[group][event.key] += milliseconds
+        operators[group][name] += milliseconds
     ranked = {g: sorted(ops.items(), key=lambda item: -item[1]) for g, ops in operators.items()}
     return dict(groups), ranked
 

@@ -46,3 +46,28 @@ def test_compile_flag_profiles_the_compiled_forward(monkeypatch) -> None:
     assert len(compiled) == 1 and isinstance(compiled[0][0], torch.nn.Module)
     assert compiled[0][1] == models.compile_options("cpu")  # the kernels' NCHW layout is kept
     assert groups["convolution"] > 0
+
+
+def test_tap_products_count_as_convolution() -> None:
+    # BNext-T at 16 px ends on 2x2 planes, where the binary convolutions train by tap products.
+    groups, ranked = step_profile.profile_step(_small_config())
+    convolution = dict(ranked["convolution"])
+    assert convolution.get("Eager_tap_conv2d", 0) > 0 and convolution.get("Eager_tap_conv2dBackward", 0) > 0
+    assert any(name.startswith("tap conv: aten::") for name in convolution)  # their matrix products and copies
+    assert not any(
+        name.startswith("tap conv") for ops in ranked.values() for name, _ in ops if ops is not ranked["convolution"]
+    )
+
+
+class _Event:
+    def __init__(self, name: str, parent: _Event | None = None) -> None:
+        self.name, self.cpu_parent = name, parent
+
+
+def test_inside_tap_conv_follows_the_parents() -> None:
+    backward = _Event(
+        "Eager_tap_conv2dBackward", _Event("autograd::engine::evaluate_function: Eager_tap_conv2dBackward")
+    )
+    assert step_profile.inside_tap_conv(_Event("aten::mm", _Event("aten::matmul", backward)))
+    assert step_profile.inside_tap_conv(_Event("bnext::tap_conv2d_backward"))
+    assert not step_profile.inside_tap_conv(_Event("aten::mm", _Event("Eager_batch_norm_prelu")))
