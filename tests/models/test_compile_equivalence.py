@@ -49,10 +49,13 @@ def _training_step(forward, model: torch.nn.Module, x: torch.Tensor):
 
 
 def test_compiled_training_step_matches_eager() -> None:
-    """Training mode: the compiled graph runs the fused kernels (custom operators) and updates the statistics."""
+    """Training mode: the compiled graph runs the fused kernels and the tap products (custom operators)
+    and updates the statistics."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16]).train()
+    # Two more blocks reach 4x4 planes, whose stride-1 3x3 binary convolution trains by tap products.
+    layout = [8, 8, 16, 32, 32]
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=layout).train()
     models.set_temperature(model, 0.3)
     # In a network this small, a batch-norm channel can see four identical values (the
     # same signs in every sample): its variance is 0 and its backward multiplies the
@@ -65,7 +68,10 @@ def test_compiled_training_step_matches_eager() -> None:
     x = torch.randn(4, 3, 16, 16)
     eager_model = copy.deepcopy(model)
     expected = _training_step(eager_model, eager_model, x)
-    actual = _training_step(torch.compile(model, options=fused_ops.compile_options("cpu")), model, x)
+    with torch.profiler.profile() as profile:
+        actual = _training_step(torch.compile(model, options=fused_ops.compile_options("cpu")), model, x)
+    operators = {event.name for event in profile.events()}
+    assert {"bnext::tap_conv2d", "bnext::tap_conv2d_backward", "bnext::gated_batch_norm"} <= operators
 
     scale = expected[0].abs().max().item()
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5 * scale)
