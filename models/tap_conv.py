@@ -75,9 +75,8 @@ class Tap:
 
 @lru_cache(maxsize=64)
 def taps(height: int, width: int, kernel: int, stride: int, padding: int) -> tuple[Tap, ...]:
-    """The taps with at least one valid position pair, for an input of ``height x width``."""
-    out_h = (height + 2 * padding - kernel) // stride + 1
-    out_w = (width + 2 * padding - kernel) // stride + 1
+    """The taps with at least one valid position pair, for an input of ``height x width``; the identity tap first."""
+    out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
     found = []
     for ky in range(kernel):
         for kx in range(kernel):
@@ -95,7 +94,9 @@ def taps(height: int, width: int, kernel: int, stride: int, padding: int) -> tup
                 found.append(Tap(ky * kernel + kx, None, None))
             else:
                 found.append(Tap(ky * kernel + kx, torch.tensor(outputs), torch.tensor(inputs)))
-    return tuple(found)
+    # The identity tap first: its product covers every position, so it writes the sums that
+    # the other taps add to, and they need no zero-filled start.
+    return tuple(sorted(found, key=lambda tap: tap.outputs is not None))
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -123,10 +124,12 @@ def applies(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -
     return height * width <= (MAX_POSITIONS if kernel > 1 else MAX_POSITIONS_1X1)
 
 
-def _positions_first(t: Tensor) -> Tensor:
-    """``N x C x H x W`` as a contiguous ``(H*W) x N x C``."""
+def positions_first(t: Tensor) -> Tensor:
+    """``N x C x H x W`` as a new contiguous ``(H*W) x N x C`` (the layout of the tap products' rows)."""
     n, c, h, w = t.shape
-    return t.permute(2, 3, 0, 1).reshape(h * w, n, c).contiguous()
+    # clone, not contiguous(): on a 1x1 plane the permuted view is contiguous already, and the
+    # operator returns these rows, which may not alias its input.
+    return t.permute(2, 3, 0, 1).reshape(h * w, n, c).clone(memory_format=torch.contiguous_format)
 
 
 def _planes(t: Tensor, height: int, width: int) -> Tensor:
@@ -148,30 +151,34 @@ def tap_matrices(weight: Tensor) -> Tensor:
     return weight.reshape(cout, cin, kh * kw).transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
 
-def forward(x: Tensor, weights: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+def forward(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int, stride: int, padding: int) -> Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products (no bias, no groups).
 
-    ``weights`` is :func:`tap_matrices` of the ``kernel x kernel`` weight.
+    ``rows`` is :func:`positions_first` of the ``height x width`` input ``x``, ``weights``
+    :func:`tap_matrices` of the ``kernel x kernel`` weight.
     """
-    n, cin, height, width = x.shape
+    _, n, cin = rows.shape
     cout = weights.shape[0]
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
-    rows = _positions_first(x)
-    out = x.new_zeros(out_h * out_w, n, cout)
+    out = None
     for tap in taps(height, width, kernel, stride, padding):
         matrix = weights[:, tap.index].t()
-        if tap.outputs is None:
-            out.view(-1, cout).addmm_(rows.view(-1, cin), matrix)
-        else:
-            product = torch.mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
-            out.index_add_(0, tap.outputs, product.view(-1, n, cout))
+        if tap.outputs is None:  # the identity tap, first: it writes every output
+            out = torch.mm(rows.view(-1, cin), matrix).view(-1, n, cout)
+            continue
+        if out is None:
+            out = rows.new_zeros(out_h * out_w, n, cout)
+        product = torch.mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
+        out.index_add_(0, tap.outputs, product.view(-1, n, cout))
     return _planes(out, out_h, out_w)
 
 
 def backward(
     grad: Tensor,
-    x: Tensor,
+    rows: Tensor,
     weights: Tensor,
+    height: int,
+    width: int,
     kernel: int,
     stride: int,
     padding: int,
@@ -182,35 +189,36 @@ def backward(
 
     A gradient that is not asked for is returned empty (:func:`models.kernel_ops.no_values`).
     """
-    n, cin, height, width = x.shape
+    _, n, cin = rows.shape
     cout = weights.shape[0]
-    grads = _positions_first(grad)  # outputs x N x Cout
+    grads = positions_first(grad)  # outputs x N x Cout
     flat_grads = grads.view(-1, cout)
-    rows = _positions_first(x) if weight_grad else None
-    grad_x = x.new_zeros(height * width, n, cin) if input_grad else None
+    grad_x = None
     grad_w = None
     used = taps(height, width, kernel, stride, padding)
     if weight_grad:  # every tap's matrix is written below; only unused taps need zeros
         grad_w = (
-            x.new_empty(kernel * kernel, cout, cin)
+            rows.new_empty(kernel * kernel, cout, cin)
             if len(used) == kernel * kernel
-            else x.new_zeros(kernel * kernel, cout, cin)
+            else rows.new_zeros(kernel * kernel, cout, cin)
         )
     for tap in used:
         selected = flat_grads if tap.outputs is None else grads.index_select(0, tap.outputs).view(-1, cout)
-        if grad_x is not None:
+        if input_grad:
             matrix = weights[:, tap.index]
-            if tap.inputs is None:
-                grad_x.view(-1, cin).addmm_(selected, matrix)
+            if tap.inputs is None:  # the identity tap, first: it writes every input's gradient
+                grad_x = torch.mm(selected, matrix).view(-1, n, cin)
             else:
+                if grad_x is None:
+                    grad_x = rows.new_zeros(height * width, n, cin)
                 grad_x.index_add_(0, tap.inputs, torch.mm(selected, matrix).view(-1, n, cin))
         if grad_w is not None:
             source = rows.view(-1, cin) if tap.inputs is None else rows.index_select(0, tap.inputs).view(-1, cin)
             torch.mm(selected.t(), source, out=grad_w[tap.index])
-    grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(x)
+    grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(rows)
     if grad_w is not None:
         grad_w = grad_w.view(kernel, kernel, cout, cin).permute(2, 3, 0, 1).contiguous()
-    return grad_x, grad_w if grad_w is not None else kernel_ops.no_values(x)
+    return grad_x, grad_w if grad_w is not None else kernel_ops.no_values(rows)
 
 
 # --------------------------------------------------------------------------- operators
@@ -218,9 +226,11 @@ def backward(
 # eager mode calls their autograd twin (see models.kernel_ops).
 
 
-def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[Tensor, Tensor]:
-    weights = tap_matrices(weight)
-    return forward(x, weights, weight.shape[-1], stride, padding), weights
+def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[Tensor, Tensor, Tensor]:
+    # Returns the rows and tap matrices too: the backward reads them, so they are made once.
+    rows, weights = positions_first(x), tap_matrices(weight)
+    height, width = x.shape[-2:]
+    return forward(rows, weights, height, width, weight.shape[-1], stride, padding), weights, rows
 
 
 tap_conv2d_op = torch.library.custom_op("bnext::tap_conv2d", _tap_conv2d, mutates_args=())
@@ -228,45 +238,45 @@ tap_conv2d_op = torch.library.custom_op("bnext::tap_conv2d", _tap_conv2d, mutate
 
 @tap_conv2d_op.register_fake
 def _(x, weight, stride, padding):
-    cout, cin, kernel, _ = weight.shape
-    height, width = x.shape[-2:]
+    n, cin, height, width = x.shape
+    cout, _, kernel, _ = weight.shape
     out = x.new_empty(
-        x.shape[0], cout, output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
+        n, cout, output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
     )
-    return out, weight.new_empty(cout, kernel * kernel, cin)
+    return out, weight.new_empty(cout, kernel * kernel, cin), x.new_empty(height * width, n, cin)
 
 
 tap_conv2d_backward_op = torch.library.custom_op("bnext::tap_conv2d_backward", backward, mutates_args=())
 
 
 @tap_conv2d_backward_op.register_fake
-def _(grad, x, weights, kernel, stride, padding, input_grad, weight_grad):
-    cout, _, cin = weights.shape
-    grad_x = torch.empty_like(x) if input_grad else kernel_ops.no_values(x)
-    grad_w = weights.new_empty(cout, cin, kernel, kernel) if weight_grad else kernel_ops.no_values(x)
+def _(grad, rows, weights, height, width, kernel, stride, padding, input_grad, weight_grad):
+    _, n, cin = rows.shape
+    cout = weights.shape[0]
+    grad_x = rows.new_empty(n, cin, height, width) if input_grad else kernel_ops.no_values(rows)
+    grad_w = weights.new_empty(cout, cin, kernel, kernel) if weight_grad else kernel_ops.no_values(rows)
     return grad_x, grad_w
 
 
 def _tap_conv2d_setup(ctx, inputs, output) -> None:
     x, weight, stride, padding = inputs
-    _, weights = output
-    # The tap matrices, not the weight: the backward reads them, and the weight may go.
-    ctx.save_for_backward(x, weights)
-    ctx.kernel, ctx.stride, ctx.padding = weight.shape[-1], stride, padding
-    ctx.mark_non_differentiable(weights)
-    # Otherwise autograd hands the backward a zero tensor of the tap matrices' size (38 MB for
-    # BNext-T's widest layer) as their "gradient", written on every step.
+    _, weights, rows = output
+    # The rows and tap matrices, not the input and weight: the backward reads them, and the
+    # binarized weight can go.
+    ctx.save_for_backward(rows, weights)
+    ctx.geometry = (*x.shape[-2:], weight.shape[-1], stride, padding)
+    ctx.mark_non_differentiable(weights, rows)
+    # Otherwise autograd hands the backward zero tensors of their sizes (38 MB for BNext-T's
+    # widest layer) as their "gradients", written on every step.
     ctx.set_materialize_grads(False)
 
 
-def _tap_conv2d_grad(ctx, grad, _weights, backward=tap_conv2d_backward_op):
-    x, weights = ctx.saved_tensors
+def _tap_conv2d_grad(ctx, grad, _weights, _rows, backward=tap_conv2d_backward_op):
+    rows, weights = ctx.saved_tensors
     input_grad, weight_grad = ctx.needs_input_grad[:2]
     if grad is None:  # the output took no part in the loss
         return None, None, None, None
-    grad_x, grad_w = backward(
-        grad.contiguous(), x, weights, ctx.kernel, ctx.stride, ctx.padding, input_grad, weight_grad
-    )
+    grad_x, grad_w = backward(grad.contiguous(), rows, weights, *ctx.geometry, input_grad, weight_grad)
     return (grad_x if input_grad else None), (grad_w if weight_grad else None), None, None
 
 
@@ -278,5 +288,5 @@ def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tens
 
     For the inputs that :func:`applies` accepts; the result agrees to float32 rounding.
     """
-    out, _ = kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding))
+    out, _, _ = kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding))
     return out

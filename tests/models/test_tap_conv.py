@@ -75,8 +75,10 @@ def test_operators_pass_opcheck() -> None:
     weight = torch.randn(5, 4, 3, 3, requires_grad=True)
     torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight, 1, 1))
     torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 4, 4), torch.randn(5, 4, 3, 3), 2, 1))
-    # 1x1 kernels: the tap matrices must still be a new tensor (an output may not alias an input).
+    # 1x1 kernels and 1x1 planes: the tap matrices and rows must still be new tensors (an
+    # operator's output may not alias an input).
     torch.library.opcheck(tap_conv.tap_conv2d_op, (x, torch.randn(5, 4, 1, 1, requires_grad=True), 1, 0))
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 1, 1, requires_grad=True), weight, 1, 1))
 
 
 def test_taps_pair_every_valid_position_once() -> None:
@@ -187,14 +189,15 @@ def test_disabled_blocks_nest() -> None:
     assert tap_conv.enabled()
 
 
-def test_backward_builds_no_zero_gradient_for_the_tap_matrices() -> None:
-    # The operator's second output (the saved tap matrices) takes no part in the loss; autograd
-    # would otherwise fill a zero tensor of its size for the backward on every step.
+def test_backward_builds_no_zero_gradient_for_the_saved_outputs() -> None:
+    # The operator's second and third outputs (the tap matrices and the input's rows, saved for
+    # the backward) take no part in the loss; autograd would otherwise fill zero tensors of
+    # their sizes for the backward on every step.
     x = torch.randn(2, 8, 2, 2, requires_grad=True)
     weight = torch.randn(6, 8, 3, 3, requires_grad=True)
     out = tap_conv.conv2d(x, weight, 1, 1)
     with torch.profiler.profile(record_shapes=True) as prof:
         out.sum().backward()
     filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes]
-    assert [6, 9, 8] not in filled, filled
+    assert [6, 9, 8] not in filled and [4, 2, 8] not in filled, filled
     assert x.grad is not None and weight.grad is not None
