@@ -29,9 +29,10 @@ from . import kernel_ops
 #: The largest input planes (height * width) that take the tap products, for kernels
 #: larger than 1x1 and for 1x1 kernels. Chosen by ``benchmarks/tap_conv.py`` on the
 #: development machine (forward plus backward, BNext-T's shapes at batch 64): 3x3
-#: convolutions on 4x4 planes 1.06 to 1.17 times as fast as oneDNN's at stride 1 and 2.1
-#: to 2.3 times at stride 2, on 2x2 planes 2.6 to 2.9 times, on 8x8 planes slower (0.7 to
-#: 0.9); 1x1 convolutions 1.15 to 1.6 times on 2x2 planes, slower on 4x4 (0.87 to 0.94).
+#: convolutions on 4x4 planes 1.06 to 1.20 times as fast as oneDNN's at stride 1 and 2.1
+#: to 2.3 times at stride 2, on 2x2 planes 2.6 to 2.9 times, on 8x8 planes slower or about
+#: even (0.7 to 1.03); 1x1 convolutions 1.15 to 1.65 times on 2x2 planes, slower or even
+#: on 4x4 (0.87 to 0.98).
 MAX_POSITIONS = 16
 MAX_POSITIONS_1X1 = 4
 
