@@ -31,7 +31,7 @@ from . import kernel_ops
 #: development machine (forward plus backward, BNext-T's shapes at batch 64): 3x3
 #: convolutions on 4x4 planes 1.06 to 1.20 times as fast as oneDNN's at stride 1 and 2.1
 #: to 2.3 times at stride 2, on 2x2 planes 2.6 to 2.9 times, on 8x8 planes slower or about
-#: even (0.7 to 1.03); 1x1 convolutions 1.15 to 1.65 times on 2x2 planes, slower or even
+#: even (0.7 to 1.03); 1x1 convolutions 1.15 to 1.64 times on 2x2 planes, slower or even
 #: on 4x4 (0.87 to 0.98).
 MAX_POSITIONS = 16
 MAX_POSITIONS_1X1 = 4
