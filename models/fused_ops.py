@@ -118,9 +118,14 @@ def _kernels_loaded() -> bool:
     return load_extension() is not None
 
 
+def _switched_on() -> bool:
+    """Whether the faster paths may run: not inside :func:`disabled`, not under TorchScript tracing or scripting."""
+    return _enabled and not (torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
 def _fusable(*tensors: torch.Tensor) -> bool:
     # The processor kernels are custom operators (models.kernel_ops): torch.compile keeps them in its graph.
-    if not _enabled or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if not _switched_on():
         return False
     return _tensors_fit(*tensors) and _kernels_loaded()
 
@@ -304,11 +309,10 @@ def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding:
     The convolution floor of ``benchmarks/train_step.py`` calls this function too.
     """
     if (
-        _enabled
+        _switched_on()
         and tap_conv.enabled()
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting())
         and tap_conv.applies(x, weight, stride, padding, groups)
     ):
         return tap_conv.conv2d(x, weight, stride, padding)
