@@ -12,6 +12,14 @@ Two float32 facts shape the comparison, both measured on these fixtures:
   precision reproduces every entry on every CPU. Each quantity is therefore
   checked in both and must match in at least one; a wrong formula matches in
   neither.
+* Rounding can land a pre-activation exactly on the tie: on the AMD EPYC development
+  machine one of BNext-18's hard-sign (T = 1e-8) samples has a sign input of 5e-7
+  (2e-8 in float64; its layer's median is 36), which the official run rounded to the
+  other side. No precision or thread count here reproduces it, and that one flip
+  changes the sample's logits by 130 %. A sample that fails in both precisions is
+  therefore accepted only if flipping its single sign input nearest to zero (within
+  ``TIE_DISTANCE`` of its layer's median magnitude) reproduces the reference; a wrong
+  formula is not repaired by one flipped tie.
 * A gradient tensor's rounding noise scales with the largest gradient of the
   network, not with the tensor itself: a tensor a million times smaller than the
   largest carries float32 noise of its own size. Gradient errors below
@@ -31,8 +39,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import models
+from models.quantizers import HardSign
 
 LOGIT_RTOL = 1e-4
+#: A sign input this close to zero, relative to the median magnitude of its layer's inputs, is a tie.
+TIE_DISTANCE = 1e-6
 GRAD_RTOL = 1e-3
 GRAD_NOISE_FLOOR = 1e-6
 TEMPERATURES = ("1", "0.3", "1e-08")
@@ -145,10 +156,61 @@ def _mismatches(keys, tensors, ours, rtol: float, atol: float = 0.0) -> list[str
     return bad
 
 
-def test_logits_and_loss(computed) -> None:
-    name, tensors, _, ours = computed
+def _sample_errors(key: str, tensors, ours) -> torch.Tensor:
+    """Per sample, the smaller relative error of the two precisions."""
+    ref = tensors[key].double()
+    errors = [(result[key].double() - ref).norm(dim=1) / ref.norm(dim=1) for result in ours.values()]
+    return torch.stack(errors).amin(dim=0)
+
+
+def _logits_with_nearest_tie_flipped(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval logits of one sample with the sign of its input nearest zero (relative to its layer) flipped.
+
+    Fails the test if that input is not within ``TIE_DISTANCE`` of zero: then no tie explains a mismatch.
+    """
+    binarizers = [module for module in model.modules() if isinstance(module, HardSign)]
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0].detach().flatten()))
+        for i, module in enumerate(binarizers)
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    distance, layer, index = min(
+        ((values.abs().min() / values.abs().median()).item(), i, values.abs().argmin().item())
+        for i, values in inputs.items()
+    )
+    assert distance < TIE_DISTANCE, f"the sign input nearest zero is {distance:.2e} of its layer's median: no tie"
+
+    def flip(module, args, out):
+        out = out.clone()
+        out.view(-1)[index] = -1.0 if out.view(-1)[index] > 0 else 1.0
+        return out
+
+    handle = binarizers[layer].register_forward_hook(flip)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+def test_logits_and_loss(computed, reference_dir: Path, reduced_channels) -> None:
+    name, tensors, meta, ours = computed
     keys = [f"eval_logits.T={t}" for t in TEMPERATURES] + ["train_logits.T=0.3", "train_loss.T=0.3"]
-    assert _mismatches(keys, tensors, ours, LOGIT_RTOL) == []
+    for key in _mismatches(keys, tensors, ours, LOGIT_RTOL):
+        key = key.split(":")[0]
+        assert key.startswith("eval_logits."), f"{name}: {key} does not match the reference"
+        # Eval samples are independent (running statistics): redo the ones no precision matches, with a tie flipped.
+        logits = ours[torch.float64][key].clone()
+        model = _build(CASES[name], reduced_channels, int(meta["num_classes"]), tensors, torch.float64).eval()
+        models.set_temperature(model, float(key.removeprefix("eval_logits.T=")))
+        for sample in (_sample_errors(key, tensors, ours) > LOGIT_RTOL).nonzero().flatten().tolist():
+            x = tensors["input"][sample : sample + 1].double()
+            logits[sample] = _logits_with_nearest_tie_flipped(model, x)[0]
+        assert _mismatches([key], tensors, {torch.float64: {key: logits}}, LOGIT_RTOL) == [], name
 
 
 def test_float32_alone_matches_most_quantities(computed) -> None:
@@ -175,3 +237,19 @@ def test_batchnorm_running_statistics(computed) -> None:
     keys = [key for key in tensors if key.startswith("after_train_state.")]
     assert keys
     assert _mismatches(keys, tensors, ours, LOGIT_RTOL) == []
+
+
+def test_a_flipped_tie_does_not_repair_other_logits(reference_dir: Path, reduced_channels) -> None:
+    # The tie rule of test_logits_and_loss must not accept a formula error: against logits
+    # 1 % off, the one sample it repairs on the AMD machine still fails; and the flip does change it.
+    name, key = "bnext18_cifar10", "eval_logits.T=1e-08"
+    tensors, meta = _load_fixture(reference_dir / f"{name}.safetensors")
+    model = _build(CASES[name], reduced_channels, int(meta["num_classes"]), tensors, torch.float64).eval()
+    models.set_temperature(model, 1e-8)
+    x = tensors["input"][1:2].double()
+    with torch.no_grad():
+        plain = model(x)[0]
+    flipped = _logits_with_nearest_tie_flipped(model, x)[0]
+    reference = tensors[key][1].double()
+    assert (flipped - plain).norm() > 0.5 * reference.norm()
+    assert (flipped - 1.01 * reference).norm() > LOGIT_RTOL * reference.norm()
