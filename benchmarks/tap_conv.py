@@ -8,16 +8,24 @@ step takes the tap products for that shape (:func:`models.tap_conv.applies`), so
 table shows the rule's both sides; ``max rel diff`` is the largest difference of the
 output and the gradients, relative to each one's largest value (float32 rounding).
 ``per step`` weighs each shape by its calls per forward, over the shapes that are used.
+The tap products get the weight in the layout a training step hands them: channels-last
+(tap-major) where the step's binarization writes it (used shapes, C++ kernels built),
+so they read it in place. ``copy/in place`` times them once more with a plain weight,
+which they first copy into that layout, against the tap-major one: what the layout saves.
 
 Then (``--step-pairs``, default 6) the whole eager training step of
 ``benchmarks/train_step.py`` (forward, loss, backward, AdamW, constraints), with the
 tap products and inside :func:`models.tap_conv.disabled`, on two copies of the same
 model, alternating: the change's effect on a step, which the per-shape rows only add up to.
+``--layout-pairs`` (default 0) does the same for the tap-major binarization: steps whose
+binary layers binarize into the taps' layout against steps whose layers binarize into
+the plain one (the taps then copy the weight).
 
 Usage::
 
     python benchmarks/tap_conv.py                      # BNext-T, CIFAR stem, 32x32, batch 64
     python benchmarks/tap_conv.py --iters 15 --step-pairs 12 --keep-freed-memory
+    python benchmarks/tap_conv.py --step-pairs 0 --layout-pairs 10 --keep-freed-memory
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from benchmarks.fused_kernels import time_alternating  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
 from benchmarks.train_step import ConvShape, collect_conv_shapes, make_step  # noqa: E402
 from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
-from models import tap_conv  # noqa: E402
+from models import fused_ops, tap_conv  # noqa: E402
 
 Key = tuple[tuple[int, ...], tuple[int, ...], int, int]
 
@@ -58,12 +66,20 @@ def _key(shape: ConvShape) -> Key:
     return shape.input_shape, shape.weight_shape, shape.stride[0], shape.padding[0]
 
 
-def forward_backward(conv: Callable[..., torch.Tensor], key: Key) -> Callable[[], tuple[torch.Tensor, ...]]:
-    """A call running ``conv`` forward and backward on fixed random tensors of ``key``'s shapes."""
+def forward_backward(
+    conv: Callable[..., torch.Tensor], key: Key, tap_major: bool = False
+) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A call running ``conv`` forward and backward on fixed random tensors of ``key``'s shapes.
+
+    With ``tap_major`` the weight is channels-last (:func:`models.tap_conv.is_tap_major`).
+    """
     input_shape, weight_shape, stride, padding = key
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(input_shape, generator=generator).requires_grad_(True)
-    weight = torch.randn(weight_shape, generator=generator).requires_grad_(True)
+    weight = torch.randn(weight_shape, generator=generator)
+    if tap_major:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    weight.requires_grad_(True)
     grad = torch.randn(F.conv2d(x.detach(), weight.detach(), stride=stride, padding=padding).shape, generator=generator)
 
     def run() -> tuple[torch.Tensor, ...]:
@@ -95,6 +111,23 @@ def time_steps(model: torch.nn.Module, batch: int, img_size: int, pairs: int) ->
     return time_alternating(with_taps, without_taps, pairs)
 
 
+def binarize_into_plain_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every binary layer binarizing into the plain layout (the taps then copy the weight)."""
+    for layer in model.modules():
+        if isinstance(layer, models.BinaryConv2d):
+            # An instance attribute shadows the method: forward's tap_major request is dropped.
+            layer.binary_weight = lambda tap_major=False, layer=layer: models.BinaryConv2d.binary_weight(layer)
+    return model
+
+
+def time_layouts(model: torch.nn.Module, batch: int, img_size: int, pairs: int) -> tuple[float, float]:
+    """Median ms of a training step binarizing into the taps' layout and into the plain one, alternating."""
+    images, targets = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
+    tap_major = make_step(copy.deepcopy(model), (images, targets))
+    plain = make_step(binarize_into_plain_layout(copy.deepcopy(model)), (images, targets))
+    return time_alternating(tap_major, plain, pairs)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     """Print one row per binary convolution shape; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,9 +139,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         default=6,
         help="timed pairs of whole training steps with and without the taps; 0 skips them (default: %(default)s)",
     )
+    parser.add_argument(
+        "--layout-pairs",
+        type=int,
+        default=0,
+        help="timed pairs of whole training steps binarizing into the taps' layout and into the plain one; "
+        "0 skips them (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.step_pairs < 0:
-        parser.error("--iters must be >= 1 and --step-pairs >= 0")
+    if args.iters < 1 or args.step_pairs < 0 or args.layout_pairs < 0:
+        parser.error("--iters must be >= 1, --step-pairs and --layout-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(apply_keep_freed_memory(args.keep_freed_memory))
@@ -116,21 +156,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     counts = binary_conv_shapes(model, torch.randn(args.batch, 3, args.img_size, args.img_size))
     print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")
     header = f"{'input':<20} {'weight':<20} {'stride':>6} {'calls':>5} {'conv ms':>9} {'taps ms':>9}"
-    print(f"{header} {'conv/taps':>9} {'used':>5} {'max rel diff':>13}")
+    print(f"{header} {'conv/taps':>9} {'used':>5} {'max rel diff':>13} {'copy/in place':>13}")
     rows: list[dict[str, object]] = []
     totals = [0.0, 0.0]
     for key, calls in counts.items():
         input_shape, weight_shape, stride, padding = key
         x, weight = torch.empty(input_shape), torch.empty(weight_shape)
         used = tap_conv.applies(x, weight, stride, padding, 1)
-        reference, taps = forward_backward(_conv2d, key), forward_backward(tap_conv.conv2d, key)
+        # The layout a training step hands the taps (see the module docstring).
+        tap_major = used and fused_ops.backend() == "cpp" and weight_shape[-1] > 1
+        reference = forward_backward(_conv2d, key)
+        taps = forward_backward(tap_conv.conv2d, key, tap_major=tap_major)
         difference = max_relative_difference(taps(), reference())
         conv_ms, taps_ms = time_alternating(reference, taps, args.iters)
+        row: dict[str, object] = {"key": key, "calls": calls, "conv_ms": conv_ms, "taps_ms": taps_ms, "used": used}
+        layout = ""
+        if tap_major:
+            copied_ms, in_place_ms = time_alternating(forward_backward(tap_conv.conv2d, key), taps, args.iters)
+            row["copy_over_in_place"] = copied_ms / in_place_ms
+            layout = f"{copied_ms / in_place_ms:.2f}"
         if used:
             totals = [totals[0] + calls * conv_ms, totals[1] + calls * taps_ms]
-        rows.append({"key": key, "calls": calls, "conv_ms": conv_ms, "taps_ms": taps_ms, "used": used})
+        rows.append(row)
         line = f"{str(input_shape):<20} {str(weight_shape):<20} {stride:>6} {calls:>5} {conv_ms:>9.2f} {taps_ms:>9.2f}"
-        print(f"{line} {conv_ms / taps_ms:>9.2f} {'yes' if used else 'no':>5} {difference:>13.1e}")
+        print(f"{line} {conv_ms / taps_ms:>9.2f} {'yes' if used else 'no':>5} {difference:>13.1e} {layout:>13}")
     if totals[1] > 0:
         print(
             f"per step, used shapes x calls: conv {totals[0]:.1f} ms, taps {totals[1]:.1f} ms, "
@@ -141,6 +190,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         print(
             f"training step (eager, {args.step_pairs} pairs): with taps {taps_ms:.1f} ms, "
             f"without {conv_ms:.1f} ms, without/with {conv_ms / taps_ms:.2f}"
+        )
+    if args.layout_pairs:
+        tap_major_ms, plain_ms = time_layouts(model, args.batch, args.img_size, args.layout_pairs)
+        print(
+            f"training step (eager, {args.layout_pairs} pairs): binarized into the taps' layout {tap_major_ms:.1f} ms, "
+            f"into the plain one {plain_ms:.1f} ms, plain/taps' {plain_ms / tap_major_ms:.2f}"
         )
     return rows
 

@@ -206,12 +206,15 @@ class ConvFloor:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        tap_major_weights: bool = True,
     ) -> None:
         self.shapes = list(shapes)
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
+        self.tap_major_weights = tap_major_weights
         self._tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._tap_major: dict[int, torch.Tensor] = {}  # channels-last copies of binary weights, made on first use
         for shape in self.shapes:
             self._tensors.append(self._allocate(shape))
 
@@ -241,11 +244,23 @@ class ConvFloor:
                 y = F.linear(x, weight, bias)
             elif shape.binary:
                 # What BinaryConv2d runs in a training step: tap products on small CPU planes.
+                weight = self._binary_weight(index, x, weight)
                 y = fused_ops.training_conv2d(x, weight, shape.stride[0], shape.padding[0], shape.groups)
             else:
                 y = F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, shape.groups)
         wanted = (x, weight) if shape.input_requires_grad else (weight,)
         return torch.autograd.grad(y, wanted, grad_output)
+
+    def _binary_weight(self, index: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The weight of binary call ``index`` in the layout the step's binarization hands its convolution."""
+        shape = self.shapes[index]
+        taps = fused_ops.takes_tap_products(x, weight, shape.stride[0], shape.padding[0], shape.groups)
+        if not (self.tap_major_weights and taps and fused_ops.backend() == "cpp"):
+            return weight
+        if index not in self._tap_major:
+            tap_major = weight.detach().contiguous(memory_format=torch.channels_last)
+            self._tap_major[index] = tap_major.requires_grad_(True)
+        return self._tap_major[index]
 
     def __call__(self) -> None:
         for index in range(len(self.shapes)):
@@ -253,7 +268,7 @@ class ConvFloor:
 
     def resident_bytes(self) -> int:
         """Bytes held by the preallocated tensors (excluded from the step's peak memory on CUDA)."""
-        total = 0
+        total = sum(t.numel() * t.element_size() for t in self._tap_major.values())
         for tensors in self._tensors:
             for t in tensors:
                 if t is not None:
@@ -266,9 +281,10 @@ def make_floor(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    tap_major_weights: bool = True,
 ) -> ConvFloor:
     """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`)."""
-    return ConvFloor(shapes, device, dtype, channels_last)
+    return ConvFloor(shapes, device, dtype, channels_last, tap_major_weights)
 
 
 # --------------------------------------------------------------------------- step
@@ -586,7 +602,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     targets = torch.randint(0, num_classes, (args.batch,), device=device)
 
     shapes = collect_conv_shapes(model, images)
-    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last)
+    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last, not mode.compile)
 
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None

@@ -276,7 +276,9 @@ _MIN_TEMPERATURE_32 = _float32(MIN_TEMPERATURE)
 _TINY_32 = torch.finfo(torch.float32).tiny
 
 
-def binarize_weight(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor | None:
+def binarize_weight(
+    weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool = False
+) -> torch.Tensor | None:
     """``clamp(weight / d1 / d2, -1, 1)`` in one pass, with the divisors of
     :class:`models.quantizers._ProgressiveBinarizeSTE` (the same bits); None where the kernel does not apply.
 
@@ -285,7 +287,9 @@ def binarize_weight(weight: torch.Tensor, temperature: torch.Tensor, threshold: 
     host, in float32 as the tensor formula picks them: ``d1 = max(T, 1e-8)`` and
     ``d2 = 1``, or both the smallest normal float32 when ``T < threshold``. Reading a CPU
     tensor waits for nothing, and it saves the six small tensor operations per weight
-    that the device-side choice takes.
+    that the device-side choice takes. With ``tap_major`` the result is channels-last
+    (the same values): the layout of :func:`models.tap_conv.tap_matrices`, which the
+    tap products then read in place instead of copying the weight into it.
     """
     cpu_scalar = temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1
     if not cpu_scalar or not _fusable_in_eager(weight):
@@ -295,25 +299,34 @@ def binarize_weight(weight: torch.Tensor, temperature: torch.Tensor, threshold: 
         first = second = _TINY_32
     else:  # clamp(min=1e-8); a NaN temperature stays NaN, as with torch.clamp
         first, second = (_MIN_TEMPERATURE_32 if t < _MIN_TEMPERATURE_32 else t), 1.0
-    return load_extension().divide_clamp(weight, first, second)
+    return load_extension().divide_clamp(weight, first, second, tap_major)
 
 
-def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
-    """``F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)`` for a training step.
+def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:
+    """Whether :func:`training_conv2d` runs this convolution by tap products (``weight`` may be the latent one).
 
     Where :func:`models.tap_conv.applies` (CPU float32, small planes) and a gradient is
-    being recorded, by :func:`models.tap_conv.conv2d`: on the development machine two to
-    three times as fast as oneDNN on BNext's 2x2 planes, the same values to float32
-    rounding. Elsewhere, inside :func:`disabled` or :func:`models.tap_conv.disabled` and
-    under tracing, ``F.conv2d``.
-    The convolution floor of ``benchmarks/train_step.py`` calls this function too.
+    being recorded; not inside :func:`disabled` or :func:`models.tap_conv.disabled`, nor
+    under tracing. A binary layer asks before it binarizes, to have its weight written
+    in the taps' layout (:func:`binarize_weight`).
     """
-    if (
+    return (
         _switched_on()
         and tap_conv.enabled()
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
         and tap_conv.applies(x, weight, stride, padding, groups)
-    ):
+    )
+
+
+def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)`` for a training step.
+
+    Where :func:`takes_tap_products`, by :func:`models.tap_conv.conv2d`: on the
+    development machines two to four times as fast as oneDNN on BNext's 2x2 planes, the
+    same values to float32 rounding. Elsewhere ``F.conv2d``. The convolution floor of
+    ``benchmarks/train_step.py`` calls this function too.
+    """
+    if takes_tap_products(x, weight, stride, padding, groups):
         return tap_conv.conv2d(x, weight, stride, padding)
     return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)

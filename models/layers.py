@@ -61,14 +61,21 @@ class BinaryConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(shape) * 1e-3)
         self.register_buffer("temperature", torch.ones(1))
 
-    def binary_weight(self) -> torch.Tensor:
-        """The weight the convolution uses at the current temperature."""
-        return progressive_binarize(self.weight, self.temperature, self.sign_threshold)
+    def binary_weight(self, tap_major: bool = False) -> torch.Tensor:
+        """The weight the convolution uses at the current temperature.
+
+        ``tap_major``: where a training step's kernel binarizes, write it channels-last,
+        the layout of the tap products (the same values; see
+        :func:`models.quantizers.progressive_binarize`).
+        """
+        return progressive_binarize(self.weight, self.temperature, self.sign_threshold, tap_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.binary_weight()
         if self.training:  # small planes by tap products on the CPU (evaluation keeps F.conv2d's bits)
+            taps = fused_ops.takes_tap_products(x, self.weight, self.stride, self.padding, self.groups)
+            weight = self.binary_weight(tap_major=taps)
             return fused_ops.training_conv2d(x, weight, self.stride, self.padding, self.groups)
+        weight = self.binary_weight()
         return F.conv2d(x, weight, stride=self.stride, padding=self.padding, groups=self.groups)
 
     @torch.no_grad()

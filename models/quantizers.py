@@ -84,11 +84,14 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
     # forward(ctx, ...) rather than a separate setup_context: apply() would otherwise bind the
     # arguments through inspect.signature on every call, about as long as the small weights' kernel.
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, temperature: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
+    def forward(
+        ctx, weight: torch.Tensor, temperature: torch.Tensor, threshold: float, training: bool, tap_major: bool
+    ) -> torch.Tensor:
         from . import fused_ops  # here, not at the top: fused_ops imports this module
 
-        # A training step on the CPU: one C++ pass, divisors picked on the host (the same bits).
-        binarized = fused_ops.binarize_weight(weight, temperature, threshold) if training else None
+        # A training step on the CPU: one C++ pass, divisors picked on the host (the same bits),
+        # written in the layout of the tap products when the convolution takes them.
+        binarized = fused_ops.binarize_weight(weight, temperature, threshold, tap_major) if training else None
         if binarized is not None:
             return binarized
         # The divisors in the dtype of the division (a float32 temperature promotes bf16 weights).
@@ -101,7 +104,7 @@ class _ProgressiveBinarizeSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, None, None, None
+        return grad_output, None, None, None, None
 
 
 class _MinMaxQuantizeSTE(torch.autograd.Function):
@@ -155,12 +158,19 @@ def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:
     return _SignSTE.apply(x, clip)
 
 
-def progressive_binarize(weight: torch.Tensor, temperature: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Binarize latent weights at a temperature; the gradient reaches ``weight`` unchanged."""
+def progressive_binarize(
+    weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool = False
+) -> torch.Tensor:
+    """Binarize latent weights at a temperature; the gradient reaches ``weight`` unchanged.
+
+    ``tap_major`` asks for the result in the channels-last layout of the tap products
+    (:mod:`models.tap_conv`) where the one-pass training kernel writes it; the values
+    are the same either way, and elsewhere the layout is the weight's own.
+    """
     # Inside the autograd function grad mode is off: whether this is a training step is decided here.
     # A trace would record the flag as a constant of its graph, so traces always say False.
     training = torch.is_grad_enabled() and weight.requires_grad and not torch.jit.is_tracing()
-    return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold, training)
+    return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold, training, tap_major)
 
 
 class LearnableBias(nn.Module):

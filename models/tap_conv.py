@@ -139,12 +139,28 @@ def _planes(t: Tensor, height: int, width: int) -> Tensor:
     return t.permute(1, 2, 0).reshape(n, c, height, width).contiguous()
 
 
+def is_tap_major(weight: Tensor) -> bool:
+    """Whether the ``Cout x Cin x k x k`` weight lies in memory as ``Cout x (k*k) x Cin`` (channels-last).
+
+    So does every contiguous 1x1 weight. A binary layer's training step hands such a
+    weight (:func:`models.fused_ops.binarize_weight` writes it), and the tap products
+    read it in place (:func:`tap_view`).
+    """
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def tap_view(weight: Tensor) -> Tensor:
+    """The ``Cout x (k*k) x Cin`` tap matrices of a tap-major weight (:func:`is_tap_major`), as a view."""
+    cout, cin, kh, kw = weight.shape
+    return weight.permute(0, 2, 3, 1).view(cout, kh * kw, cin)
+
+
 def tap_matrices(weight: Tensor) -> Tensor:
-    """``Cout x Cin x k x k`` as a contiguous ``Cout x (k*k) x Cin``.
+    """``Cout x Cin x k x k`` as a new contiguous ``Cout x (k*k) x Cin``.
 
     Tap ``t``'s matrix ``[:, t]`` is then a ``Cout x Cin`` view with unit column stride,
     which BLAS reads in place. (This transpose is about twice as fast on the CPU as
-    the one to ``(k*k) x Cout x Cin``.)
+    the one to ``(k*k) x Cout x Cin``.) A tap-major weight needs no copy: :func:`tap_view`.
     """
     cout, cin, kh, kw = weight.shape
     # Always a new tensor (for 1x1 kernels the transposed view is contiguous already): the
@@ -229,9 +245,14 @@ def backward(
 
 def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[Tensor, Tensor, Tensor]:
     # Returns the rows and tap matrices too: the backward reads them, so they are made once.
-    rows, weights = positions_first(x), tap_matrices(weight)
+    # A tap-major weight is read in place, and its matrices are not returned (an operator's
+    # output may not alias its input): the backward takes its view of the saved weight.
+    rows = positions_first(x)
+    in_place = is_tap_major(weight)
+    weights = tap_view(weight) if in_place else tap_matrices(weight)
     height, width = x.shape[-2:]
-    return forward(rows, weights, height, width, weight.shape[-1], stride, padding), weights, rows
+    out = forward(rows, weights, height, width, weight.shape[-1], stride, padding)
+    return out, (kernel_ops.no_values(weight) if in_place else weights), rows
 
 
 tap_conv2d_op = torch.library.custom_op("bnext::tap_conv2d", _tap_conv2d, mutates_args=())
@@ -244,7 +265,8 @@ def _(x, weight, stride, padding):
     out = x.new_empty(
         n, cout, output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
     )
-    return out, weight.new_empty(cout, kernel * kernel, cin), x.new_empty(height * width, n, cin)
+    weights = kernel_ops.no_values(weight) if is_tap_major(weight) else weight.new_empty(cout, kernel * kernel, cin)
+    return out, weights, x.new_empty(height * width, n, cin)
 
 
 tap_conv2d_backward_op = torch.library.custom_op("bnext::tap_conv2d_backward", backward, mutates_args=())
@@ -262,9 +284,9 @@ def _(grad, rows, weights, height, width, kernel, stride, padding, input_grad, w
 def _tap_conv2d_setup(ctx, inputs, output) -> None:
     x, weight, stride, padding = inputs
     _, weights, rows = output
-    # The rows and tap matrices, not the input and weight: the backward reads them, and the
-    # binarized weight can go.
-    ctx.save_for_backward(rows, weights)
+    # The rows and tap matrices, not the input and the (copied) weight: the backward reads them,
+    # and the binarized weight can go. A tap-major weight is its own tap matrices: saved as it is.
+    ctx.save_for_backward(rows, weights if weights.numel() else weight)
     ctx.geometry = (*x.shape[-2:], weight.shape[-1], stride, padding)
     ctx.mark_non_differentiable(weights, rows)
     # Otherwise autograd hands the backward zero tensors of their sizes (38 MB for BNext-T's
@@ -274,6 +296,8 @@ def _tap_conv2d_setup(ctx, inputs, output) -> None:
 
 def _tap_conv2d_grad(ctx, grad, _weights, _rows, backward=tap_conv2d_backward_op):
     rows, weights = ctx.saved_tensors
+    if weights.dim() == 4:  # the tap-major weight itself
+        weights = tap_view(weights)
     input_grad, weight_grad = ctx.needs_input_grad[:2]
     if grad is None:  # the output took no part in the loss
         return None, None, None, None

@@ -117,9 +117,9 @@ class ScaledBinaryConv2d(BinaryConv2d):
         """``alpha``, shaped ``(out_channels, 1, 1, 1)``."""
         return self.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
 
-    def binary_weight(self) -> torch.Tensor:
+    def binary_weight(self, tap_major: bool = False) -> torch.Tensor:
         """``alpha * sign(W)`` (or the progressive weight times ``alpha`` at a positive temperature)."""
-        return self.scaling_factor() * super().binary_weight()
+        return self.scaling_factor() * super().binary_weight(tap_major)
 
 
 class XNORBlock(nn.Module):

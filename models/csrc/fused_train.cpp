@@ -781,19 +781,38 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
 
 // clamp(w / first / second, -1, 1) in one pass: the progressive weight binarization of
 // models/quantizers.py (three passes there), the same operations in the same order.
-// NaN stays NaN, as with torch.clamp.
-at::Tensor divide_clamp(const at::Tensor& w, double first, double second) {
+// NaN stays NaN, as with torch.clamp. With tap_major the result is written in the
+// channels-last layout of the Cout x Cin x k x k weight: Cout x (k*k) x Cin in memory,
+// the tap matrices of models/tap_conv.py, which then need no transposing copy of their own.
+at::Tensor divide_clamp(const at::Tensor& w, double first, double second, bool tap_major) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
               "the weight must be a contiguous float32 CPU tensor");
-  auto out = at::empty_like(w);
+  TORCH_CHECK(!tap_major || w.dim() == 4, "the tap-major layout needs a 4-D weight");
+  auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
   const float* src = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const float d1 = static_cast<float>(first), d2 = static_cast<float>(second);
-  at::parallel_for(0, w.numel(), 1 << 16, [&, d1, d2](int64_t begin, int64_t end) {
+  auto binarize = [d1, d2](float x) {
+    const float v = (x / d1) / d2;
+    return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+  };
+  if (!tap_major) {
+    at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const float v = (src[i] / d1) / d2;
-      dst[i] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+      for (int64_t i = begin; i < end; ++i) dst[i] = binarize(src[i]);
+    });
+    return out;
+  }
+  // One output channel at a time: its k*k*Cin values (36 KiB for 1024 channels) stay in
+  // the L1/L2 cache while tap t's row gathers every k*k-th of them.
+  const int64_t taps = w.size(2) * w.size(3), cin = w.size(1), per_out = taps * cin;
+  at::parallel_for(0, w.size(0), std::max<int64_t>(1, (1 << 16) / per_out), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float* in = src + o * per_out;
+      float* row = dst + o * per_out;
+      for (int64_t t = 0; t < taps; ++t, row += cin) {
+        for (int64_t c = 0; c < cin; ++c) row[c] = binarize(in[c * taps + t]);
+      }
     }
   });
   return out;
@@ -808,5 +827,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward");
   m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
   m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
-  m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1)");
+  m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");
 }

@@ -7,7 +7,7 @@ import torch
 
 import models
 from benchmarks import tap_conv as bench
-from models import tap_conv
+from models import fused_ops, tap_conv
 
 
 def test_shapes_are_the_binary_convolutions_with_their_calls() -> None:
@@ -39,11 +39,30 @@ def test_main_prints_one_row_per_shape_and_the_step_total(capsys: pytest.Capture
     used = [row for row in rows if row["used"]]
     assert 0 < len(used) < len(rows)  # at 16 px only the late, small planes take the taps
     for line, row in zip(table, rows):
-        assert line.split()[-2] == ("yes" if row["used"] else "no")
-        assert float(line.split()[-1]) < 1e-5
+        tokens = line.split()
+        if "copy_over_in_place" in row:  # used 3x3 shapes with the C++ kernels: the layout's column
+            assert float(tokens.pop()) == pytest.approx(row["copy_over_in_place"], abs=0.005)
+        assert tokens[-2] == ("yes" if row["used"] else "no")
+        assert float(tokens[-1]) < 1e-5
+    layouts = [row for row in rows if "copy_over_in_place" in row]
+    assert all(row["used"] and row["key"][1][-1] == 3 for row in layouts)
+    assert bool(layouts) == (fused_ops.backend() == "cpp")
     conv = sum(row["calls"] * row["conv_ms"] for row in used)
     assert lines[-1].startswith("per step, used shapes x calls: conv ")
     assert float(lines[-1].split("conv ")[1].split(" ms")[0]) == pytest.approx(conv, abs=0.05)
+
+
+def _each_once_counting(events: list, per_step: list[int]):
+    """A stand-in for ``time_alternating`` that runs each side once and records how many ``events`` it added."""
+
+    def run_each_once(first, second, iters):
+        for fn in (first, second):
+            before = len(events)
+            fn()
+            per_step.append(len(events) - before)
+        return 2.0, 3.0
+
+    return run_each_once
 
 
 def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,15 +70,7 @@ def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pyt
     real_conv2d = tap_conv.conv2d
     monkeypatch.setattr(tap_conv, "conv2d", lambda x, *args: calls.append(tuple(x.shape)) or real_conv2d(x, *args))
     per_step: list[int] = []
-
-    def run_each_once(first, second, iters):
-        for fn in (first, second):
-            before = len(calls)
-            fn()
-            per_step.append(len(calls) - before)
-        return 2.0, 3.0
-
-    monkeypatch.setattr(bench, "time_alternating", run_each_once)
+    monkeypatch.setattr(bench, "time_alternating", _each_once_counting(calls, per_step))
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
     assert bench.time_steps(model, 2, 16, 1) == (2.0, 3.0)
     assert per_step[0] > 0 and per_step[1] == 0  # with the taps, then inside tap_conv.disabled()
@@ -69,3 +80,26 @@ def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pyt
     bench.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "training step (eager, 1 pairs): with taps 2.0 ms, without 3.0 ms, without/with 1.50"
+
+
+def test_layout_pairs_time_steps_binarizing_into_both_layouts(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    copies: list[tuple[int, ...]] = []
+    real_tap_matrices = tap_conv.tap_matrices
+    monkeypatch.setattr(tap_conv, "tap_matrices", lambda w: copies.append(tuple(w.shape)) or real_tap_matrices(w))
+    per_step: list[int] = []
+    monkeypatch.setattr(bench, "time_alternating", _each_once_counting(copies, per_step))
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    assert bench.time_layouts(model, 2, 16, 1) == (2.0, 3.0)
+    # Binarized into the taps' layout, the 3x3 taps copy no weight; binarized plainly, each of them does.
+    expected_first = 0 if fused_ops.backend() == "cpp" else per_step[1]
+    assert per_step[1] > 0 and per_step[0] == expected_first
+    assert all(not isinstance(getattr(layer, "binary_weight", None), type(lambda: 0)) for layer in model.modules())
+
+    monkeypatch.setattr(bench, "time_alternating", lambda first, second, iters: (2.0, 3.0))
+    args = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
+    bench.main([*args, "--layout-pairs", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (
+        "training step (eager, 1 pairs): binarized into the taps' layout 2.0 ms, into the plain one 3.0 ms, "
+        "plain/taps' 1.50"
+    )

@@ -156,6 +156,29 @@ def test_floor_runs_the_binary_convolutions_as_the_training_step_does(monkeypatc
     assert len(calls) == len(taken)
 
 
+def test_floor_hands_the_taps_their_weights_in_the_layout_the_step_binarizes_into(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models import fused_ops, tap_conv
+
+    if fused_ops.backend() != "cpp":
+        pytest.skip("without the C++ kernels the step binarizes into the plain layout (tested in tests/models)")
+    shapes = train_step.collect_conv_shapes(small_model(), torch.randn(IMAGE))
+    layouts: list[tuple[int, bool]] = []  # (kernel, tap-major) per tap call
+    original = tap_conv.conv2d
+
+    def spy(x, weight, *args):
+        layouts.append((weight.shape[-1], tap_conv.is_tap_major(weight)))
+        return original(x, weight, *args)
+
+    monkeypatch.setattr(tap_conv, "conv2d", spy)
+    train_step.make_floor(shapes, "cpu")()
+    assert (3, True) in layouts and all(tap_major for _, tap_major in layouts)
+    layouts.clear()
+    train_step.make_floor(shapes, "cpu", tap_major_weights=False)()  # a compiled step's floor
+    assert (3, False) in layouts and all(not tap_major for kernel, tap_major in layouts if kernel > 1)
+
+
 def test_step_updates_the_model_and_applies_the_constraints() -> None:
     model = small_model()
     images, targets = torch.randn(IMAGE), torch.tensor([1, 7])

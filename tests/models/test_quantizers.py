@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import models
+from models import fused_ops
 from models.layers import BinaryConv2d
 from models.quantizers import MIN_TEMPERATURE, HardSign, progressive_binarize, sign_ste
 
@@ -83,6 +84,21 @@ def test_kernel_and_operators_pick_the_same_regime_at_the_threshold(threshold: f
     by_kernel = progressive_binarize(weight.clone().requires_grad_(True), t, threshold)
     assert torch.equal(by_kernel, by_operators)
     assert torch.equal(by_kernel, torch.sign(weight)) == (step < 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 5e-9])
+def test_tap_major_binarization_has_the_same_values(temperature: float) -> None:
+    torch.manual_seed(8)
+    weight = (torch.randn(6, 5, 3, 3) * 0.8).requires_grad_(True)
+    t = torch.tensor([temperature])
+    plain = progressive_binarize(weight, t, 1e-7)
+    tap_major = progressive_binarize(weight, t, 1e-7, tap_major=True)
+    assert torch.equal(tap_major, plain) and plain.is_contiguous()
+    # The one-pass kernel (where it is built) writes channels-last; the operators keep the weight's layout.
+    assert tap_major.is_contiguous(memory_format=torch.channels_last) == (fused_ops.backend() == "cpp")
+    grad = torch.randn(6, 5, 3, 3)
+    (tap_major * grad).sum().backward()
+    assert torch.equal(weight.grad, grad)
 
 
 def test_activation_temperature_does_not_change_the_sign() -> None:

@@ -81,6 +81,48 @@ def test_operators_pass_opcheck() -> None:
     torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 1, 1, requires_grad=True), weight, 1, 1))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_a_tap_major_weight_is_read_in_place_with_the_same_results(shape, monkeypatch) -> None:
+    n, cin, cout, height, width, kernel, stride, padding = shape
+    torch.manual_seed(5)
+    x, weight = torch.randn(n, cin, height, width), torch.randn(cout, cin, kernel, kernel)
+    tap_major = weight.contiguous(memory_format=torch.channels_last)
+    assert tap_conv.is_tap_major(tap_major) and tap_conv.is_tap_major(weight) == (kernel == 1)
+    grad = torch.randn(_reference(x, weight, stride, padding).shape)
+    expected = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    copies = []
+    original = tap_conv.tap_matrices
+    monkeypatch.setattr(tap_conv, "tap_matrices", lambda w: copies.append(w.shape) or original(w))
+    actual = _conv_and_grads(tap_conv.conv2d, x, tap_major, stride, padding, grad)
+    assert copies == []  # no transposing copy of the weight, forward or backward
+    for a, e in zip(actual, expected):
+        assert a.is_contiguous() and torch.equal(a, e)  # the same tap matrices: the same bits
+
+
+def test_operators_pass_opcheck_with_a_tap_major_weight() -> None:
+    torch.manual_seed(6)
+    weight = torch.randn(5, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 2, 2, requires_grad=True), weight, 1, 1))
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (torch.randn(2, 4, 4, 4), weight, 2, 1))
+
+
+def test_a_binary_layer_binarizes_into_the_taps_layout_where_they_run(monkeypatch) -> None:
+    torch.manual_seed(7)
+    layer = models.BinaryConv2d(16, 16, 3).train()
+    copies = []
+    original = tap_conv.tap_matrices
+    monkeypatch.setattr(tap_conv, "tap_matrices", lambda w: copies.append(w.shape) or original(w))
+    x = torch.randn(2, 16, 2, 2, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert copies == ([] if fused_ops.backend() == "cpp" else [(16, 16, 3, 3)])
+    torch.testing.assert_close(out, F.conv2d(x, layer.binary_weight(), padding=1), rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad.is_contiguous()  # the latent weight's gradient keeps its layout
+    big = torch.randn(2, 16, 8, 8, requires_grad=True)  # F.conv2d's plane: the weight stays NCHW
+    assert fused_ops.takes_tap_products(x, layer.weight, 1, 1, 1)
+    assert not fused_ops.takes_tap_products(big, layer.weight, 1, 1, 1)
+
+
 def test_taps_pair_every_valid_position_once() -> None:
     # 3x3 kernel on a 2x2 plane: all nine taps reach the plane; 16 output/input pairs in all.
     found = tap_conv.taps(2, 2, 3, 1, 1)
