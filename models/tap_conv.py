@@ -214,10 +214,14 @@ def backward(
     grad_w = None
     used = taps(height, width, kernel, stride, padding)
     if weight_grad:  # every tap's matrix is written below; only unused taps need zeros
+        # Cout x (k*k) x Cin, the tap matrices' layout: the transposition to Cout x Cin x k x k
+        # below then works on one output channel's k*k*Cin values at a time. From (k*k) x Cout x Cin
+        # it gathered from k*k rows a whole Cout*Cin apart (4 MB for 1024 channels), which map to
+        # the same cache sets; that copy took two to four times as long on the AMD EPYC machine.
         grad_w = (
-            rows.new_empty(kernel * kernel, cout, cin)
+            rows.new_empty(cout, kernel * kernel, cin)
             if len(used) == kernel * kernel
-            else rows.new_zeros(kernel * kernel, cout, cin)
+            else rows.new_zeros(cout, kernel * kernel, cin)
         )
     for tap in used:
         selected = flat_grads if tap.outputs is None else grads.index_select(0, tap.outputs).view(-1, cout)
@@ -231,10 +235,10 @@ def backward(
                 grad_x.index_add_(0, tap.inputs, torch.mm(selected, matrix).view(-1, n, cin))
         if grad_w is not None:
             source = rows.view(-1, cin) if tap.inputs is None else rows.index_select(0, tap.inputs).view(-1, cin)
-            torch.mm(selected.t(), source, out=grad_w[tap.index])
+            torch.mm(selected.t(), source, out=grad_w[:, tap.index])  # BLAS writes the strided rows in place
     grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(rows)
     if grad_w is not None:
-        grad_w = grad_w.view(kernel, kernel, cout, cin).permute(2, 3, 0, 1).contiguous()
+        grad_w = grad_w.transpose(1, 2).contiguous().view(cout, cin, kernel, kernel)
     return grad_x, grad_w if grad_w is not None else kernel_ops.no_values(rows)
 
 
