@@ -206,13 +206,11 @@ class ConvFloor:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
-        tap_major_weights: bool = True,
     ) -> None:
         self.shapes = list(shapes)
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
-        self.tap_major_weights = tap_major_weights
         self._tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._tap_major: dict[int, torch.Tensor] = {}  # channels-last copies of binary weights, made on first use
         for shape in self.shapes:
@@ -255,7 +253,7 @@ class ConvFloor:
         """The weight of binary call ``index`` in the layout the step's binarization hands its convolution."""
         shape = self.shapes[index]
         taps = fused_ops.takes_tap_products(x, weight, shape.stride[0], shape.padding[0], shape.groups)
-        if not (self.tap_major_weights and taps and fused_ops.backend() == "cpp"):
+        if not (taps and fused_ops.backend() == "cpp"):
             return weight
         if index not in self._tap_major:
             tap_major = weight.detach().contiguous(memory_format=torch.channels_last)
@@ -281,10 +279,9 @@ def make_floor(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
-    tap_major_weights: bool = True,
 ) -> ConvFloor:
     """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`)."""
-    return ConvFloor(shapes, device, dtype, channels_last, tap_major_weights)
+    return ConvFloor(shapes, device, dtype, channels_last)
 
 
 # --------------------------------------------------------------------------- step
@@ -602,7 +599,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     targets = torch.randint(0, num_classes, (args.batch,), device=device)
 
     shapes = collect_conv_shapes(model, images)
-    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last, not mode.compile)
+    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last)
 
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
