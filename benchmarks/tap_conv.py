@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         input_shape, weight_shape, stride, padding = key
         x, weight = torch.empty(input_shape), torch.empty(weight_shape)
         used = tap_conv.applies(x, weight, stride, padding, 1)
-        # The layout a training step hands the taps (see the module docstring).
-        tap_major = used and fused_ops.backend() == "cpp" and weight_shape[-1] > 1
+        # The layout a training step hands the taps (see the module docstring); a 1x1 weight is tap-major anyway.
+        as_in_a_step = torch.empty(input_shape, requires_grad=True), torch.empty(weight_shape, requires_grad=True)
+        tap_major = weight_shape[-1] > 1 and fused_ops.hands_tap_major_weight(*as_in_a_step, stride, padding, 1)
         reference = forward_backward(_conv2d, key)
         taps = forward_backward(tap_conv.conv2d, key, tap_major=tap_major)
         difference = max_relative_difference(taps(), reference())

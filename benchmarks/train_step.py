@@ -252,8 +252,7 @@ class ConvFloor:
     def _binary_weight(self, index: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The weight of binary call ``index`` in the layout the step's binarization hands its convolution."""
         shape = self.shapes[index]
-        taps = fused_ops.takes_tap_products(x, weight, shape.stride[0], shape.padding[0], shape.groups)
-        if not (taps and fused_ops.backend() == "cpp"):
+        if not fused_ops.hands_tap_major_weight(x, weight, shape.stride[0], shape.padding[0], shape.groups):
             return weight
         if index not in self._tap_major:
             tap_major = weight.detach().contiguous(memory_format=torch.channels_last)

@@ -319,14 +319,30 @@ def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, paddi
     )
 
 
-def training_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+def hands_tap_major_weight(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:
+    """Whether a binary layer's training step hands this convolution its weight tap-major (channels-last).
+
+    It does where the convolution takes the tap products (:func:`takes_tap_products`) and
+    the one-pass binarization (:func:`binarize_weight`) runs: the C++ kernels built,
+    outside ``torch.compile``. The benchmarks ask, to give the taps what a step gives them.
+    """
+    return takes_tap_products(x, weight, stride, padding, groups) and _fusable_in_eager(weight)
+
+
+def training_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int, taps: bool | None = None
+) -> torch.Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)`` for a training step.
 
     Where :func:`takes_tap_products`, by :func:`models.tap_conv.conv2d`: on the
     development machines two to four times as fast as oneDNN on BNext's 2x2 planes, the
-    same values to float32 rounding. Elsewhere ``F.conv2d``. The convolution floor of
-    ``benchmarks/train_step.py`` calls this function too.
+    same values to float32 rounding. Elsewhere ``F.conv2d``. ``taps`` is the caller's
+    answer of :func:`takes_tap_products` where it asked already (a binary layer does,
+    before it binarizes). The convolution floor of ``benchmarks/train_step.py`` calls
+    this function too.
     """
-    if takes_tap_products(x, weight, stride, padding, groups):
+    if taps is None:
+        taps = takes_tap_products(x, weight, stride, padding, groups)
+    if taps:
         return tap_conv.conv2d(x, weight, stride, padding)
     return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)

@@ -74,7 +74,7 @@ class BinaryConv2d(nn.Module):
         if self.training:  # small planes by tap products on the CPU (evaluation keeps F.conv2d's bits)
             taps = fused_ops.takes_tap_products(x, self.weight, self.stride, self.padding, self.groups)
             weight = self.binary_weight(tap_major=taps)
-            return fused_ops.training_conv2d(x, weight, self.stride, self.padding, self.groups)
+            return fused_ops.training_conv2d(x, weight, self.stride, self.padding, self.groups, taps=taps)
         weight = self.binary_weight()
         return F.conv2d(x, weight, stride=self.stride, padding=self.padding, groups=self.groups)
 

@@ -217,7 +217,7 @@ def backward(
         # Cout x (k*k) x Cin, the tap matrices' layout: the transposition to Cout x Cin x k x k
         # below then works on one output channel's k*k*Cin values at a time. From (k*k) x Cout x Cin
         # it gathered from k*k rows a whole Cout*Cin apart (4 MB for 1024 channels), which map to
-        # the same cache sets; that copy took two to four times as long on the AMD EPYC machine.
+        # the same cache sets; on the AMD EPYC machine that copy was up to three times as slow.
         grad_w = (
             rows.new_empty(cout, kernel * kernel, cin)
             if len(used) == kernel * kernel
