@@ -244,8 +244,9 @@ class ConvFloor:
                 # What BinaryConv2d runs in a training step: tap products on small CPU planes.
                 weight = self._binary_weight(index, x, weight)
                 y = fused_ops.training_conv2d(x, weight, shape.stride[0], shape.padding[0], shape.groups)
-            else:
-                y = F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, shape.groups)
+            else:  # as the step computes it: the gates' 1x1 convolutions of 1x1 planes as matrix products
+                geometry = (shape.stride, shape.padding, shape.dilation, shape.groups)
+                y = fused_ops.conv2d_of_points(x, weight, bias, *geometry)
         wanted = (x, weight) if shape.input_requires_grad else (weight,)
         return torch.autograd.grad(y, wanted, grad_output)
 

@@ -98,8 +98,9 @@ def compile_options(device: torch.device | str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- eligibility
 
 
-def _hook_free(*modules: nn.Module | None) -> bool:
-    # The fused path skips the modules' __call__, so it would silently skip their hooks.
+def hook_free(*modules: nn.Module | None) -> bool:
+    """Whether no forward hook (of these modules or global) would run: a faster path that skips
+    the modules' ``__call__`` would silently skip their hooks."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     return not any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
@@ -179,7 +180,7 @@ def processor_inputs(
     ``x``'s spatial mean ``N x C x 1 x 1`` when ``mean`` and ``prelu(x)`` when a PReLU is given."""
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
-    if modules_ok and _fusable(x) and _hook_free(move, binarizer, prelu):
+    if modules_ok and _fusable(x) and hook_free(move, binarizer, prelu):
         slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else kernel_ops.no_values(x)
         signs, x_mean, activated = kernel_ops.processor_inputs(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
         return ProcessorInputs(
@@ -198,7 +199,7 @@ def batch_norm_prelu(
     x: torch.Tensor, norm: nn.BatchNorm2d, prelu: nn.PReLU | None, pooled: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y = prelu(norm(x))`` (no PReLU for None) and, when ``pooled``, ``y``'s spatial mean ``N x C x 1 x 1``."""
-    if _fusable(x) and _fusable_norm(norm) and _hook_free(norm, prelu):
+    if _fusable(x) and _fusable_norm(norm) and hook_free(norm, prelu):
         channels = x.shape[1]
         slope = prelu.weight.expand(channels).contiguous() if prelu is not None else kernel_ops.no_values(x)
         y, _, _, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
@@ -221,7 +222,7 @@ def gated_batch_norm_residual(
 ) -> torch.Tensor:
     """``norm(gate * b * residual) + residual`` (or ``norm(gate * b) + residual``); ``gate`` is ``N x C x 1 x 1``."""
     gate_ok = gate is None or gate.dtype == torch.float32
-    if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and _hook_free(norm) and b.shape == residual.shape:
+    if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and hook_free(norm) and b.shape == residual.shape:
         n, channels = b.shape[:2]
         gate_2d = b.new_ones(n, channels) if gate is None else gate.reshape(n, channels).contiguous()
         y, _, _, new_mean, new_var = kernel_ops.gated_batch_norm(
@@ -317,6 +318,37 @@ def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, paddi
         and (x.requires_grad or weight.requires_grad)
         and tap_conv.applies(x, weight, stride, padding, groups)
     )
+
+
+def conv2d_of_points(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``; in a training step, a 1x1
+    convolution of ``N x C x 1 x 1`` inputs (the squeeze-excitation gates') as one matrix product.
+
+    oneDNN's convolution costs two to three times ``F.linear`` forward and backward on
+    these shapes (the gates of BNext-T at batch 64); the values agree to float32
+    rounding. Only where a gradient is recorded (evaluation keeps ``F.conv2d``'s bits),
+    without padding or groups, and not inside :func:`disabled` or under tracing.
+    """
+    if (
+        _switched_on()
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and x.dim() == 4
+        and x.shape[-2:] == (1, 1)
+        and weight.shape[-2:] == (1, 1)
+        and groups == 1
+        and tuple(padding) == (0, 0)
+    ):
+        return F.linear(x.flatten(1), weight.flatten(1), bias).view(x.shape[0], -1, 1, 1)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def hands_tap_major_weight(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:

@@ -392,3 +392,31 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads() -> None:
     assert len(one) == len(three) > 10
     for i, (a, b) in enumerate(zip(one, three)):
         assert torch.equal(a, b), f"result {i} differs between 1 and 3 threads"
+
+
+def test_squeeze_excitation_gates_train_by_matrix_products(monkeypatch) -> None:
+    torch.manual_seed(9)
+    gate = models.SqueezeExcite(32)
+    pooled = torch.randn(4, 32, 1, 1, requires_grad=True)
+    upstream = torch.randn(4, 32, 1, 1)
+    leaves = [pooled, *gate.parameters()]
+    with fused_ops.disabled():  # oneDNN's 1x1 convolutions
+        expected = gate.gate_from_pooled(pooled)
+        expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    calls: list[int] = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or real_linear(*a))
+    actual = gate.gate_from_pooled(pooled)
+    assert len(calls) == 2
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    for a, e in zip(torch.autograd.grad(actual, leaves, upstream), expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation keeps the convolutions' bits
+        assert torch.equal(gate.gate_from_pooled(pooled), expected.detach())
+    handle = gate.se[1].register_forward_hook(lambda *args: None)  # a hooked layer runs as a module
+    gate.gate_from_pooled(pooled)
+    handle.remove()
+    assert len(calls) == 3
+    gate.se[1] = models.layers.quantized_copy(gate.se[1], bits=8)  # the 8-bit layer keeps its own forward
+    gate.gate_from_pooled(pooled)
+    assert len(calls) == 4
