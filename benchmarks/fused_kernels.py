@@ -17,15 +17,24 @@ activations. The kernels need a few passes over the activation each (two or thre
 reads and a write forward, about as many backward), so a ``kernel/copy`` far above
 that is overhead inside the kernel, not memory traffic.
 
+With ``--gates`` a second table does the same for the squeeze-excitation gates, whose
+two 1x1 convolutions of ``N x C x 1 x 1`` inputs a training step computes as matrix
+products (:func:`models.fused_ops.conv2d_of_points`): one row per gate size, forward and
+backward of ``SqueezeExcite.gate_from_pooled`` with the products and inside
+:func:`models.fused_ops.disabled` (oneDNN's convolutions), alternating; the last line
+weighs each row by its gates per forward.
+
 Usage::
 
     python benchmarks/fused_kernels.py                      # BNext-T, CIFAR stem, 32x32, batch 64
     python benchmarks/fused_kernels.py --batch 32 --iters 30
+    python benchmarks/fused_kernels.py --gates --keep-freed-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -96,6 +105,43 @@ def kernel_cases(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
         y.backward(upstream)
 
     return {"processor_inputs": inputs, "batch_norm_prelu": norm_prelu, "gated_batch_norm_residual": gated}
+
+
+def gate_sizes(model: nn.Module) -> collections.Counter[tuple[int, int]]:
+    """``(channels, hidden channels)`` of each squeeze-excitation gate of ``model``, with its count."""
+    return collections.Counter(
+        (m.se[1].in_channels, m.se[1].out_channels) for m in model.modules() if isinstance(m, models.SqueezeExcite)
+    )
+
+
+def gate_case(channels: int, hidden: int, batch: int) -> Callable[[], None]:
+    """Forward + backward of a ``channels`` gate (``channels // hidden`` reduction) on a pooled batch."""
+    torch.manual_seed(0)
+    gate = models.SqueezeExcite(channels, ratio=channels // hidden)
+    pooled = torch.randn(batch, channels, 1, 1).requires_grad_(True)
+    upstream = torch.randn(batch, channels, 1, 1)
+    leaves = [pooled, *gate.parameters()]
+
+    def run() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        gate.gate_from_pooled(pooled).backward(upstream)
+
+    return run
+
+
+def print_gate_table(model: nn.Module, batch: int, iters: int) -> None:
+    """One row per gate size: matrix products against oneDNN's convolutions, then the per-forward sum."""
+    print(f"squeeze-excitation gates, batch {batch}, forward + backward")
+    print(f"{'channels':>8} {'hidden':>6} {'gates':>5} {'products ms':>12} {'conv ms':>8} {'conv/products':>14}")
+    totals = [0.0, 0.0]
+    for (channels, hidden), count in sorted(gate_sizes(model).items()):
+        products_ms, conv_ms = time_pair(gate_case(channels, hidden, batch), iters)
+        totals = [totals[0] + count * products_ms, totals[1] + count * conv_ms]
+        row = f"{channels:>8} {hidden:>6} {count:>5} {products_ms:>12.3f} {conv_ms:>8.3f}"
+        print(f"{row} {conv_ms / products_ms:>14.2f}")
+    print(f"per forward (rows x gates): products {totals[0]:.2f} ms, conv {totals[1]:.2f} ms, ", end="")
+    print(f"conv/products {totals[1] / totals[0]:.2f}")
 
 
 def kernel_calls(shape: tuple[int, ...], kernels: ModuleType | None = None) -> dict[str, Callable[[], tuple]]:
@@ -179,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--iters", type=int, default=15, help="timed pairs per case (default: %(default)s)")
+    parser.add_argument(
+        "--gates",
+        action="store_true",
+        help="then time the squeeze-excitation gates: matrix products against oneDNN's 1x1 convolutions",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -205,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     # One call of each kernel per shape: a summary of the table, not of a model's step.
     row = f"{'total (one call per row)':<49} {fused_ms:>9.2f} {unfused_ms:>11.2f} {unfused_ms / fused_ms:>14.2f}"
     print(f"{row} {'':>8} {'':>11} {kernel_ms:>10.3f}")
+    if args.gates:
+        print_gate_table(model, args.batch, args.iters)
 
 
 if __name__ == "__main__":

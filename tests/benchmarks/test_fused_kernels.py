@@ -84,3 +84,26 @@ def test_time_alternating_calls_first_then_second_after_the_warm_up() -> None:
     )
     assert calls == ["first", "second"] * 5
     assert first_ms >= 0 and second_ms >= 0
+
+
+def test_gates_time_matrix_products_against_convolutions(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    sizes = fused_kernels.gate_sizes(model)
+    assert sum(sizes.values()) == 31 and all(channels // hidden == 8 for channels, hidden in sizes)
+    calls: list[str] = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append("linear") or real_linear(*a))
+    run = fused_kernels.gate_case(64, 8, batch=4)
+    run()
+    assert calls == ["linear", "linear"]  # both 1x1 convolutions as matrix products
+    with fused_ops.disabled():
+        run()
+    assert len(calls) == 2
+    fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1", "--gates"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    start = lines.index("squeeze-excitation gates, batch 4, forward + backward")
+    rows = [line.split() for line in lines[start + 2 : -1]]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == sorted((c, h, n) for (c, h), n in sizes.items())
+    products = sum(int(r[2]) * float(r[3]) for r in rows)
+    assert lines[-1].startswith("per forward (rows x gates): products ")
+    assert float(lines[-1].split("products ")[1].split(" ms")[0]) == pytest.approx(products, abs=0.01 * len(rows))
