@@ -332,10 +332,11 @@ def conv2d_of_points(
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``; in a training step, a 1x1
     convolution of ``N x C x 1 x 1`` inputs (the squeeze-excitation gates') as one matrix product.
 
-    oneDNN's convolution costs two to three times ``F.linear`` forward and backward on
-    these shapes (the gates of BNext-T at batch 64); the values agree to float32
-    rounding. Only where a gradient is recorded (evaluation keeps ``F.conv2d``'s bits),
-    without padding or groups, and not inside :func:`disabled` or under tracing.
+    oneDNN's convolutions took 2.1 to 2.3 times as long as these products forward and
+    backward for BNext-T's gates at batch 64 (``benchmarks/fused_kernels.py --gates``,
+    AMD EPYC development machine); the values agree to float32 rounding. Only where a
+    gradient is recorded (evaluation keeps ``F.conv2d``'s bits), without padding or
+    groups, and not inside :func:`disabled` or under tracing.
     """
     if (
         _switched_on()
