@@ -19,6 +19,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`training_conv2d`: the binary convolutions of a training step, by one matrix
   product per kernel tap on small planes (:mod:`models.tap_conv`, plain PyTorch, no
   extension), where that is faster than oneDNN.
+* :func:`conv2d_of_points`: the squeeze-excitation gates' 1x1 convolutions of 1x1 planes
+  in a training step, as matrix products (plain PyTorch).
 
 The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
 ``torch.compile`` calls them from its graph as eager does; the pooling and weight
