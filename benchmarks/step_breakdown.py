@@ -1,0 +1,180 @@
+"""Where an eager training step's time goes outside the convolutions, timed inside real steps.
+
+``torch.profiler`` distorts some per-operator times: on the AMD EPYC development machine
+``benchmarks/step_profile.py`` gave the weight binarization 83 ms of a step in which the
+same calls took 6 to 16 ms. This benchmark puts wall-clock timers around the pieces of
+the step that are single Python-visible calls instead, runs real steps, and reports
+milliseconds per step:
+
+* every call of the C++ training kernels (``models/csrc/fused_train.cpp``): the three
+  processor kernels forward and backward, the 2x2 pooling, the weight binarization;
+* the Python and autograd around the three processor kernels: the time of their
+  functions in :mod:`models.fused_ops` (forward) and of their autograd backward, less the
+  kernel calls inside;
+* the optimizer step and :func:`models.apply_constraints`;
+* the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
+  (timed alternately with the steps, medians) less the pieces above (means). It holds the
+  element-wise work outside the kernels (gates, mixes, concatenations), gradient
+  accumulation, the Python of the modules and autograd's bookkeeping, and whatever the
+  convolutions cost more inside the step than alone.
+
+Usage::
+
+    python benchmarks/step_breakdown.py --keep-freed-memory    # BNext-T, CIFAR stem, 32x32, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from benchmarks.train_step import collect_conv_shapes, make_floor, make_step, measure  # noqa: E402
+from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from ImageNet.optim import build_optimizer  # noqa: E402
+from models import blocks, fused_ops, kernel_ops  # noqa: E402
+
+#: The processor kernels: their function in models.fused_ops (as models.blocks calls it), their
+#: autograd function in models.kernel_ops, and their C++ forward and backward calls.
+PROCESSOR_KERNELS = {
+    "processor_inputs": (kernel_ops._ProcessorInputs, "biased_sign"),
+    "batch_norm_prelu": (kernel_ops._BatchNormPReLU, "bn_prelu"),
+    "gated_batch_norm_residual": (kernel_ops._GatedBatchNorm, "gated_bn"),
+}
+
+
+class Timers:
+    """Seconds and calls per named piece."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with its wall-clock time and calls added to ``name``."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+
+        return timed
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+class _TimedExtension:
+    """The C++ extension with every function timed as ``kernel <name>``."""
+
+    def __init__(self, extension: Any, timers: Timers) -> None:
+        self._extension, self._timers = extension, timers
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return self._timers.wrap(f"kernel {name}", getattr(self._extension, name))
+
+
+@contextlib.contextmanager
+def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, the step's pieces add their time to ``timers``; everything is restored on exit."""
+    extension = fused_ops.load_extension()
+    if extension is None:
+        raise RuntimeError("the fused C++ extension is not available here (see the warning): nothing to time")
+    patches: list[tuple[Any, str, Any]] = [
+        (fused_ops, "load_extension", lambda: _TimedExtension(extension, timers)),
+        (models, "apply_constraints", timers.wrap("constraints", models.apply_constraints)),
+        (optimizer, "step", timers.wrap("optimizer step", optimizer.step)),
+    ]
+    for name, (function, _) in PROCESSOR_KERNELS.items():
+        patches.append((blocks, name, timers.wrap(f"forward {name}", getattr(blocks, name))))
+        backward = function.backward
+        patches.append((function, "backward", staticmethod(timers.wrap(f"backward {name}", backward))))
+    # (owner, attribute, its own value or None where it was inherited, e.g. the optimizer's step method)
+    saved = [(owner, attribute, vars(owner).get(attribute)) for owner, attribute, _ in patches]
+    try:
+        for owner, attribute, replacement in patches:
+            setattr(owner, attribute, replacement)
+        yield
+    finally:
+        for owner, attribute, original in saved:
+            if original is None:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+
+
+def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
+    """``(piece, ms per step, calls per step)``: the kernel calls, the Python and autograd around them, the rest."""
+    per_step = {name: (1e3 * seconds / steps, timers.calls[name] / steps) for name, seconds in timers.seconds.items()}
+    rows = sorted(
+        ((name, *value) for name, value in per_step.items() if name.startswith("kernel ")), key=lambda r: -r[1]
+    )
+    for direction in ("forward", "backward"):
+        wrapped = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[0] for name in PROCESSOR_KERNELS)
+        suffix = "_forward" if direction == "forward" else "_backward"
+        inside = sum(
+            per_step.get(f"kernel {kernel}{suffix}", (0.0, 0.0))[0] for _, kernel in PROCESSOR_KERNELS.values()
+        )
+        calls = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[1] for name in PROCESSOR_KERNELS)
+        rows.append((f"Python and autograd around the processor kernels, {direction}", wrapped - inside, calls))
+    for name in ("optimizer step", "constraints"):
+        rows.append((name, *per_step.get(name, (0.0, 0.0))))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
+    """Print the breakdown of one configuration; returns its rows (the remainder last)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps, each with a floor (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(apply_keep_freed_memory(args.keep_freed_memory))
+    torch.manual_seed(0)
+    model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    targets = torch.randint(0, 10, (args.batch,))
+    floor = make_floor(collect_conv_shapes(model, images), "cpu")
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
+    step = make_step(model, (images, targets), optimizer)
+    timers = Timers()
+    with timed_pieces(timers, optimizer):
+        for _ in range(args.warmup):
+            step()
+            floor()
+        timers.clear()
+        timings = measure(step, floor, warmup=0, iters=args.iters)
+    rows = breakdown(timers, args.iters)
+    step_ms, floor_ms = timings["step_ms_median"], timings["floor_ms_median"]
+    rows.append(("remainder: step - floor - the pieces above", step_ms - floor_ms - sum(r[1] for r in rows), 0.0))
+    print(f"{args.model} img {args.img_size} batch {args.batch}, eager, {torch.get_num_threads()} threads")
+    gap = step_ms - floor_ms
+    print(f"step {step_ms:.1f} ms, floor {floor_ms:.1f} ms (medians of {args.iters}), step - floor {gap:.1f} ms")
+    print(f"{'piece':<64} {'ms/step':>8} {'calls/step':>11}")
+    for name, ms, calls in rows:
+        print(f"{name:<64} {ms:>8.2f} {calls:>11.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The in-step breakdown times the kernels, the Python around them, the optimizer and the constraints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from benchmarks import step_breakdown
+from models import blocks, fused_ops, kernel_ops
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
+    reason="the fused C++ extension could not be built here (see the warning)",
+)
+
+
+def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+    originals = (
+        fused_ops.load_extension,
+        models.apply_constraints,
+        blocks.batch_norm_prelu,
+        kernel_ops._BatchNormPReLU.__dict__["backward"],
+    )
+    rows = step_breakdown.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "2"])
+    by_name = {name: (ms, calls) for name, ms, calls in rows}
+    # BNext-T: 31 processors, each one call of every processor kernel per step, both ways; 8 pooled shortcuts.
+    for kernel in ("biased_sign", "bn_prelu", "gated_bn"):
+        assert by_name[f"kernel {kernel}_forward"][1] == by_name[f"kernel {kernel}_backward"][1] == 31
+    assert by_name["kernel divide_clamp"][1] == 31 and by_name["kernel pool_2x2_forward"][1] == 8
+    assert by_name["optimizer step"][1] == by_name["constraints"][1] == 1
+    assert by_name["Python and autograd around the processor kernels, forward"][1] == 93
+    assert all(ms > 0 for name, (ms, _) in by_name.items() if not name.startswith("remainder"))
+    assert rows[-1][0].startswith("remainder")
+    out = capsys.readouterr().out.splitlines()
+    step_ms, floor_ms = (float(out[2].split()[i]) for i in (1, 4))
+    assert sum(ms for _, ms, _ in rows) == pytest.approx(step_ms - floor_ms, abs=0.2)
+    assert originals == (
+        fused_ops.load_extension,
+        models.apply_constraints,
+        blocks.batch_norm_prelu,
+        kernel_ops._BatchNormPReLU.__dict__["backward"],
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    timers = step_breakdown.Timers()
+    with step_breakdown.timed_pieces(timers, optimizer):
+        assert "step" in vars(optimizer)
+    assert "step" not in vars(optimizer)  # the class's method again
