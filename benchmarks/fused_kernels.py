@@ -91,7 +91,7 @@ def kernel_cases(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
 
     def inputs() -> None:
         clear()
-        signs, mean, activated = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
+        signs, mean, activated, _ = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
         torch.autograd.backward([signs, activated, mean], [upstream, upstream, torch.ones_like(mean)])
 
     def norm_prelu() -> None:

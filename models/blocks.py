@@ -141,8 +141,10 @@ class BinaryFFN(Processor):
             self.norm2.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = avg_pool_if_strided(x, self.stride)
         inputs = self.read_input(x, mix_is_x=self.stride == 1)
+        # At stride 1 the residual is x, taken from the inputs: in a fused training step the
+        # sign's backward kernel then adds the residual's gradient to x's in its own pass.
+        shortcut = inputs.shortcut if self.stride == 1 else avg_pool_2x2(x)
         b, gate = self.branch(inputs.signs, inputs.mean if self.stride == 1 else self.mix_mean(shortcut))
         if not self.info_recoupling:
             return b + shortcut

@@ -10,7 +10,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 
 * :func:`processor_inputs`: ``sign(x + beta)`` with the clipped straight-through
   gradient, the spatial mean of ``x`` (the recoupling mix's input when it is ``x``
-  itself) and ``prelu(x)`` (ELM attention's real shortcut), from one read of ``x``;
+  itself) and ``prelu(x)`` (ELM attention's real shortcut), from one read of ``x``; its
+  backward also adds the gradient of a binary FFN's residual ``x`` in the same pass;
 * :func:`batch_norm_prelu`: training batch norm, PReLU and the per-sample spatial mean;
 * :func:`gated_batch_norm_residual`: ``BN(gate * b [* r]) + r``;
 * :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
@@ -151,11 +152,13 @@ def _fusable_norm(bn: nn.Module) -> bool:
 
 
 def _update_statistics(bn: nn.BatchNorm2d, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
-    # What nn.BatchNorm2d.forward does besides the kernel call. The operator computed the new
-    # statistics on copies (custom operators with a backward may not mutate their inputs).
+    # What nn.BatchNorm2d.forward does besides the kernel call. Eagerly the kernel updated the
+    # buffers themselves; a compiled graph's operator computed the new statistics on copies
+    # (custom operators with a backward may not mutate their inputs), written back here.
     with torch.no_grad():
-        bn.running_mean.copy_(new_mean)
-        bn.running_var.copy_(new_var)
+        if new_mean is not bn.running_mean:
+            bn.running_mean.copy_(new_mean)
+            bn.running_var.copy_(new_var)
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
 
@@ -169,6 +172,7 @@ class ProcessorInputs(NamedTuple):
     signs: torch.Tensor
     mean: torch.Tensor | None
     activated: torch.Tensor | None
+    shortcut: torch.Tensor
 
 
 def processor_inputs(
@@ -179,21 +183,30 @@ def processor_inputs(
     prelu: nn.PReLU | None = None,
 ) -> ProcessorInputs:
     """``binarizer(move(x))`` (``sign(x + beta)``, STE clipped at ``binarizer.clip``), and in the same pass
-    ``x``'s spatial mean ``N x C x 1 x 1`` when ``mean`` and ``prelu(x)`` when a PReLU is given."""
+    ``x``'s spatial mean ``N x C x 1 x 1`` when ``mean`` and ``prelu(x)`` when a PReLU is given.
+
+    ``shortcut`` is ``x`` for a residual connection: in an eager fused training step a view
+    of ``x`` whose gradient the sign's backward kernel adds to ``x``'s in the same pass
+    (:func:`models.kernel_ops.processor_inputs`), elsewhere ``x`` itself.
+    """
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
     if modules_ok and _fusable(x) and hook_free(move, binarizer, prelu):
         slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else kernel_ops.no_values(x)
-        signs, x_mean, activated = kernel_ops.processor_inputs(x, move.bias.reshape(-1), slope, binarizer.clip, mean)
+        signs, x_mean, activated, shortcut = kernel_ops.processor_inputs(
+            x, move.bias.reshape(-1), slope, binarizer.clip, mean
+        )
         return ProcessorInputs(
             signs,
             x_mean.view(*x.shape[:2], 1, 1) if mean else None,
             activated if prelu is not None else None,
+            shortcut,
         )
     return ProcessorInputs(
         binarizer(move(x)),
         x.mean((2, 3), keepdim=True) if mean else None,
         prelu(x) if prelu is not None else None,
+        x,
     )
 
 
@@ -204,7 +217,7 @@ def batch_norm_prelu(
     if _fusable(x) and _fusable_norm(norm) and hook_free(norm, prelu):
         channels = x.shape[1]
         slope = prelu.weight.expand(channels).contiguous() if prelu is not None else kernel_ops.no_values(x)
-        y, _, _, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
+        y, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
             x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
         )
         _update_statistics(norm, new_mean, new_var)
@@ -227,7 +240,7 @@ def gated_batch_norm_residual(
     if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and hook_free(norm) and b.shape == residual.shape:
         n, channels = b.shape[:2]
         gate_2d = b.new_ones(n, channels) if gate is None else gate.reshape(n, channels).contiguous()
-        y, _, _, new_mean, new_var = kernel_ops.gated_batch_norm(
+        y, new_mean, new_var = kernel_ops.gated_batch_norm(
             b, gate_2d, residual, multiply_residual, norm.weight, norm.bias,
             norm.running_mean, norm.running_var, norm.momentum, norm.eps,
         )  # fmt: skip

@@ -14,8 +14,12 @@ expect what it checks: CPU float32 contiguous NCHW tensors, one value per channe
 A custom operator costs tens of microseconds of Python dispatch per call in eager mode,
 about as much as the kernel itself on the small late-stage activations, so the public
 functions (:func:`processor_inputs`, :func:`batch_norm_prelu`, :func:`gated_batch_norm`)
-call the operators only while ``torch.compile`` traces, and otherwise a plain
-``torch.autograd.Function`` with the same implementation, context and gradient formula.
+call the operators only while ``torch.compile`` traces, and otherwise an eager twin: a
+plain ``torch.autograd.Function`` with the same kernels and gradient formula. The twins
+do less around the kernels than an operator may: the batch-norm twins let the kernel
+update the running statistics in place and return only the differentiable outputs,
+and the sign's twin returns ``x`` itself for a residual, whose gradient its backward
+kernel adds (see :class:`_ProcessorInputs`).
 """
 
 from __future__ import annotations
@@ -102,10 +106,17 @@ def _(x, bias, slope, clip, want_mean):
 
 
 def _processor_inputs_backward(
-    grad_signs: Tensor, grad_mean: Tensor, grad_activated: Tensor, x: Tensor, bias: Tensor, slope: Tensor, clip: float
+    grad_signs: Tensor,
+    grad_mean: Tensor,
+    grad_activated: Tensor,
+    x: Tensor,
+    bias: Tensor,
+    slope: Tensor,
+    clip: float,
+    grad_shortcut: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_x, grad_bias, grad_slope = _kernels().biased_sign_backward(
-        grad_signs, grad_mean, grad_activated, x, bias, slope, clip
+        grad_signs, grad_mean, grad_activated, x, bias, slope, clip, grad_shortcut
     )
     return grad_x, grad_bias, grad_slope
 
@@ -116,7 +127,7 @@ processor_inputs_backward_op = torch.library.custom_op(
 
 
 @processor_inputs_backward_op.register_fake
-def _(grad_signs, grad_mean, grad_activated, x, bias, slope, clip):
+def _(grad_signs, grad_mean, grad_activated, x, bias, slope, clip, grad_shortcut):
     grad_slope = slope.new_empty(slope.shape) if slope.numel() else no_values(x)
     return torch.empty_like(x), bias.new_empty(bias.shape), grad_slope
 
@@ -127,31 +138,62 @@ def _processor_inputs_setup(ctx, inputs, output) -> None:
     ctx.clip, ctx.want_mean = clip, want_mean
 
 
-def _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated, backward=processor_inputs_backward_op):
+def _processor_inputs_grad(
+    ctx, grad_signs, grad_mean, grad_activated, grad_shortcut=None, backward=processor_inputs_backward_op
+):
     x, bias, slope = ctx.saved_tensors
     grad_x, grad_bias, grad_slope = backward(
-        grad_signs.contiguous(),
+        grad_signs.contiguous() if grad_signs is not None else torch.zeros_like(x),
         _dense(grad_mean, ctx.want_mean, x),
         _dense(grad_activated, slope.numel() > 0, x),
         x,
         bias,
         slope,
         ctx.clip,
+        _dense(grad_shortcut, True, x),
     )
     return grad_x, grad_bias, (grad_slope if slope.numel() else None), None, None
 
 
-_ProcessorInputs = eager_twin(
-    processor_inputs_op, _processor_inputs, _processor_inputs_setup, _processor_inputs_grad, _processor_inputs_backward
-)
+processor_inputs_op.register_autograd(_processor_inputs_grad, setup_context=_processor_inputs_setup)
+
+
+class _ProcessorInputs(torch.autograd.Function):
+    """The eager twin of :data:`processor_inputs_op`, with a fourth output:
+    ``x`` itself (a view of it), whose gradient the backward kernel adds to ``x``'s own.
+
+    A binary FFN takes that view as its residual. Autograd would otherwise add the
+    residual's gradient to the kernel's gradient of ``x`` in a pass of its own; the kernel
+    adds it while it writes (the same additions in the same order, the same bits). An
+    operator may not return a view of its input, so the compiled path keeps the addition.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, slope, clip, want_mean):
+        # Unused outputs get no gradient instead of zeros: an unused view of x would otherwise
+        # cost a zero-filled tensor of x's size and its read.
+        ctx.set_materialize_grads(False)
+        output = _processor_inputs(x, bias, slope, clip, want_mean)
+        _processor_inputs_setup(ctx, (x, bias, slope, clip, want_mean), output)
+        return (*output, x.view_as(x))
+
+    @staticmethod
+    def backward(ctx, grad_signs, grad_mean, grad_activated, grad_shortcut):
+        return _processor_inputs_grad(
+            ctx, grad_signs, grad_mean, grad_activated, grad_shortcut, backward=_processor_inputs_backward
+        )
 
 
 def processor_inputs(
     x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``sign(x + bias)`` (straight-through gradient where ``|x + bias| <= clip``), ``x``'s spatial mean
-    ``N x C`` (when ``want_mean``, else empty) and ``prelu(x)`` (when ``slope`` is not empty, else empty)."""
-    return run(processor_inputs_op, _ProcessorInputs, (x, bias, slope, clip, want_mean))
+    ``N x C`` (when ``want_mean``, else empty), ``prelu(x)`` (when ``slope`` is not empty, else empty)
+    and ``x`` for a residual: a view whose gradient the kernel adds in its pass (eager), or ``x``
+    itself (while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return (*processor_inputs_op(x, bias, slope, clip, want_mean), x)
+    return _ProcessorInputs.apply(x, bias, slope, clip, want_mean)
 
 
 # --------------------------------------------------------------------------- prelu(batch_norm(x)) and its mean
@@ -221,19 +263,40 @@ def _batch_norm_prelu_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
-def _batch_norm_prelu_grad(
-    ctx, grad_y, _mean, _invstd, grad_pooled, _new_mean, _new_var, backward=batch_norm_prelu_backward_op
-):
+def _batch_norm_prelu_gradients(ctx, grad_y, grad_pooled, backward) -> tuple[Tensor | None, ...]:
+    # The gradients of the nine inputs, from those of y and pooled.
     x, gamma, beta, slope, mean, invstd = ctx.saved_tensors
+    grad_y = grad_y.contiguous() if grad_y is not None else torch.zeros_like(x)
     grad_x, grad_gamma, grad_beta, grad_slope = backward(
-        grad_y.contiguous(), _dense(grad_pooled, ctx.want_pooled, x), x, gamma, beta, slope, mean, invstd
+        grad_y, _dense(grad_pooled, ctx.want_pooled, x), x, gamma, beta, slope, mean, invstd
     )
     return grad_x, grad_gamma, grad_beta, (grad_slope if slope.numel() else None), None, None, None, None, None
 
 
-_BatchNormPReLU = eager_twin(
-    batch_norm_prelu_op, _batch_norm_prelu, _batch_norm_prelu_setup, _batch_norm_prelu_grad, _batch_norm_prelu_backward
-)
+def _batch_norm_prelu_grad(ctx, grad_y, _mean, _invstd, grad_pooled, _new_mean, _new_var):
+    return _batch_norm_prelu_gradients(ctx, grad_y, grad_pooled, batch_norm_prelu_backward_op)
+
+
+batch_norm_prelu_op.register_autograd(_batch_norm_prelu_grad, setup_context=_batch_norm_prelu_setup)
+
+
+class _BatchNormPReLU(torch.autograd.Function):
+    """The eager twin of :data:`batch_norm_prelu_op`: the kernel updates the running statistics
+    passed in, and only ``y`` and ``pooled`` are outputs (fewer tensors made and tracked per call)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
+        ctx.set_materialize_grads(False)
+        y, mean, invstd, pooled = _kernels().bn_prelu_forward(
+            x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled
+        )
+        ctx.save_for_backward(x, gamma, beta, slope, mean, invstd)
+        ctx.want_pooled = want_pooled
+        return y, pooled
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_pooled):
+        return _batch_norm_prelu_gradients(ctx, grad_y, grad_pooled, _batch_norm_prelu_backward)
 
 
 def batch_norm_prelu(
@@ -246,14 +309,20 @@ def batch_norm_prelu(
     momentum: float,
     eps: float,
     want_pooled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training batch norm, PReLU (when ``slope`` is not empty) and the spatial mean ``N x C`` (when ``want_pooled``).
 
-    Returns ``(y, batch mean, batch invstd, pooled, new running mean, new running var)``;
-    the running statistics passed in are left unchanged.
+    Returns ``(y, pooled, new running mean, new running var)``. In eager mode the kernel
+    updates ``running_mean`` and ``running_var`` in place and returns them; while
+    ``torch.compile`` traces, the operator leaves them unchanged and returns updated
+    copies, which the caller writes back.
     """
     args = (x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled)
-    return run(batch_norm_prelu_op, _BatchNormPReLU, args)
+    if torch.compiler.is_compiling():
+        y, _, _, pooled, new_mean, new_var = batch_norm_prelu_op(*args)
+        return y, pooled, new_mean, new_var
+    y, pooled = _BatchNormPReLU.apply(*args)
+    return y, pooled, running_mean, running_var
 
 
 # --------------------------------------------------------------------------- batch_norm(gate * b [* r]) + r
@@ -324,7 +393,8 @@ def _gated_batch_norm_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
-def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var, backward=gated_batch_norm_backward_op):
+def _gated_batch_norm_gradients(ctx, grad_y, backward) -> tuple[Tensor | None, ...]:
+    # The gradients of the ten inputs, from that of y.
     b, gate, residual, gamma, mean, invstd = ctx.saved_tensors
     grad_y = grad_y.contiguous()
     grad_b, grad_gate, grad_r, grad_gamma, grad_beta = backward(
@@ -335,9 +405,29 @@ def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var, bac
     return grad_b, grad_gate, grad_r, None, grad_gamma, grad_beta, None, None, None, None
 
 
-_GatedBatchNorm = eager_twin(
-    gated_batch_norm_op, _gated_batch_norm, _gated_batch_norm_setup, _gated_batch_norm_grad, _gated_batch_norm_backward
-)
+def _gated_batch_norm_grad(ctx, grad_y, _mean, _invstd, _new_mean, _new_var):
+    return _gated_batch_norm_gradients(ctx, grad_y, gated_batch_norm_backward_op)
+
+
+gated_batch_norm_op.register_autograd(_gated_batch_norm_grad, setup_context=_gated_batch_norm_setup)
+
+
+class _GatedBatchNorm(torch.autograd.Function):
+    """The eager twin of :data:`gated_batch_norm_op`: the kernel updates the running statistics
+    passed in, and ``y`` is the only output."""
+
+    @staticmethod
+    def forward(ctx, b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps):
+        y, mean, invstd = _kernels().gated_bn_forward(
+            b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps
+        )
+        ctx.save_for_backward(b, gate, residual, gamma, mean, invstd)
+        ctx.multiply_residual = multiply_residual
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gated_batch_norm_gradients(ctx, grad_y, _gated_batch_norm_backward)
 
 
 def gated_batch_norm(
@@ -351,11 +441,14 @@ def gated_batch_norm(
     running_var: Tensor,
     momentum: float,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """``batch_norm(gate * b [* residual]) + residual`` with ``gate`` of ``N x C``.
 
-    Returns ``(y, batch mean, batch invstd, new running mean, new running var)``;
-    the running statistics passed in are left unchanged.
+    Returns ``(y, new running mean, new running var)``, as :func:`batch_norm_prelu`:
+    updated in place in eager mode, updated copies while ``torch.compile`` traces.
     """
     args = (b, gate, residual, multiply_residual, gamma, beta, running_mean, running_var, momentum, eps)
-    return run(gated_batch_norm_op, _GatedBatchNorm, args)
+    if torch.compiler.is_compiling():
+        y, _, _, new_mean, new_var = gated_batch_norm_op(*args)
+        return y, new_mean, new_var
+    return _GatedBatchNorm.apply(*args), running_mean, running_var

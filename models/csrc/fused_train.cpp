@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -660,10 +661,14 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
 // Gradients of biased_sign_forward. The sign's straight-through gradient passes where
 // -clip <= x + bias <= clip (as hardtanh_backward with bounds just outside +-clip);
 // grad_mean / (H*W) and the PReLU's gradient are added when given (empty otherwise).
+// grad_shortcut, when given, is the gradient of x reaching it by another path (a
+// binary FFN's residual): it is added last, as autograd would add the two gradients,
+// so that x's gradient takes one pass instead of this kernel's and autograd's addition.
 // Returns {grad_x, grad_bias, grad_slope (or empty)}.
 std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at::Tensor& grad_mean,
                                              const at::Tensor& grad_activated, const at::Tensor& x,
-                                             const at::Tensor& bias, const at::Tensor& slope, double clip) {
+                                             const at::Tensor& bias, const at::Tensor& slope, double clip,
+                                             const std::optional<at::Tensor>& grad_shortcut) {
   check_activation(x, "x");
   check_activation(grad_y, "grad_y");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -675,12 +680,18 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
     check_activation(grad_activated, "grad_activated");
     check_vector(slope, C, "slope");
   }
+  const bool has_shortcut = grad_shortcut.has_value() && grad_shortcut->numel() > 0;
+  if (has_shortcut) {
+    check_activation(*grad_shortcut, "grad_shortcut");
+    TORCH_CHECK(grad_shortcut->sizes() == x.sizes(), "grad_shortcut must have the shape of x");
+  }
   auto grad_x = at::empty_like(x);
   auto grad_bias = at::empty({C}, x.options());
   auto grad_slope = act ? at::empty({C}, x.options()) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* gp = grad_y.data_ptr<float>();
   const float* gap = act ? grad_activated.data_ptr<float>() : nullptr;
+  const float* gsp = has_shortcut ? grad_shortcut->data_ptr<float>() : nullptr;
   float* gxp = grad_x.data_ptr<float>();
   const std::vector<float> slopes = slope_or_ones(slope, act, C);
   // The mean's gradient, grad_mean / (H*W), reaches every value of its plane.
@@ -691,34 +702,54 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
   }
   const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
   ChannelSums sums(C, 2);
-  sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
-    const float* beta = bias.data_ptr<float>() + chunk.c0;
-    const float* w = slopes.data() + chunk.c0;
-    float* sum = acc.partial(0);
-    float* dw = acc.partial(1);
-    const float* e = extra.data() + n * C + chunk.c0;
-    const float* src = xp + chunk.offset(n, C, HW);
-    const float* gy = gp + chunk.offset(n, C, HW);
-    float* dst = gxp + chunk.offset(n, C, HW);
-    if (act) {
-      const float* ga = gap + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
-        const float x_j = src[j], v = x_j + beta[q], grad_j = gy[j], ga_j = ga[j], slope_q = w[q];
-        const float g = (v < lo || v > hi) ? 0.0f : grad_j;
-        const bool positive = x_j > 0.0f;
-        dst[j] = (g + e[q]) + (positive ? ga_j : slope_q * ga_j);
-        sum[slot] += g;
-        dw[slot] += positive ? 0.0f : ga_j * x_j;
-      });
-    } else {
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
-        const float v = src[j] + beta[q], grad_j = gy[j];
-        const float g = (v < lo || v > hi) ? 0.0f : grad_j;
-        dst[j] = g + e[q];
-        sum[slot] += g;
-      });
-    }
-  });
+  // with_shortcut is a compile-time flag: a load under a run-time condition would keep
+  // the loops from vectorizing (see for_each_value).
+  const auto run = [&](auto with_shortcut) {
+    constexpr bool kShortcut = decltype(with_shortcut)::value;
+    sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+      const float* beta = bias.data_ptr<float>() + chunk.c0;
+      const float* w = slopes.data() + chunk.c0;
+      float* sum = acc.partial(0);
+      float* dw = acc.partial(1);
+      const float* e = extra.data() + n * C + chunk.c0;
+      const float* src = xp + chunk.offset(n, C, HW);
+      const float* gy = gp + chunk.offset(n, C, HW);
+      const float* gs = kShortcut ? gsp + chunk.offset(n, C, HW) : nullptr;
+      float* dst = gxp + chunk.offset(n, C, HW);
+      if (act) {
+        const float* ga = gap + chunk.offset(n, C, HW);
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
+          const float x_j = src[j], v = x_j + beta[q], grad_j = gy[j], ga_j = ga[j], slope_q = w[q];
+          const float g = (v < lo || v > hi) ? 0.0f : grad_j;
+          const bool positive = x_j > 0.0f;
+          const float own = (g + e[q]) + (positive ? ga_j : slope_q * ga_j);
+          if constexpr (kShortcut) {
+            dst[j] = own + gs[j];
+          } else {
+            dst[j] = own;
+          }
+          sum[slot] += g;
+          dw[slot] += positive ? 0.0f : ga_j * x_j;
+        });
+      } else {
+        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
+          const float v = src[j] + beta[q], grad_j = gy[j];
+          const float g = (v < lo || v > hi) ? 0.0f : grad_j;
+          if constexpr (kShortcut) {
+            dst[j] = (g + e[q]) + gs[j];
+          } else {
+            dst[j] = g + e[q];
+          }
+          sum[slot] += g;
+        });
+      }
+    });
+  };
+  if (has_shortcut) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
   for (int64_t c = 0; c < C; ++c) {
     grad_bias.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 0));
     if (act) grad_slope.data_ptr<float>()[c] = static_cast<float>(sums.get(c, 1));
@@ -830,7 +861,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_bn_forward", &gated_bn_forward, "batch_norm(gate * b [* r]) + r, forward");
   m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward");
   m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias), the spatial mean of x and prelu(x)");
-  m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward");
+  m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward", py::arg("grad_y"),
+        py::arg("grad_mean"), py::arg("grad_activated"), py::arg("x"), py::arg("bias"), py::arg("slope"),
+        py::arg("clip"), py::arg("grad_shortcut") = py::none());
   m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
   m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
   m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");

@@ -107,15 +107,18 @@ def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool, si
         x[2, :, 0, 0] = 0.0  # PReLU's kink
 
     def fn(x, move, sign, activation):
+        # The shortcut (x as a residual) takes part in the loss: its gradient joins x's.
         return tuple(fused_ops.processor_inputs(x, move, sign, mean=mean, prelu=activation if prelu else None))
 
     fused, reference = _run_twice(fn, [x], [move, sign, activation], unfused)
-    assert len(fused[0]) == 1 + mean + prelu
+    assert len(fused[0]) == 2 + mean + prelu
     for got, want in zip(fused[0], reference[0]):
-        assert torch.equal(got, want) or not got.shape == x.shape  # signs and prelu(x) bit for bit
+        assert torch.equal(got, want) or not got.shape == x.shape  # signs, prelu(x) and x bit for bit
+    assert torch.equal(fused[0][-1], x)
     assert (fused[0][0][0, :, 0, 0] == 0).all()
     if not mean and not prelu:
-        assert torch.equal(fused[1][0], reference[1][0])  # the masked gradient alone: a copy, no arithmetic
+        # The masked gradient plus the shortcut's: one addition, as autograd's, the same bits.
+        assert torch.equal(fused[1][0], reference[1][0])
     fused_params = fused[2] if prelu else fused[2][:-1]
     reference_params = reference[2] if prelu else reference[2][:-1]
     _compare((fused[0], fused[1], fused_params, fused[3]), (reference[0], reference[1], reference_params, reference[3]))
@@ -372,9 +375,10 @@ def _kernel_chain_results(threads: int) -> list[torch.Tensor]:
             _random_norm(64),
             _random_norm(64),
         )
-        signs, x_mean, activated = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
+        signs, x_mean, activated, shortcut = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
         y, pooled = fused_ops.batch_norm_prelu(signs * 0.5 + activated, norm1, prelu, pooled=True)
-        out = fused_ops.gated_batch_norm_residual(y, torch.sigmoid(pooled + x_mean), residual, norm2, True)
+        gated = fused_ops.gated_batch_norm_residual(y, torch.sigmoid(pooled + x_mean), residual, norm2, True)
+        out = gated + shortcut
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         modules = (move, prelu, norm1, norm2)
         return (

@@ -51,22 +51,28 @@ def test_gated_batch_norm_operator(multiply_residual: bool) -> None:
     torch.library.opcheck(kernel_ops.gated_batch_norm_op, args)
 
 
-def test_batch_norm_operators_return_the_running_statistics_instead_of_changing_them() -> None:
+@pytest.mark.parametrize("gated", [False, True], ids=["batch_norm_prelu", "gated_batch_norm"])
+@pytest.mark.parametrize("eager", [False, True], ids=["operator", "eager"])
+def test_batch_norms_update_the_running_statistics(eager: bool, gated: bool) -> None:
+    """The operators return updated copies and leave their inputs alone (an operator with a backward
+    may not mutate them); the eager functions update the tensors passed in and return them."""
     x = _x().detach()
-    mean, var = _statistics()
-    before = (mean.clone(), var.clone())
-    reference = torch.nn.BatchNorm2d(C, momentum=0.1, eps=1e-5)
-    reference.running_mean.copy_(mean)
-    reference.running_var.copy_(var)
-    reference(x)
-    outputs = kernel_ops.batch_norm_prelu(x, torch.ones(C), torch.zeros(C), torch.empty(0), mean, var, 0.1, 1e-5, False)
-    gated = kernel_ops.gated_batch_norm(
-        x, torch.ones(N, C), x, False, torch.ones(C), torch.zeros(C), mean, var, 0.1, 1e-5
-    )
-    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
-    for new_mean, new_var in (outputs[4:], gated[3:]):
-        torch.testing.assert_close(new_mean, reference.running_mean)
-        torch.testing.assert_close(new_var, reference.running_var)
+    mean, var = torch.zeros(C), torch.ones(C)
+    if gated:
+        args = (x, torch.ones(N, C), x, False, torch.ones(C), torch.zeros(C), mean, var, 0.1, 1e-5)
+        outputs = kernel_ops.gated_batch_norm(*args) if eager else kernel_ops.gated_batch_norm_op(*args)
+        new_mean, new_var = outputs[1:] if eager else outputs[3:]
+    else:
+        args = (x, torch.ones(C), torch.zeros(C), torch.empty(0), mean, var, 0.1, 1e-5, False)
+        outputs = kernel_ops.batch_norm_prelu(*args) if eager else kernel_ops.batch_norm_prelu_op(*args)
+        new_mean, new_var = outputs[2:] if eager else outputs[4:]
+    assert (new_mean is mean and new_var is var) == eager
+    if not eager:
+        assert torch.equal(mean, torch.zeros(C)) and torch.equal(var, torch.ones(C))
+    expected = torch.nn.BatchNorm2d(C, momentum=0.1, eps=1e-5)
+    expected(x)  # the gated kernel's statistics are those of gate * b = x
+    torch.testing.assert_close(new_mean, expected.running_mean)
+    torch.testing.assert_close(new_var, expected.running_var)
 
 
 def _outputs_and_gradients(fn, *args):
@@ -99,8 +105,62 @@ def test_eager_function_and_operator_give_the_same_bits(kernel: str) -> None:
             1e-5,
         ),
     }[kernel]
-    eager = _outputs_and_gradients(getattr(kernel_ops, kernel), *args)
-    operator = _outputs_and_gradients(getattr(kernel_ops, f"{kernel}_op"), *args)
-    assert len(eager[1]) == len(operator[1]) >= 2
+    # The outputs both give: the eager functions return fewer (and the running statistics in place).
+    eager_function = getattr(kernel_ops, kernel)
+    if kernel == "processor_inputs":  # without the eager function's fourth output, x for a residual
+
+        def eager_function(*args):
+            return kernel_ops.processor_inputs(*args)[:3]
+
+    shared = {"processor_inputs": (0, 1, 2), "batch_norm_prelu": (0, 3, 4, 5), "gated_batch_norm": (0, 3, 4)}[kernel]
+
+    def operator_function(*args):
+        outputs = getattr(kernel_ops, f"{kernel}_op")(*args)
+        return [outputs[i] for i in shared]
+
+    def fresh(args: tuple) -> tuple:  # the running statistics are changed by the eager call
+        return tuple(a.clone() if isinstance(a, torch.Tensor) and not a.requires_grad else a for a in args)
+
+    eager = _outputs_and_gradients(eager_function, *fresh(args))
+    operator = _outputs_and_gradients(operator_function, *fresh(args))
+    assert len(eager[0]) == len(operator[0]) and len(eager[1]) == len(operator[1]) >= 2
     for expected, actual in zip(eager[0] + eager[1], operator[0] + operator[1]):
         assert torch.equal(expected, actual)
+
+
+def test_the_residual_gradient_is_added_by_the_sign_kernel_with_autograds_bits() -> None:
+    torch.manual_seed(0)
+    x, bias, slope = _x(), _per_channel(), _per_channel(0.0, 0.5)
+    upstream = [torch.randn(N, C, H, W), torch.randn(N, C), torch.randn(N, C, H, W), torch.randn(N, C, H, W)]
+    signs, mean, activated, shortcut = kernel_ops.processor_inputs(x, bias, slope, 1.5, True)
+    assert shortcut._base is x and torch.equal(shortcut, x)
+    torch.autograd.backward([signs, mean, activated, shortcut], upstream)
+    folded, x.grad = x.grad, None
+    # The operator has no such output: autograd adds the residual's gradient itself.
+    signs, mean, activated = kernel_ops.processor_inputs_op(x, bias, slope, 1.5, True)
+    torch.autograd.backward([signs, mean, activated, x], upstream)
+    assert torch.equal(folded, x.grad)
+
+
+def test_an_unused_residual_output_costs_no_gradient_tensor(monkeypatch) -> None:
+    seen = []
+    backward = kernel_ops._processor_inputs_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    monkeypatch.setattr(kernel_ops, "_processor_inputs_backward", spy)
+    monkeypatch.setattr(kernel_ops._ProcessorInputs, "backward", staticmethod(
+        lambda ctx, *grads: kernel_ops._processor_inputs_grad(ctx, *grads, backward=spy)
+    ))  # fmt: skip
+    x = _x()
+    signs, *_ = kernel_ops.processor_inputs(x, _per_channel(), torch.empty(0), 1.5, False)
+    signs.sum().backward()
+    assert len(seen) == 1 and seen[0].numel() == 0
+
+
+def test_backward_operator_with_a_residual_gradient() -> None:
+    x = _x().detach()
+    args = (torch.randn(N, C, H, W), torch.randn(N, C), torch.randn(N, C, H, W), x, torch.randn(C), torch.rand(C))
+    torch.library.opcheck(kernel_ops.processor_inputs_backward_op, (*args, 1.5, torch.randn(N, C, H, W)))
