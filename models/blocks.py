@@ -104,13 +104,18 @@ class ELMAttention(Processor):
         super().__init__(channels, channels, 3, stride, info_recoupling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The signs, PReLU(x) and (at stride 1) the mix's mean from one read of x.
-        inputs = self.read_input(x, mix_is_x=self.stride == 1, prelu=self.activation1)
-        if self.stride == 1:
-            residual, mix_mean = inputs.activated, inputs.mean
+        # At stride 2 the mix is x's 2x2 pooling, whose spatial mean is x's own (H and W are
+        # even: the branch's output would not match the pooled shortcut otherwise). Training
+        # takes it from the pass that reads x for the signs (the same value to float rounding,
+        # and no pooling of x to run and differentiate); evaluation keeps the official bits.
+        mean_of_x = self.stride == 1 or self.training
+        # The signs, PReLU(x) and the mix's mean from one read of x.
+        inputs = self.read_input(x, mix_is_x=mean_of_x, prelu=self.activation1)
+        residual = inputs.activated if self.stride == 1 else avg_pool_2x2(inputs.activated)
+        if mean_of_x or not self.info_recoupling:
+            mix_mean = inputs.mean
         else:
-            residual = avg_pool_2x2(inputs.activated)
-            mix_mean = self.mix_mean(avg_pool_2x2(x)) if self.info_recoupling else None  # no pooling to discard
+            mix_mean = self.mix_mean(avg_pool_2x2(x))
         b, gate = self.branch(inputs.signs, mix_mean)
         return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
 
