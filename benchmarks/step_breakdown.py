@@ -7,11 +7,12 @@ the step that are single Python-visible calls instead, runs real steps, and repo
 milliseconds per step:
 
 * every call of the C++ training kernels (``models/csrc/fused_train.cpp``): the three
-  processor kernels forward and backward, the 2x2 pooling, the weight binarization;
+  processor kernels forward and backward, the 2x2 pooling, the weight binarization (in
+  a step, or with the constraint's clamp after the optimizer step, preparing the next);
 * the Python and autograd around the three processor kernels: the time of their
   functions in :mod:`models.fused_ops` (forward) and of their autograd backward, less the
   kernel calls inside;
-* the optimizer step and :func:`models.apply_constraints`;
+* the optimizer step and :func:`models.apply_constraints` (less its kernel calls);
 * the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
   (timed alternately with the steps, medians) less the pieces above (means). It holds the
   element-wise work outside the kernels (gates, mixes, concatenations), gradient
@@ -133,8 +134,12 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
         )
         calls = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[1] for name in PROCESSOR_KERNELS)
         rows.append((f"Python and autograd around the processor kernels, {direction}", wrapped - inside, calls))
-    for name in ("optimizer step", "constraints"):
-        rows.append((name, *per_step.get(name, (0.0, 0.0))))
+    rows.append(("optimizer step", *per_step.get("optimizer step", (0.0, 0.0))))
+    # The binary layers' constraint pass calls a kernel (the clamp and the next step's binarization),
+    # which has its own row: the constraints' row holds the rest.
+    constraints_ms, constraints_calls = per_step.get("constraints", (0.0, 0.0))
+    inside = per_step.get("kernel clamp_and_divide_clamp", (0.0, 0.0))[0]
+    rows.append(("constraints, besides their kernel calls", constraints_ms - inside, constraints_calls))
     return rows
 
 

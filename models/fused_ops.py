@@ -17,6 +17,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`window_mean_2x2` and :func:`spread_2x2`: 2x2 average pooling and its gradient
   (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
 * :func:`binarize_weight`: the progressive weight binarization in one pass, the same bits;
+  :func:`clamp_and_binarize_weight`: the latent weight's constraint and the next step's
+  binarization in one pass;
 * :func:`training_conv2d`: the binary convolutions of a training step, by one matrix
   product per kernel tap on small planes (:mod:`models.tap_conv`, plain PyTorch, no
   extension), where that is faster than oneDNN.
@@ -122,14 +124,14 @@ def _kernels_loaded() -> bool:
     return load_extension() is not None
 
 
-def _switched_on() -> bool:
+def switched_on() -> bool:
     """Whether the faster paths may run: not inside :func:`disabled`, not under TorchScript tracing or scripting."""
     return _enabled and not (torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:
     # The processor kernels are custom operators (models.kernel_ops): torch.compile keeps them in its graph.
-    if not _switched_on():
+    if not switched_on():
         return False
     return _tensors_fit(*tensors) and _kernels_loaded()
 
@@ -292,6 +294,18 @@ _MIN_TEMPERATURE_32 = _float32(MIN_TEMPERATURE)
 _TINY_32 = torch.finfo(torch.float32).tiny
 
 
+def _divisors(temperature: torch.Tensor, threshold: float) -> tuple[float, float] | None:
+    # The divisors d1, d2 of the binarization at a one-value float32 CPU temperature, picked on
+    # the host in float32 as the tensor formula picks them; None for other temperatures.
+    if not (temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1):
+        return None
+    t = temperature.item()  # a float32 value, exact as a Python float
+    if t < _float32(threshold):
+        return _TINY_32, _TINY_32
+    # clamp(min=1e-8); a NaN temperature stays NaN, as with torch.clamp
+    return (_MIN_TEMPERATURE_32 if t < _MIN_TEMPERATURE_32 else t), 1.0
+
+
 def binarize_weight(
     weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool = False
 ) -> torch.Tensor | None:
@@ -307,15 +321,31 @@ def binarize_weight(
     (the same values): the layout of :func:`models.tap_conv.tap_matrices`, which the
     tap products then read in place instead of copying the weight into it.
     """
-    cpu_scalar = temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1
-    if not cpu_scalar or not _fusable_in_eager(weight):
+    divisors = _divisors(temperature, threshold) if _fusable_in_eager(weight) else None  # no .item() when compiling
+    if divisors is None:
         return None
-    t = temperature.item()  # a float32 value, exact as a Python float
-    if t < _float32(threshold):
-        first = second = _TINY_32
-    else:  # clamp(min=1e-8); a NaN temperature stays NaN, as with torch.clamp
-        first, second = (_MIN_TEMPERATURE_32 if t < _MIN_TEMPERATURE_32 else t), 1.0
-    return load_extension().divide_clamp(weight, first, second, tap_major)
+    return load_extension().divide_clamp(weight, *divisors, tap_major)
+
+
+def clamp_and_binarize_weight(
+    weight: torch.Tensor, clip: float, temperature: torch.Tensor, threshold: float, tap_major: bool
+) -> torch.Tensor | None:
+    """``weight.clamp_(-clip, clip)``, then :func:`binarize_weight` of the clamped weight, in one pass.
+
+    A binary layer's constraint after an optimizer step, which also prepares the next
+    step's binarized weight while it reads the latent one: the constraint writes only
+    the values out of range, and the step does not read the weight again. The same bits
+    as the clamp and the binarization one after the other. None, with ``weight``
+    untouched, where the kernel does not apply (see :func:`binarize_weight`).
+    """
+    divisors = _divisors(temperature, threshold) if _fusable_in_eager(weight) else None
+    if divisors is None:
+        return None
+    binarized = load_extension().clamp_and_divide_clamp(weight.detach(), clip, *divisors, tap_major)
+    # An in-place change, as clamp_ would record it: autograd refuses a backward through a graph
+    # that saved the weight before, and a binarization prepared earlier no longer matches.
+    torch.autograd.graph.increment_version(weight)
+    return binarized
 
 
 def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:
@@ -327,7 +357,7 @@ def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, paddi
     in the taps' layout (:func:`binarize_weight`).
     """
     return (
-        _switched_on()
+        switched_on()
         and tap_conv.enabled()
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
@@ -354,7 +384,7 @@ def conv2d_of_points(
     groups, and not inside :func:`disabled` or under tracing.
     """
     if (
-        _switched_on()
+        switched_on()
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
         and x.dim() == 4

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_ops
-from .quantizers import CONV_INPUT_CLIP, LINEAR_INPUT_CLIP, fake_quantize, progressive_binarize
+from .quantizers import CONV_INPUT_CLIP, LINEAR_INPUT_CLIP, fake_quantize, prepared_binarization, progressive_binarize
 
 #: Latent binary weights are kept inside ``±WEIGHT_CLIP`` (official value).
 WEIGHT_CLIP = 1.5
@@ -60,14 +60,26 @@ class BinaryConv2d(nn.Module):
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.randn(shape) * 1e-3)
         self.register_buffer("temperature", torch.ones(1))
+        # The layout of the last eager training step's binarized weight (None: no such step yet),
+        # and the next step's binarized weight made by the constraint pass, with what it was made from.
+        self._step_layout: bool | None = None
+        self._prepared: tuple[torch.Tensor, tuple] | None = None
 
     def binary_weight(self, tap_major: bool = False) -> torch.Tensor:
         """The weight the convolution uses at the current temperature.
 
         ``tap_major``: where a training step's kernel binarizes, write it channels-last,
         the layout of the tap products (the same values; see
-        :func:`models.quantizers.progressive_binarize`).
+        :func:`models.quantizers.progressive_binarize`). A training step takes the weight
+        that :meth:`apply_constraints_` binarized after the last optimizer step, where
+        neither the weight nor the temperature changed since.
         """
+        eager_step = torch.is_grad_enabled() and self.weight.requires_grad and not torch.compiler.is_compiling()
+        if eager_step and fused_ops.switched_on():
+            self._step_layout = tap_major
+            prepared = self._take_prepared(tap_major)
+            if prepared is not None:
+                return prepared_binarization(self.weight, prepared)
         return progressive_binarize(self.weight, self.temperature, self.sign_threshold, tap_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +92,43 @@ class BinaryConv2d(nn.Module):
 
     @torch.no_grad()
     def apply_constraints_(self) -> None:
-        """Clip the latent weights to ``±clip`` in place."""
+        """Clip the latent weights to ``±clip`` in place.
+
+        After an eager training step on the CPU one kernel pass also binarizes the clipped
+        weight for the next step, at the current temperature and in the layout of the last
+        step (:func:`models.fused_ops.clamp_and_binarize_weight`): the clip writes only the
+        values out of range, and the next step does not read the latent weight again. The
+        prepared weight is used only if the weight and the temperature are still the
+        tensors it was made from, unchanged since (their version counters), and it is held
+        until the next call: between steps the layer keeps its binarized weight, as it
+        does during a step.
+        """
+        self._prepared = None  # freed before the next one is made
+        if self._step_layout is not None and fused_ops.switched_on():
+            binarized = fused_ops.clamp_and_binarize_weight(
+                self.weight, self.clip, self.temperature, self.sign_threshold, self._step_layout
+            )
+            if binarized is not None:
+                self._prepared = (binarized, self._prepared_key(self._step_layout))
+                return
         self.weight.clamp_(-self.clip, self.clip)
+
+    def _prepared_key(self, tap_major: bool) -> tuple:
+        # What a prepared binarization was made from: the tensors and their in-place versions.
+        weight, temperature = self.weight, self.temperature
+        return (weight.data_ptr(), weight._version, temperature.data_ptr(), temperature._version, tap_major)
+
+    def _take_prepared(self, tap_major: bool) -> torch.Tensor | None:
+        if self._prepared is None:
+            return None
+        binarized, key = self._prepared
+        return binarized if key == self._prepared_key(tap_major) else None
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickling) do not carry the prepared weight: it is a cache of the step.
+        state = self.__dict__.copy()
+        state["_prepared"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (

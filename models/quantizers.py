@@ -158,6 +158,25 @@ def sign_ste(x: torch.Tensor, clip: float = ACTIVATION_CLIP) -> torch.Tensor:
     return _SignSTE.apply(x, clip)
 
 
+class _PreparedBinarization(torch.autograd.Function):
+    """A binarized weight made before the step (see :meth:`models.layers.BinaryConv2d.apply_constraints_`)
+    entered into the step's graph, with the identity straight-through gradient of
+    :class:`_ProgressiveBinarizeSTE`."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, binarized: torch.Tensor) -> torch.Tensor:
+        return binarized.view_as(binarized)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def prepared_binarization(weight: torch.Tensor, binarized: torch.Tensor) -> torch.Tensor:
+    """``binarized`` (computed from ``weight`` earlier) as if binarized now: the gradient reaches ``weight``."""
+    return _PreparedBinarization.apply(weight, binarized)
+
+
 def progressive_binarize(
     weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool = False
 ) -> torch.Tensor:

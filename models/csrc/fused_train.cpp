@@ -810,29 +810,20 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
   return grad_x;
 }
 
-// clamp(w / first / second, -1, 1) in one pass: the progressive weight binarization of
-// models/quantizers.py (three passes there), the same operations in the same order.
-// NaN stays NaN, as with torch.clamp. With tap_major the result is written in the
-// channels-last layout of the Cout x Cin x k x k weight: Cout x (k*k) x Cin in memory,
-// the tap matrices of models/tap_conv.py, which then need no transposing copy of their own.
-at::Tensor divide_clamp(const at::Tensor& w, double first, double second, bool tap_major) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
-              "the weight must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(!tap_major || w.dim() == 4, "the tap-major layout needs a 4-D weight");
-  auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
-  const float* src = w.data_ptr<float>();
+// Writes binarize(value(i)) for every value i of w into out: in w's layout, or with
+// tap_major in the channels-last layout of the Cout x Cin x k x k weight, Cout x (k*k) x
+// Cin in memory (the tap matrices of models/tap_conv.py, which then need no transposing
+// copy of their own). value(i) may write w[i] (the constraint's clamp).
+template <typename Value, typename Binarize>
+void write_binarized(const at::Tensor& w, at::Tensor& out, bool tap_major, const Value& value,
+                     const Binarize& binarize) {
   float* dst = out.data_ptr<float>();
-  const float d1 = static_cast<float>(first), d2 = static_cast<float>(second);
-  auto binarize = [d1, d2](float x) {
-    const float v = (x / d1) / d2;
-    return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-  };
   if (!tap_major) {
     at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-      for (int64_t i = begin; i < end; ++i) dst[i] = binarize(src[i]);
+      for (int64_t i = begin; i < end; ++i) dst[i] = binarize(value(i));
     });
-    return out;
+    return;
   }
   // One output channel at a time: its k*k*Cin values (36 KiB for 1024 channels) are
   // binarized in a vectorized pass into a buffer that stays in the L1/L2 cache, from which
@@ -843,15 +834,60 @@ at::Tensor divide_clamp(const at::Tensor& w, double first, double second, bool t
     std::vector<float> buffer(per_out);
     float* values = buffer.data();
     for (int64_t o = begin; o < end; ++o) {
-      const float* in = src + o * per_out;
+      const int64_t base = o * per_out;
 #pragma omp simd
-      for (int64_t i = 0; i < per_out; ++i) values[i] = binarize(in[i]);
-      float* row = dst + o * per_out;
+      for (int64_t i = 0; i < per_out; ++i) values[i] = binarize(value(base + i));
+      float* row = dst + base;
       for (int64_t t = 0; t < taps; ++t, row += cin) {
         for (int64_t c = 0; c < cin; ++c) row[c] = values[c * taps + t];
       }
     }
   });
+}
+
+// x -> clamp(x / first / second, -1, 1) in float32, the divisions in that order.
+auto binarizer(double first, double second) {
+  const float d1 = static_cast<float>(first), d2 = static_cast<float>(second);
+  return [d1, d2](float x) {
+    const float v = (x / d1) / d2;
+    return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+  };
+}
+
+void check_weight(const at::Tensor& w, bool tap_major) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "the weight must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(!tap_major || w.dim() == 4, "the tap-major layout needs a 4-D weight");
+}
+
+// clamp(w / first / second, -1, 1) in one pass: the progressive weight binarization of
+// models/quantizers.py (three passes there), the same operations in the same order.
+// NaN stays NaN, as with torch.clamp. With tap_major the result is channels-last (see
+// write_binarized).
+at::Tensor divide_clamp(const at::Tensor& w, double first, double second, bool tap_major) {
+  check_weight(w, tap_major);
+  auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
+  const float* src = w.data_ptr<float>();
+  write_binarized(w, out, tap_major, [src](int64_t i) { return src[i]; }, binarizer(first, second));
+  return out;
+}
+
+// The latent weights' constraint and the next step's binarization in one pass: w is
+// clamped to [-clip, clip] in place, as torch.clamp_ (NaN stays NaN), but written only
+// where a value is out of range, so that a weight already inside (the usual case) is read
+// and not written back; then divide_clamp of the clamped values, the same bits.
+at::Tensor clamp_and_divide_clamp(at::Tensor& w, double clip, double first, double second, bool tap_major) {
+  check_weight(w, tap_major);
+  auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
+  float* src = w.data_ptr<float>();
+  const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
+  const auto clamped = [src, lo, hi](int64_t i) {
+    const float x = src[i];
+    const float c = x < lo ? lo : (x > hi ? hi : x);
+    if (x < lo || x > hi) src[i] = c;
+    return c;
+  };
+  write_binarized(w, out, tap_major, clamped, binarizer(first, second));
   return out;
 }
 
@@ -867,4 +903,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
   m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
   m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");
+  m.def("clamp_and_divide_clamp", &clamp_and_divide_clamp,
+        "w.clamp_(-clip, clip) (writing only values out of range), then divide_clamp of the result");
 }

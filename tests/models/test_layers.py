@@ -1,8 +1,11 @@
-"""Layers: the faster pooling and PReLU give the same values as the torch modules they replace."""
+"""Layers: the faster pooling and PReLU give the same values as the torch modules they replace; the binary
+conv's constraint pass prepares the next step's weight only where that gives the same step."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import warnings
 
 import pytest
@@ -10,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models
 from models import fused_ops
-from models.layers import AvgPool2x2, PReLU, avg_pool_2x2
+from models.layers import AvgPool2x2, BinaryConv2d, PReLU, avg_pool_2x2
 
 
 @pytest.mark.parametrize("upstream_layout", ["contiguous", "strided"])
@@ -79,3 +83,83 @@ def test_avg_pool_2x2_traces_without_a_tracer_warning() -> None:
         traced = torch.jit.trace(AvgPool2x2(), torch.randn(1, 2, 4, 6))
     x = torch.randn(3, 2, 4, 6)
     assert torch.equal(traced(x), F.avg_pool2d(x, 2, 2))
+
+
+# --------------------------------------------------------------------------- the binary conv's constraint pass
+
+_needs_kernels = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
+    reason="the fused C++ extension could not be built here (see the warning)",
+)
+
+
+def _binary_layer(kernel_size: int) -> BinaryConv2d:
+    torch.manual_seed(0)
+    layer = BinaryConv2d(16, 32, kernel_size).train()
+    with torch.no_grad():
+        layer.weight.normal_(0, 1.0)  # values beyond the clip of 1.5 too
+        layer.temperature.fill_(0.3)
+    return layer
+
+
+def _train_step(layer: BinaryConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.weight.grad = None
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), layer.weight.grad.clone()
+
+
+@_needs_kernels
+@pytest.mark.parametrize("size", [2, 8], ids=["taps", "oneDNN"])
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_the_constraint_pass_prepares_the_next_steps_weight_with_the_same_bits(
+    extension_calls: list[str], kernel_size: int, size: int
+) -> None:
+    prepared, plain = _binary_layer(kernel_size), _binary_layer(kernel_size)
+    x = torch.randn(4, 16, size, size)
+    for layer in (prepared, plain):
+        _train_step(layer, x)  # a step: the layer now knows its layout
+    prepared.apply_constraints_()
+    with fused_ops.disabled():
+        plain.apply_constraints_()  # clamp_, nothing prepared
+    assert torch.equal(prepared.weight, plain.weight) and prepared.weight.abs().max() == 1.5
+    extension_calls.clear()
+    got = _train_step(prepared, x)
+    assert "divide_clamp" not in extension_calls  # the step took the prepared weight
+    expected = _train_step(plain, x)
+    assert "divide_clamp" in extension_calls  # the plain layer binarized in its step
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@_needs_kernels
+@pytest.mark.parametrize("change", ["weight", "temperature", "state_dict", "layout"])
+def test_a_prepared_weight_is_not_used_once_what_it_was_made_from_changed(change: str) -> None:
+    layer, reference = _binary_layer(3), _binary_layer(3)
+    x = torch.randn(4, 16, 2, 2)
+    _train_step(layer, x)
+    layer.apply_constraints_()
+    with torch.no_grad():
+        if change == "weight":
+            layer.weight.mul_(0.5)
+        elif change == "temperature":
+            models.set_temperature(layer, 0.05)
+        elif change == "state_dict":
+            layer.load_state_dict({"weight": torch.randn(32, 16, 3, 3), "temperature": torch.tensor([0.7])})
+    if change == "layout":
+        x = torch.randn(4, 16, 8, 8)  # oneDNN's convolution, plain layout, instead of the taps'
+    reference.load_state_dict(layer.state_dict())
+    with fused_ops.disabled():
+        expected = _train_step(reference, x)
+    got = _train_step(layer, x)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-5)
+
+
+@_needs_kernels
+def test_copies_of_a_layer_do_not_carry_its_prepared_weight() -> None:
+    layer = _binary_layer(3)
+    _train_step(layer, torch.randn(4, 16, 2, 2))
+    layer.apply_constraints_()
+    assert layer._prepared is not None
+    assert copy.deepcopy(layer)._prepared is None
+    assert pickle.loads(pickle.dumps(layer))._prepared is None
