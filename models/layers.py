@@ -319,8 +319,9 @@ class SqueezeExcite(nn.Module):
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The gate from an already averaged ``N x C x 1 x 1`` input (skips ``se[0]``, the pooling).
 
-        In a training step the two 1x1 convolutions of these 1x1 planes are matrix products
-        (:func:`models.fused_ops.conv2d_of_points`), where they are plain, hook-free ``nn.Conv2d``.
+        In a training step (training mode, gradient recorded) the two 1x1 convolutions of these
+        1x1 planes are matrix products (:func:`models.fused_ops.conv2d_of_points`), where they are
+        plain, hook-free ``nn.Conv2d``.
         """
         # The layers one by one: slicing the Sequential (se[1:]) would build a new module per call.
         _, reduce, relu, expand = self.se
@@ -328,8 +329,9 @@ class SqueezeExcite(nn.Module):
 
 
 def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # Not for subclasses (QuantConv2d quantizes in its forward) or modules with hooks (they would be skipped).
-    if type(conv) is nn.Conv2d and fused_ops.hook_free(conv) and conv.padding_mode == "zeros":
+    # Not for subclasses (QuantConv2d quantizes in its forward) or modules with hooks (they would be
+    # skipped); in training mode only: evaluation keeps the convolution's bits, with or without grad.
+    if conv.training and type(conv) is nn.Conv2d and fused_ops.hook_free(conv) and conv.padding_mode == "zeros":
         geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
         return fused_ops.conv2d_of_points(x, conv.weight, conv.bias, *geometry)
     return conv(x)

@@ -417,6 +417,9 @@ def test_squeeze_excitation_gates_train_by_matrix_products(monkeypatch) -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # evaluation keeps the convolutions' bits
         assert torch.equal(gate.gate_from_pooled(pooled), expected.detach())
+    gate.eval()  # so does evaluation mode with a gradient recorded (as a compiled eval graph runs)
+    assert torch.equal(gate.gate_from_pooled(pooled).detach(), expected.detach()) and len(calls) == 2
+    gate.train()
     handle = gate.se[1].register_forward_hook(lambda *args: None)  # a hooked layer runs as a module
     gate.gate_from_pooled(pooled)
     handle.remove()
