@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_ops import ProcessorInputs, batch_norm_prelu, gated_batch_norm_residual, processor_inputs
+from .fused_ops import (
+    ProcessorInputs,
+    batch_norm_prelu,
+    gated_batch_norm_residual,
+    processor_inputs,
+    recoupling_gate,
+)
 from .layers import SIGN_THRESHOLD, AvgPool2x2, BinaryConv2d, PReLU, SqueezeExcite, avg_pool_2x2, frozen_prelu
 from .quantizers import HardSign, LearnableBias
 
@@ -74,8 +80,7 @@ class Processor(nn.Module):
         b, b_mean = batch_norm_prelu(self.binary_conv(signs), self.norm1, self.activation2, self.info_recoupling)
         if not self.info_recoupling:
             return b, None
-        pooled = self.scale * mix_mean + (1 - self.scale) * b_mean
-        return b, self.se.gate_from_pooled(pooled)
+        return b, recoupling_gate(self.scale, mix_mean, b_mean, self.se)
 
     def mix_mean(self, x_mix: torch.Tensor) -> torch.Tensor | None:
         """The spatial mean of the recoupling mix's real input (None without info-recoupling)."""

@@ -23,7 +23,9 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
   product per kernel tap on small planes (:mod:`models.tap_conv`, plain PyTorch, no
   extension), where that is faster than oneDNN.
 * :func:`conv2d_of_points`: the squeeze-excitation gates' 1x1 convolutions of 1x1 planes
-  in a training step, as matrix products (plain PyTorch).
+  in a training step, as matrix products (plain PyTorch);
+* :func:`recoupling_gate`: the info-recoupling mix of the means and the squeeze-excitation
+  gate as one autograd node in a training step (plain PyTorch).
 
 The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
 ``torch.compile`` calls them from its graph as eager does; the pooling and weight
@@ -395,6 +397,89 @@ def conv2d_of_points(
     ):
         return F.linear(x.flatten(1), weight.flatten(1), bias).view(x.shape[0], -1, 1, 1)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class _RecouplingGate(torch.autograd.Function):
+    """The info-recoupling gate as one autograd node: ``sigmoid(W2 relu(W1 p + b1) + b2)`` on the
+    mixed means ``p = g * mix + (1 - g) * b_mean``, with its gradient written out.
+
+    The forward runs the operators of the module path in its order (the same bits); the
+    backward computes autograd's formulas of them, with matrix products that may round
+    differently. One node and one Python call instead of a dozen each: on BNext-T's 31
+    processors the module path's small operators cost more than their arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, scale, mix_mean, b_mean, w1, b1, w2, b2):
+        n, channels = b_mean.shape[:2]
+        keep = 1 - scale
+        pooled = (scale * mix_mean + keep * b_mean).view(n, channels)
+        hidden = F.linear(pooled, w1.view(w1.shape[0], channels), b1).relu_()
+        gate = torch.sigmoid(F.linear(hidden, w2.view(channels, -1), b2))
+        ctx.save_for_backward(scale, mix_mean, b_mean, keep, pooled, hidden, gate, w1, w2)
+        return gate.view(n, channels, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_gate):
+        scale, mix_mean, b_mean, keep, pooled, hidden, gate, w1, w2 = ctx.saved_tensors
+        n, channels = gate.shape
+        wants = ctx.needs_input_grad
+        grad_z = torch.ops.aten.sigmoid_backward(grad_gate.reshape(n, channels), gate)
+        grad_w2 = grad_z.t().mm(hidden).view_as(w2) if wants[5] else None
+        grad_b2 = grad_z.sum(0) if wants[6] else None
+        grad_hidden = torch.ops.aten.threshold_backward(grad_z.mm(w2.view(channels, -1)), hidden, 0)
+        grad_w1 = grad_hidden.t().mm(pooled).view_as(w1) if wants[3] else None
+        grad_b1 = grad_hidden.sum(0) if wants[4] else None
+        grad_pooled = grad_hidden.mm(w1.view(w1.shape[0], channels)).view_as(b_mean)
+        grad_scale = None
+        if wants[0]:  # d/dg of g * mix + (1 - g) * b_mean, summed over the samples
+            grad_scale = (grad_pooled * mix_mean).sum(0, keepdim=True) - (grad_pooled * b_mean).sum(0, keepdim=True)
+        grad_mix = grad_pooled * scale if wants[1] else None
+        grad_b_mean = grad_pooled * keep if wants[2] else None
+        return grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _plain_points_conv(conv: nn.Module) -> bool:
+    # A 1x1 nn.Conv2d (not a subclass such as the 8-bit QuantConv2d) with a bias, as the gates build them.
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is not None
+    )
+
+
+def recoupling_gate(scale: torch.Tensor, mix_mean: torch.Tensor, b_mean: torch.Tensor, se: nn.Module) -> torch.Tensor:
+    """``se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)``: the info-recoupling gate ``N x C x 1 x 1``.
+
+    In a training step (training mode, gradient recorded, eager, no autocast) one autograd
+    node (:class:`_RecouplingGate`) where ``se``'s layers are the plain ones it builds
+    (``nn.Conv2d`` 1x1 with bias, ``nn.ReLU``) without hooks; the same forward bits, the
+    gradients to float32 rounding. Elsewhere the modules one by one.
+    """
+    layers = getattr(se, "se", None)
+    if (
+        switched_on()
+        and se.training
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(b_mean.device.type)
+        and isinstance(layers, nn.Sequential)
+        and len(layers) == 4
+        and type(layers[2]) is nn.ReLU
+        and _plain_points_conv(layers[1])
+        and _plain_points_conv(layers[3])
+        and hook_free(*layers)
+        and b_mean.dim() == 4
+        and b_mean.shape[-2:] == (1, 1)
+        and mix_mean.shape == b_mean.shape
+    ):
+        reduce, expand = layers[1], layers[3]
+        return _RecouplingGate.apply(scale, mix_mean, b_mean, reduce.weight, reduce.bias, expand.weight, expand.bias)
+    return se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)
 
 
 def hands_tap_major_weight(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:

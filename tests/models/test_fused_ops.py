@@ -427,3 +427,40 @@ def test_squeeze_excitation_gates_train_by_matrix_products(monkeypatch) -> None:
     gate.se[1] = models.layers.quantized_copy(gate.se[1], bits=8)  # the 8-bit layer keeps its own forward
     gate.gate_from_pooled(pooled)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("frozen_scale", [False, True])
+def test_recoupling_gate_is_one_node_with_the_modules_values(frozen_scale: bool) -> None:
+    torch.manual_seed(3)
+    se = models.SqueezeExcite(32)
+    scale = torch.rand(1, 32, 1, 1).requires_grad_(not frozen_scale)
+    mix_mean, b_mean = (torch.randn(6, 32, 1, 1, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(6, 32, 1, 1)
+    leaves = [t for t in (scale, mix_mean, b_mean, *se.parameters()) if t.requires_grad]
+    # The modules one by one, as a training step ran them before (the gate's 1x1 convolutions as products).
+    expected = se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)
+    expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    actual = fused_ops.recoupling_gate(scale, mix_mean, b_mean, se)
+    assert type(actual.grad_fn).__name__ == "_RecouplingGateBackward"
+    assert torch.equal(actual, expected)  # the same operators forward
+    for a, e in zip(torch.autograd.grad(actual, leaves, upstream), expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_recoupling_gate_runs_the_modules_where_the_node_does_not_apply() -> None:
+    torch.manual_seed(3)
+    se = models.SqueezeExcite(32)
+    scale, mix_mean, b_mean = torch.rand(1, 32, 1, 1), torch.randn(4, 32, 1, 1), torch.randn(4, 32, 1, 1)
+
+    def node() -> str:
+        return type(fused_ops.recoupling_gate(scale, mix_mean, b_mean, se).grad_fn).__name__
+
+    assert node() == "_RecouplingGateBackward"
+    se.eval()
+    assert node() != "_RecouplingGateBackward"
+    se.train()
+    handle = se.se[3].register_forward_hook(lambda *args: None)  # hooks must run
+    assert node() != "_RecouplingGateBackward"
+    handle.remove()
+    se.se[1] = models.layers.quantized_copy(se.se[1], bits=8)  # the 8-bit layer keeps its own forward
+    assert node() != "_RecouplingGateBackward"
