@@ -202,7 +202,7 @@ def processor_inputs(
         )
         return ProcessorInputs(
             signs,
-            x_mean.view(*x.shape[:2], 1, 1) if mean else None,
+            x_mean if mean else None,
             activated if prelu is not None else None,
             shortcut,
         )
@@ -225,7 +225,7 @@ def batch_norm_prelu(
             x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
         )
         _update_statistics(norm, new_mean, new_var)
-        return y, (mean_hw.view(x.shape[0], channels, 1, 1) if pooled else None)
+        return y, (mean_hw if pooled else None)
     y = norm(x)
     if prelu is not None:
         y = prelu(y)
@@ -243,9 +243,10 @@ def gated_batch_norm_residual(
     gate_ok = gate is None or gate.dtype == torch.float32
     if gate_ok and _fusable(b, residual) and _fusable_norm(norm) and hook_free(norm) and b.shape == residual.shape:
         n, channels = b.shape[:2]
-        gate_2d = b.new_ones(n, channels) if gate is None else gate.reshape(n, channels).contiguous()
+        # N x C x 1 x 1 as it comes: the kernels read N x C values (a reshape would add an autograd node).
+        gate_values = b.new_ones(n, channels, 1, 1) if gate is None else gate.contiguous()
         y, new_mean, new_var = kernel_ops.gated_batch_norm(
-            b, gate_2d, residual, multiply_residual, norm.weight, norm.bias,
+            b, gate_values, residual, multiply_residual, norm.weight, norm.bias,
             norm.running_mean, norm.running_var, norm.momentum, norm.eps,
         )  # fmt: skip
         _update_statistics(norm, new_mean, new_var)

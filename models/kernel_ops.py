@@ -44,6 +44,12 @@ def no_values(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _by_samples(grad: Tensor) -> Tensor:
+    # A gradient the kernels read as it is where each sample is one contiguous C x H x W block
+    # (the channel slices of a concatenation's gradient are); else a contiguous copy.
+    return grad if grad.shape[0] > 0 and grad[0].is_contiguous() else grad.contiguous()
+
+
 def _dense(grad: Tensor | None, wanted: bool, like: Tensor) -> Tensor:
     # Autograd hands None (or zeros) for outputs that took no part in the loss.
     return grad.contiguous() if wanted and grad is not None else no_values(like)
@@ -100,7 +106,7 @@ processor_inputs_op = torch.library.custom_op("bnext::processor_inputs", _proces
 @processor_inputs_op.register_fake
 def _(x, bias, slope, clip, want_mean):
     n, c = x.shape[:2]
-    mean = x.new_empty((n, c)) if want_mean else no_values(x)
+    mean = x.new_empty((n, c, 1, 1)) if want_mean else no_values(x)
     activated = torch.empty_like(x) if slope.numel() else no_values(x)
     return torch.empty_like(x), mean, activated
 
@@ -150,7 +156,7 @@ def _processor_inputs_grad(
         bias,
         slope,
         ctx.clip,
-        _dense(grad_shortcut, True, x),
+        _by_samples(grad_shortcut) if grad_shortcut is not None else no_values(x),
     )
     return grad_x, grad_bias, (grad_slope if slope.numel() else None), None, None
 
@@ -188,7 +194,7 @@ def processor_inputs(
     x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``sign(x + bias)`` (straight-through gradient where ``|x + bias| <= clip``), ``x``'s spatial mean
-    ``N x C`` (when ``want_mean``, else empty), ``prelu(x)`` (when ``slope`` is not empty, else empty)
+    ``N x C x 1 x 1`` (when ``want_mean``, else empty), ``prelu(x)`` (when ``slope`` is not empty, else empty)
     and ``x`` for a residual: a view whose gradient the kernel adds in its pass (eager), or ``x``
     itself (while ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
@@ -223,7 +229,7 @@ batch_norm_prelu_op = torch.library.custom_op("bnext::batch_norm_prelu", _batch_
 @batch_norm_prelu_op.register_fake
 def _(x, gamma, beta, slope, running_mean, running_var, momentum, eps, want_pooled):
     n, c = x.shape[:2]
-    pooled = x.new_empty((n, c)) if want_pooled else no_values(x)
+    pooled = x.new_empty((n, c, 1, 1)) if want_pooled else no_values(x)
     stats = [gamma.new_empty(c) for _ in range(4)]
     return torch.empty_like(x), stats[0], stats[1], pooled, stats[2], stats[3]
 
@@ -310,7 +316,8 @@ def batch_norm_prelu(
     eps: float,
     want_pooled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training batch norm, PReLU (when ``slope`` is not empty) and the spatial mean ``N x C`` (when ``want_pooled``).
+    """Training batch norm, PReLU (when ``slope`` is not empty), and the spatial mean ``N x C x 1 x 1``
+    (when ``want_pooled``).
 
     Returns ``(y, pooled, new running mean, new running var)``. In eager mode the kernel
     updates ``running_mean`` and ``running_var`` in place and returns them; while
@@ -396,7 +403,7 @@ def _gated_batch_norm_setup(ctx, inputs, output) -> None:
 def _gated_batch_norm_gradients(ctx, grad_y, backward) -> tuple[Tensor | None, ...]:
     # The gradients of the ten inputs, from that of y.
     b, gate, residual, gamma, mean, invstd = ctx.saved_tensors
-    grad_y = grad_y.contiguous()
+    grad_y = _by_samples(grad_y)
     grad_b, grad_gate, grad_r, grad_gamma, grad_beta = backward(
         grad_y, b, gate, residual, ctx.multiply_residual, gamma, mean, invstd
     )
@@ -442,7 +449,7 @@ def gated_batch_norm(
     momentum: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_norm(gate * b [* residual]) + residual`` with ``gate`` of ``N x C``.
+    """``batch_norm(gate * b [* residual]) + residual`` with ``gate`` of ``N x C`` values (``N x C [x 1 x 1]``).
 
     Returns ``(y, new running mean, new running var)``, as :func:`batch_norm_prelu`:
     updated in place in eager mode, updated copies while ``torch.compile`` traces.

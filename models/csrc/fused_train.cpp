@@ -39,6 +39,17 @@ void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), name, " must be a contiguous N x C x H x W tensor");
 }
 
+// A gradient of the shape of `like` whose samples are each one contiguous C x H x W block,
+// at any distance apart (a channel slice of a concatenation's gradient is one): the
+// distance in values. The kernels read such a gradient as it is instead of a copy.
+int64_t sample_stride(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape ", like.sizes());
+  TORCH_CHECK(t.size(0) > 0 && t.select(0, 0).is_contiguous(), name,
+              " must hold each sample as one contiguous C x H x W block");
+  return t.stride(0);
+}
+
 void check_vector(const at::Tensor& t, int64_t C, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == C, name,
               " must be a contiguous float32 CPU tensor of ", C, " values");
@@ -325,7 +336,7 @@ std::vector<float> slope_or_ones(const at::Tensor& slope, bool act, int64_t C) {
 
 // y = prelu(batch_norm(x)) with batch statistics (slope empty: no PReLU), and, when
 // want_pooled, the spatial mean of y per (sample, channel). Returns
-// {y, mean[C], invstd[C], pooled[N, C] (or empty)}; running statistics are updated in place.
+// {y, mean[C], invstd[C], pooled[N, C, 1, 1] (or empty)}; running statistics are updated in place.
 std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                                          const at::Tensor& running_mean, const at::Tensor& running_var,
                                          double momentum, double eps, const at::Tensor& slope, bool want_pooled) {
@@ -339,7 +350,7 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
   const bool act = slope.numel() > 0;
   if (act) check_vector(slope, C, "slope");
   auto y = at::empty_like(x);
-  auto pooled = want_pooled ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  auto pooled = want_pooled ? at::empty({N, C, 1, 1}, x.options()) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   float* pp = want_pooled ? pooled.data_ptr<float>() : nullptr;
@@ -482,7 +493,7 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
   TORCH_CHECK(r.sizes() == b.sizes(), "the residual must have the shape of b");
   const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3), M = N * HW;
   TORCH_CHECK(M > 1, "batch norm in training needs more than one value per channel");
-  TORCH_CHECK(gate.is_contiguous() && gate.scalar_type() == at::kFloat && gate.numel() == N * C, "gate must be N x C");
+  TORCH_CHECK(gate.is_contiguous() && gate.scalar_type() == at::kFloat && gate.numel() == N * C, "gate must hold N x C values");
   check_vector(gamma, C, "gamma");
   check_vector(beta, C, "beta");
   check_vector(running_mean, C, "running_mean");
@@ -532,18 +543,18 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
   return {y, affine.mean, affine.invstd};
 }
 
-// Gradients of gated_bn_forward: {grad_b, grad_gate[N, C], grad_r, grad_gamma, grad_beta}.
+// Gradients of gated_bn_forward: {grad_b, grad_gate (the gate's shape), grad_r, grad_gamma, grad_beta}.
 // Without multiply_residual, grad_r is grad_y itself and is returned empty (the caller passes grad_y on).
 std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Tensor& b, const at::Tensor& gate,
                                           const at::Tensor& r, bool multiply_residual, const at::Tensor& gamma,
                                           const at::Tensor& save_mean, const at::Tensor& save_invstd) {
   check_activation(b, "b");
-  check_activation(grad_y, "grad_y");
+  const int64_t gy_stride = sample_stride(grad_y, b, "grad_y");
   check_activation(r, "residual");
   const int64_t N = b.size(0), C = b.size(1), HW = b.size(2) * b.size(3), M = N * HW;
   auto grad_b = at::empty_like(b);
   auto grad_r = multiply_residual ? at::empty_like(r) : at::empty({0}, b.options());
-  auto grad_gate = at::empty({N, C}, b.options());
+  auto grad_gate = at::empty(gate.sizes(), b.options());  // N x C or N x C x 1 x 1, as the gate
   auto grad_gamma = at::empty({C}, b.options());
   auto grad_beta = at::empty({C}, b.options());
   const float* bp = b.data_ptr<float>();
@@ -560,7 +571,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
     const float* s = gtp + n * C + chunk.c0;
     const float* bs = bp + chunk.offset(n, C, HW);
     const float* rs = rp + chunk.offset(n, C, HW);
-    const float* gy = gp + chunk.offset(n, C, HW);
+    const float* gy = gp + n * gy_stride + chunk.c0 * HW;
     for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
       const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
       sum_dy[slot] += gy[j];
@@ -588,7 +599,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       const float* s = gtp + n * C + chunk.c0;
       const float* bs = bp + chunk.offset(n, C, HW);
       const float* rs = rp + chunk.offset(n, C, HW);
-      const float* gy = gp + chunk.offset(n, C, HW);
+      const float* gy = gp + n * gy_stride + chunk.c0 * HW;
       float* gb = gbp + chunk.offset(n, C, HW);
       if (multiply_residual) {
         float* gr = grp + chunk.offset(n, C, HW);
@@ -617,7 +628,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
 // What a processor reads from its input x, in one pass: sign(x + bias) per channel
 // (sign(0) = 0 as torch.sign); when want_mean, the spatial mean of x per (sample,
 // channel); when slope is given, prelu(x, slope) (ELM attention's real shortcut).
-// Returns {signs, mean[N, C] (or empty), prelu(x) (or empty)}.
+// Returns {signs, mean[N, C, 1, 1] (or empty), prelu(x) (or empty)}.
 std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tensor& bias, bool want_mean,
                                             const at::Tensor& slope) {
   check_activation(x, "x");
@@ -626,7 +637,7 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
   const bool act = slope.numel() > 0;
   if (act) check_vector(slope, C, "slope");
   auto y = at::empty_like(x);
-  auto mean = want_mean ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  auto mean = want_mean ? at::empty({N, C, 1, 1}, x.options()) : at::empty({0}, x.options());
   auto activated = act ? at::empty_like(x) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -681,10 +692,8 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
     check_vector(slope, C, "slope");
   }
   const bool has_shortcut = grad_shortcut.has_value() && grad_shortcut->numel() > 0;
-  if (has_shortcut) {
-    check_activation(*grad_shortcut, "grad_shortcut");
-    TORCH_CHECK(grad_shortcut->sizes() == x.sizes(), "grad_shortcut must have the shape of x");
-  }
+  int64_t gs_stride = 0;
+  if (has_shortcut) gs_stride = sample_stride(*grad_shortcut, x, "grad_shortcut");
   auto grad_x = at::empty_like(x);
   auto grad_bias = at::empty({C}, x.options());
   auto grad_slope = act ? at::empty({C}, x.options()) : at::empty({0}, x.options());
@@ -714,7 +723,7 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
       const float* e = extra.data() + n * C + chunk.c0;
       const float* src = xp + chunk.offset(n, C, HW);
       const float* gy = gp + chunk.offset(n, C, HW);
-      const float* gs = kShortcut ? gsp + chunk.offset(n, C, HW) : nullptr;
+      const float* gs = kShortcut ? gsp + n * gs_stride + chunk.c0 * HW : nullptr;
       float* dst = gxp + chunk.offset(n, C, HW);
       if (act) {
         const float* ga = gap + chunk.offset(n, C, HW);

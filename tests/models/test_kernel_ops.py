@@ -131,7 +131,7 @@ def test_eager_function_and_operator_give_the_same_bits(kernel: str) -> None:
 def test_the_residual_gradient_is_added_by_the_sign_kernel_with_autograds_bits() -> None:
     torch.manual_seed(0)
     x, bias, slope = _x(), _per_channel(), _per_channel(0.0, 0.5)
-    upstream = [torch.randn(N, C, H, W), torch.randn(N, C), torch.randn(N, C, H, W), torch.randn(N, C, H, W)]
+    upstream = [torch.randn(N, C, H, W), torch.randn(N, C, 1, 1), torch.randn(N, C, H, W), torch.randn(N, C, H, W)]
     signs, mean, activated, shortcut = kernel_ops.processor_inputs(x, bias, slope, 1.5, True)
     assert shortcut._base is x and torch.equal(shortcut, x)
     torch.autograd.backward([signs, mean, activated, shortcut], upstream)
@@ -164,3 +164,26 @@ def test_backward_operator_with_a_residual_gradient() -> None:
     x = _x().detach()
     args = (torch.randn(N, C, H, W), torch.randn(N, C), torch.randn(N, C, H, W), x, torch.randn(C), torch.rand(C))
     torch.library.opcheck(kernel_ops.processor_inputs_backward_op, (*args, 1.5, torch.randn(N, C, H, W)))
+
+
+def test_the_kernels_read_a_concatenations_gradient_slices_in_place() -> None:
+    # A doubling block concatenates two FFNs' outputs: each gets a channel slice of the gradient,
+    # whose samples are contiguous blocks 2C*H*W apart. The kernels read it as it is (no copy).
+    torch.manual_seed(0)
+    kernels = fused_ops.load_extension()
+    grad = torch.randn(N, 2 * C, H, W)[:, C:]
+    assert not grad.is_contiguous() and kernel_ops._by_samples(grad) is grad
+    b, r, x = (torch.randn(N, C, H, W) for _ in range(3))
+    gate, gamma, mean, invstd = torch.rand(N, C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5
+    for multiply_residual in (False, True):
+        sliced = kernels.gated_bn_backward(grad, b, gate, r, multiply_residual, gamma, mean, invstd)
+        copied = kernels.gated_bn_backward(grad.contiguous(), b, gate, r, multiply_residual, gamma, mean, invstd)
+        assert all(torch.equal(s, c) for s, c in zip(sliced, copied))
+    sign_args = (torch.randn(N, C, H, W), torch.empty(0), torch.empty(0), x, torch.randn(C), torch.empty(0), 1.5)
+    sliced = kernels.biased_sign_backward(*sign_args, grad)
+    copied = kernels.biased_sign_backward(*sign_args, grad.contiguous())
+    assert all(torch.equal(s, c) for s, c in zip(sliced, copied))
+    transposed = torch.randn(N, C, W, H).transpose(2, 3)  # not one block per sample: refused, not misread
+    assert kernel_ops._by_samples(transposed).is_contiguous()
+    with pytest.raises(RuntimeError, match="one contiguous C x H x W block"):
+        kernels.gated_bn_backward(transposed, b, gate, r, False, gamma, mean, invstd)
