@@ -35,6 +35,9 @@ class BinaryConv2d(nn.Module):
 
     weight_bits = 1
     input_bits = 1
+    # Defaults on the class too, so that a layer pickled whole before these existed still works.
+    _step_layout: bool | None = None
+    _prepared: tuple[torch.Tensor, tuple] | None = None
 
     def __init__(
         self,

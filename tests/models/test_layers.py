@@ -163,3 +163,14 @@ def test_copies_of_a_layer_do_not_carry_its_prepared_weight() -> None:
     assert layer._prepared is not None
     assert copy.deepcopy(layer)._prepared is None
     assert pickle.loads(pickle.dumps(layer))._prepared is None
+
+
+def test_a_layer_pickled_before_the_constraint_pass_existed_still_trains() -> None:
+    layer = _binary_layer(3)
+    state = layer.__getstate__()
+    del state["_step_layout"], state["_prepared"]  # as an older pickle of the layer holds it
+    old = BinaryConv2d.__new__(BinaryConv2d)
+    old.__setstate__(state)
+    _train_step(old, torch.randn(4, 16, 2, 2))
+    old.apply_constraints_()
+    assert old.weight.abs().max() <= 1.5
