@@ -20,6 +20,7 @@ Usage::
     python benchmarks/fused_kernels_ab.py --baseline HEAD~1        # a git revision of this repository
     python benchmarks/fused_kernels_ab.py --baseline /tmp/old.cpp   # a saved fused_train.cpp
     python benchmarks/fused_kernels_ab.py --baseline 3fb00cc --keep-freed-memory
+    python benchmarks/fused_kernels_ab.py --baseline HEAD~1 --weights   # the weight binarization kernels
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch import nn
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,6 +108,56 @@ def compare(shapes: list[tuple[int, ...]], base: ModuleType, this: ModuleType, i
     return rows
 
 
+def weight_layouts(model: nn.Module, example: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """Each binary layer's latent weight and whether a training step binarizes it tap-major (channels-last).
+
+    Read from one training forward of ``example`` (:func:`models.fused_ops.hands_tap_major_weight`).
+    """
+    layouts: list[tuple[torch.Tensor, bool]] = []
+
+    def record(module: models.BinaryConv2d, args: tuple) -> None:
+        tap_major = fused_ops.hands_tap_major_weight(
+            args[0], module.weight, module.stride, module.padding, module.groups
+        )
+        layouts.append((module.weight.detach(), tap_major))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, models.BinaryConv2d)]
+    try:
+        model.train()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layouts
+
+
+def compare_weights(
+    layouts: list[tuple[torch.Tensor, bool]], base: ModuleType, this: ModuleType, iters: int
+) -> list[dict]:
+    """The weight kernels over all the layers' weights, each in its step's layout: one row per kernel.
+
+    ``divide_clamp`` (a step's binarization) and, where both builds have it,
+    ``clamp_and_divide_clamp`` (the constraint pass with the next step's binarization; the
+    weights are inside the clip, so its clamp writes nothing and every call is the same).
+    """
+    rows = []
+    for name, arguments in (("divide_clamp", (0.5, 1.0)), ("clamp_and_divide_clamp", (1.5, 0.5, 1.0))):
+        if not (hasattr(base, name) and hasattr(this, name)):
+            continue
+
+        def calls(kernels: ModuleType, name: str = name, arguments: tuple = arguments) -> Callable[[], list]:
+            function = getattr(kernels, name)
+            return lambda: [function(weight, *arguments, tap_major) for weight, tap_major in layouts]
+
+        base_fn, this_fn = calls(base), calls(this)
+        same = same_bits(base_fn(), this_fn())
+        base_ms, this_ms = time_alternating(base_fn, this_fn, iters, warmup=3)
+        tap_values = sum(weight.numel() for weight, tap_major in layouts if tap_major) / 1e6
+        values = sum(weight.numel() for weight, _ in layouts) / 1e6
+        shape = f"{len(layouts)} weights, {tap_values:.1f}M of {values:.1f}M tap-major"
+        rows.append({"shape": shape, "kernel": name, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one line per (shape, kernel) and a total: baseline ms, this tree's ms, their ratio, same bits."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline", required=True, help="a git revision of this repository, or a fused_train.cpp file, to compare"
     )
     parser.add_argument("--iters", type=int, default=25, help="timed pairs per kernel (default: %(default)s)")
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="compare the weight kernels instead (the binarization, and the constraint pass with it) over all "
+        "binary weights of the model, each in the layout a training step uses",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -123,23 +182,30 @@ def main(argv: list[str] | None = None) -> None:
     text = baseline_source(args.baseline)
     base = build_baseline(text, BUILD_DIR)
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
-    shapes = [(args.batch, *s[1:]) for s in norm_input_shapes(model, torch.randn(2, 3, args.img_size, args.img_size))]
+    what = "weight kernels over all binary weights" if args.weights else "kernel forward + backward"
     print(
         f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, "
-        f"kernel forward + backward, baseline {args.baseline} against this tree, alternating"
+        f"{what}, baseline {args.baseline} against this tree, alternating"
     )
-    print(f"{'shape':<22} {'kernel':<26} {'base ms':>9} {'this ms':>9} {'base/this':>10} {'same bits':>10}")
-    rows = compare(shapes, base, this, args.iters)
+    if args.weights:
+        layouts = weight_layouts(model, torch.randn(args.batch, 3, args.img_size, args.img_size))
+        rows = compare_weights(layouts, base, this, args.iters)
+    else:
+        example = torch.randn(2, 3, args.img_size, args.img_size)
+        rows = compare([(args.batch, *s[1:]) for s in norm_input_shapes(model, example)], base, this, args.iters)
+    width = max([22] + [len(str(row["shape"])) for row in rows])
+    print(f"{'shape':<{width}} {'kernel':<26} {'base ms':>9} {'this ms':>9} {'base/this':>10} {'same bits':>10}")
     for row in rows:
         ratio = row["base_ms"] / row["this_ms"]
         print(
-            f"{str(row['shape']):<22} {row['kernel']:<26} {row['base_ms']:>9.3f} {row['this_ms']:>9.3f} "
+            f"{str(row['shape']):<{width}} {row['kernel']:<26} {row['base_ms']:>9.3f} {row['this_ms']:>9.3f} "
             f"{ratio:>10.2f} {'yes' if row['same_bits'] else 'NO':>10}"
         )
     base_total, this_total = sum(r["base_ms"] for r in rows), sum(r["this_ms"] for r in rows)
     all_same = all(r["same_bits"] for r in rows)
+    ratio = base_total / this_total
     print(
-        f"{'total (one call per row)':<49} {base_total:>9.3f} {this_total:>9.3f} {base_total / this_total:>10.2f} "
+        f"{'total (one call per row)':<{width + 27}} {base_total:>9.3f} {this_total:>9.3f} {ratio:>10.2f} "
         f"{'yes' if all_same else 'NO':>10}"
     )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 from benchmarks import fused_kernels_ab
 from models import fused_ops
 
@@ -100,3 +101,18 @@ def test_main_prints_a_row_per_shape_and_kernel_and_a_total(monkeypatch, capsys:
     assert total[:5] == ["total", "(one", "call", "per", "row)"] and total[-1] == "yes"
     base_sum = sum(float(row[-4]) for row in rows)
     assert float(total[-4]) == pytest.approx(base_sum, abs=0.002 * len(rows))
+
+
+def test_weight_kernels_are_compared_in_each_layers_step_layout() -> None:
+    this = fused_ops.load_extension()
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.25)
+    layouts = fused_kernels_ab.weight_layouts(model, torch.randn(2, 3, 16, 16))
+    assert len(layouts) == 31 and any(tap for _, tap in layouts) and not all(tap for _, tap in layouts)
+    rows = fused_kernels_ab.compare_weights(layouts, _stand_in(this), this, iters=1)
+    assert [row["kernel"] for row in rows] == ["divide_clamp", "clamp_and_divide_clamp"]
+    assert all(row["same_bits"] and row["base_ms"] > 0 for row in rows)
+    older = _stand_in(this)
+    del older.clamp_and_divide_clamp  # a baseline from before the constraint pass binarized
+    assert [row["kernel"] for row in fused_kernels_ab.compare_weights(layouts, older, this, iters=1)] == [
+        "divide_clamp"
+    ]
