@@ -79,7 +79,8 @@ class BinaryConv2d(nn.Module):
         """
         eager_step = torch.is_grad_enabled() and self.weight.requires_grad and not torch.compiler.is_compiling()
         if eager_step and fused_ops.switched_on():
-            self._step_layout = tap_major
+            if self._step_layout != tap_major:  # nn.Module.__setattr__ costs more than the comparison
+                self._step_layout = tap_major
             prepared = self._take_prepared(tap_major)
             if prepared is not None:
                 return prepared_binarization(self.weight, prepared)
