@@ -7,8 +7,9 @@ the step that are single Python-visible calls instead, runs real steps, and repo
 milliseconds per step:
 
 * every call of the C++ training kernels (``models/csrc/fused_train.cpp``): the three
-  processor kernels forward and backward, the 2x2 pooling, the weight binarization (in
-  a step, or with the constraint's clamp after the optimizer step, preparing the next);
+  processor kernels forward and backward (the batch-norm one also for the stem), the 2x2
+  pooling, the weight binarization (in a step, or with the constraint's clamp after the
+  optimizer step, preparing the next);
 * the Python and autograd around the three processor kernels: the time of their
   functions in :mod:`models.fused_ops` (forward) and of their autograd backward, less the
   kernel calls inside;
@@ -45,7 +46,7 @@ from benchmarks.step_profile import add_model_arguments  # noqa: E402
 from benchmarks.train_step import collect_conv_shapes, make_floor, make_step, measure  # noqa: E402
 from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
-from models import blocks, fused_ops, kernel_ops  # noqa: E402
+from models import blocks, bnext, fused_ops, kernel_ops  # noqa: E402
 
 #: The processor kernels: their function in models.fused_ops (as models.blocks calls it), their
 #: autograd function in models.kernel_ops, and their C++ forward and backward calls.
@@ -54,6 +55,10 @@ PROCESSOR_KERNELS = {
     "batch_norm_prelu": (kernel_ops._BatchNormPReLU, "bn_prelu"),
     "gated_batch_norm_residual": (kernel_ops._GatedBatchNorm, "gated_bn"),
 }
+
+
+#: The model modules that call the processor kernels' functions by these names.
+CALLERS = (blocks, bnext)
 
 
 class Timers:
@@ -103,7 +108,9 @@ def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[N
         (optimizer, "step", timers.wrap("optimizer step", optimizer.step)),
     ]
     for name, (function, _) in PROCESSOR_KERNELS.items():
-        patches.append((blocks, name, timers.wrap(f"forward {name}", getattr(blocks, name))))
+        for caller in CALLERS:  # where the model code calls it (the stem's batch norm too)
+            if name in vars(caller):
+                patches.append((caller, name, timers.wrap(f"forward {name}", getattr(caller, name))))
         backward = function.backward
         patches.append((function, "backward", staticmethod(timers.wrap(f"backward {name}", backward))))
     # (owner, attribute, its own value or None where it was inherited, e.g. the optimizer's step method)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import BasicBlock, BNext18Block
+from .fused_ops import batch_norm_prelu
 from .layers import PReLU, frozen_prelu
 
 STEMS = ("imagenet", "cifar")
@@ -27,7 +28,8 @@ class Stem(nn.Module):
         self.prelu = frozen_prelu(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn1(self.conv1(x))
+        # In a CPU training step the batch norm is the fused kernel (models.fused_ops), else the module.
+        return batch_norm_prelu(self.conv1(x), self.bn1, None, pooled=False)[0]
 
 
 class _ClassifierNet(nn.Module):

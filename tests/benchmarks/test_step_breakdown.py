@@ -9,7 +9,7 @@ import torch
 
 import models
 from benchmarks import step_breakdown
-from models import blocks, fused_ops, kernel_ops
+from models import blocks, bnext, fused_ops, kernel_ops
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
@@ -22,19 +22,21 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
         fused_ops.load_extension,
         models.apply_constraints,
         blocks.batch_norm_prelu,
+        bnext.batch_norm_prelu,
         kernel_ops._BatchNormPReLU.__dict__["backward"],
     )
     rows = step_breakdown.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "2"])
     by_name = {name: (ms, calls) for name, ms, calls in rows}
     # BNext-T: 31 processors, each one call of every processor kernel per step, both ways; 4 pooled shortcuts
     # (the stride-2 ELM attentions pool their residual; their mix takes the mean of x instead of its pooling).
-    for kernel in ("biased_sign", "bn_prelu", "gated_bn"):
-        assert by_name[f"kernel {kernel}_forward"][1] == by_name[f"kernel {kernel}_backward"][1] == 31
+    # The stem's batch norm is the batch-norm kernel too.
+    for kernel, calls in (("biased_sign", 31), ("bn_prelu", 32), ("gated_bn", 31)):
+        assert by_name[f"kernel {kernel}_forward"][1] == by_name[f"kernel {kernel}_backward"][1] == calls
     assert by_name["kernel pool_2x2_forward"][1] == 4
     # The weights are binarized by the constraint pass after each optimizer step, for the next step.
     assert by_name["kernel clamp_and_divide_clamp"][1] == 31 and "kernel divide_clamp" not in by_name
     assert by_name["optimizer step"][1] == by_name["constraints, besides their kernel calls"][1] == 1
-    assert by_name["Python and autograd around the processor kernels, forward"][1] == 93
+    assert by_name["Python and autograd around the processor kernels, forward"][1] == 94
     assert all(ms > 0 for name, (ms, _) in by_name.items() if not name.startswith("remainder"))
     assert rows[-1][0].startswith("remainder")
     out = capsys.readouterr().out.splitlines()
@@ -44,6 +46,7 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
         fused_ops.load_extension,
         models.apply_constraints,
         blocks.batch_norm_prelu,
+        bnext.batch_norm_prelu,
         kernel_ops._BatchNormPReLU.__dict__["backward"],
     )
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
