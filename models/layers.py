@@ -98,7 +98,7 @@ class BinaryConv2d(nn.Module):
     def apply_constraints_(self) -> None:
         """Clip the latent weights to ``±clip`` in place.
 
-        After an eager training step on the CPU one kernel pass also binarizes the clipped
+        In training mode, after an eager training step on the CPU, one kernel pass also binarizes the clipped
         weight for the next step, at the current temperature and in the layout of the last
         step (:func:`models.fused_ops.clamp_and_binarize_weight`): the clip writes only the
         values out of range, and the next step does not read the latent weight again. The
@@ -108,7 +108,8 @@ class BinaryConv2d(nn.Module):
         does during a step.
         """
         self._prepared = None  # freed before the next one is made
-        if self._step_layout is not None and fused_ops.switched_on():
+        # In training mode only: a model clamped for evaluation (or an EMA copy) holds no weight for a step.
+        if self.training and self._step_layout is not None and fused_ops.switched_on():
             binarized = fused_ops.clamp_and_binarize_weight(
                 self.weight, self.clip, self.temperature, self.sign_threshold, self._step_layout
             )
@@ -129,9 +130,10 @@ class BinaryConv2d(nn.Module):
         return binarized if key == self._prepared_key(tap_major) else None
 
     def __getstate__(self) -> dict:
-        # Copies (deepcopy, pickling) do not carry the prepared weight: it is a cache of the step.
+        # Copies (deepcopy, pickling) start without the step's state: the prepared weight is a
+        # cache of the original's step, and a copy prepares one only once it trains itself.
         state = self.__dict__.copy()
-        state["_prepared"] = None
+        state["_prepared"] = state["_step_layout"] = None
         return state
 
     def extra_repr(self) -> str:

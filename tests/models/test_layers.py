@@ -156,13 +156,16 @@ def test_a_prepared_weight_is_not_used_once_what_it_was_made_from_changed(change
 
 
 @_needs_kernels
-def test_copies_of_a_layer_do_not_carry_its_prepared_weight() -> None:
+def test_copies_and_evaluation_hold_no_prepared_weight() -> None:
     layer = _binary_layer(3)
     _train_step(layer, torch.randn(4, 16, 2, 2))
     layer.apply_constraints_()
     assert layer._prepared is not None
-    assert copy.deepcopy(layer)._prepared is None
-    assert pickle.loads(pickle.dumps(layer))._prepared is None
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # e.g. an EMA model
+        copied.apply_constraints_()
+        assert copied._prepared is None and copied.weight.abs().max() <= 1.5
+    layer.eval().apply_constraints_()  # clamped for evaluation: nothing held for a step
+    assert layer._prepared is None
 
 
 def test_a_layer_pickled_before_the_constraint_pass_existed_still_trains() -> None:
