@@ -10,9 +10,10 @@ milliseconds per step:
   processor kernels forward and backward (the batch-norm one also for the stem), the 2x2
   pooling, the weight binarization (in a step, or with the constraint's clamp after the
   optimizer step, preparing the next);
-* the Python and autograd around the three processor kernels: the time of their
-  functions in :mod:`models.fused_ops` (forward) and of their autograd backward, less the
-  kernel calls inside;
+* the Python and autograd around the processor kernels: the time of their functions in
+  :mod:`models.fused_ops` (forward; a recoupled processor calls two kernels in one,
+  :func:`models.fused_ops.processor_tail`) and of their autograd backward, less the kernel
+  calls inside;
 * the optimizer step and :func:`models.apply_constraints` (less its kernel calls);
 * the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
   (timed alternately with the steps, medians) less the pieces above (means). It holds the
@@ -48,12 +49,15 @@ from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import blocks, bnext, fused_ops, kernel_ops  # noqa: E402
 
-#: The processor kernels: their function in models.fused_ops (as models.blocks calls it), their
-#: autograd function in models.kernel_ops, and their C++ forward and backward calls.
+#: The processor kernels: their function in models.fused_ops (as models.blocks calls it), its
+#: autograd function (models.kernel_ops, models.fused_ops), and the C++ kernels whose forward and
+#: backward calls it makes. A recoupled processor's batch norms run in one function (the tail);
+#: the others, and the stem, call the batch-norm functions themselves.
 PROCESSOR_KERNELS = {
-    "processor_inputs": (kernel_ops._ProcessorInputs, "biased_sign"),
-    "batch_norm_prelu": (kernel_ops._BatchNormPReLU, "bn_prelu"),
-    "gated_batch_norm_residual": (kernel_ops._GatedBatchNorm, "gated_bn"),
+    "processor_inputs": (kernel_ops._ProcessorInputs, ("biased_sign",)),
+    "processor_tail": (fused_ops._ProcessorTail, ("bn_prelu", "gated_bn")),
+    "batch_norm_prelu": (kernel_ops._BatchNormPReLU, ("bn_prelu",)),
+    "gated_batch_norm_residual": (kernel_ops._GatedBatchNorm, ("gated_bn",)),
 }
 
 
@@ -136,9 +140,8 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     for direction in ("forward", "backward"):
         wrapped = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[0] for name in PROCESSOR_KERNELS)
         suffix = "_forward" if direction == "forward" else "_backward"
-        inside = sum(
-            per_step.get(f"kernel {kernel}{suffix}", (0.0, 0.0))[0] for _, kernel in PROCESSOR_KERNELS.values()
-        )
+        kernels = {kernel for _, names in PROCESSOR_KERNELS.values() for kernel in names}
+        inside = sum(per_step.get(f"kernel {kernel}{suffix}", (0.0, 0.0))[0] for kernel in kernels)
         calls = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[1] for name in PROCESSOR_KERNELS)
         rows.append((f"Python and autograd around the processor kernels, {direction}", wrapped - inside, calls))
     rows.append(("optimizer step", *per_step.get("optimizer step", (0.0, 0.0))))

@@ -15,7 +15,7 @@ from .fused_ops import (
     batch_norm_prelu,
     gated_batch_norm_residual,
     processor_inputs,
-    recoupling_gate,
+    processor_tail,
 )
 from .layers import SIGN_THRESHOLD, AvgPool2x2, BinaryConv2d, PReLU, SqueezeExcite, avg_pool_2x2, frozen_prelu
 from .quantizers import HardSign, LearnableBias
@@ -67,20 +67,27 @@ class Processor(nn.Module):
             x, self.move, self.binary_activation, mean=self.info_recoupling and mix_is_x, prelu=prelu
         )
 
-    def branch(self, signs: torch.Tensor, mix_mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The binary branch ``b`` on ``signs`` and, with info-recoupling, its gate (else None).
+    def binary_branch(self, signs: torch.Tensor) -> torch.Tensor:
+        """The binary branch ``b = PReLU(BN(BinaryConv(signs)))`` (without info-recoupling's gate)."""
+        return batch_norm_prelu(self.binary_conv(signs), self.norm1, self.activation2, pooled=False)[0]
+
+    def output(
+        self, signs: torch.Tensor, mix_mean: torch.Tensor | None, residual: torch.Tensor, multiply_residual: bool
+    ) -> torch.Tensor:
+        """``norm2(gate * b [* residual]) + residual`` from the signs, ``gate`` = 1 without info-recoupling.
 
         ``mix_mean`` is the spatial mean of the recoupling mix's real input ``x_mix``.
         The gate only sees the spatial mean of the mix, and the mean is linear:
         ``GAP(g*x_mix + (1-g)*b) = g*GAP(x_mix) + (1-g)*GAP(b)``. Mixing the means
         instead of the maps skips three full-size passes forward and five backward;
-        the gate changes only by float rounding. The subclasses apply the gate
-        together with ``norm2`` (:func:`models.fused_ops.gated_batch_norm_residual`).
+        the gate changes only by float rounding (:func:`models.fused_ops.processor_tail`).
         """
-        b, b_mean = batch_norm_prelu(self.binary_conv(signs), self.norm1, self.activation2, self.info_recoupling)
         if not self.info_recoupling:
-            return b, None
-        return b, recoupling_gate(self.scale, mix_mean, b_mean, self.se)
+            return gated_batch_norm_residual(self.binary_branch(signs), None, residual, self.norm2, multiply_residual)
+        return processor_tail(
+            self.binary_conv(signs), self.norm1, self.activation2, self.scale, mix_mean, self.se,
+            residual, self.norm2, multiply_residual,
+        )  # fmt: skip
 
     def mix_mean(self, x_mix: torch.Tensor) -> torch.Tensor | None:
         """The spatial mean of the recoupling mix's real input (None without info-recoupling)."""
@@ -121,8 +128,7 @@ class ELMAttention(Processor):
             mix_mean = inputs.mean
         else:
             mix_mean = self.mix_mean(avg_pool_2x2(x))
-        b, gate = self.branch(inputs.signs, mix_mean)
-        return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
+        return self.output(inputs.signs, mix_mean, residual, multiply_residual=True)
 
 
 class BinaryFFN(Processor):
@@ -155,10 +161,10 @@ class BinaryFFN(Processor):
         # At stride 1 the residual is x, taken from the inputs: in a fused training step the
         # sign's backward kernel then adds the residual's gradient to x's in its own pass.
         shortcut = inputs.shortcut if self.stride == 1 else avg_pool_2x2(x)
-        b, gate = self.branch(inputs.signs, inputs.mean if self.stride == 1 else self.mix_mean(shortcut))
         if not self.info_recoupling:
-            return b + shortcut
-        return gated_batch_norm_residual(b, gate, shortcut, self.norm2, multiply_residual=False)
+            return self.binary_branch(inputs.signs) + shortcut
+        mix_mean = inputs.mean if self.stride == 1 else self.mix_mean(shortcut)
+        return self.output(inputs.signs, mix_mean, shortcut, multiply_residual=False)
 
 
 class BasicBlock(nn.Module):
@@ -236,8 +242,7 @@ class BNext18Attention(Processor):
         else:
             inputs = self.read_input(x, mix_is_x=False)
             residual = self.downsample(self.activation1(x))
-        b, gate = self.branch(inputs.signs, self.mix_mean(residual))
-        return gated_batch_norm_residual(b, gate, residual, self.norm2, multiply_residual=True)
+        return self.output(inputs.signs, self.mix_mean(residual), residual, multiply_residual=True)
 
 
 class BNext18Block(nn.Module):

@@ -25,7 +25,9 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`conv2d_of_points`: the squeeze-excitation gates' 1x1 convolutions of 1x1 planes
   in a training step, as matrix products (plain PyTorch);
 * :func:`recoupling_gate`: the info-recoupling mix of the means and the squeeze-excitation
-  gate as one autograd node in a training step (plain PyTorch).
+  gate as one autograd node in a training step (plain PyTorch);
+* :func:`processor_tail`: a recoupled processor after its convolution (``batch_norm_prelu``,
+  the gate and ``gated_batch_norm_residual``) as one autograd node in a training step.
 
 The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
 ``torch.compile`` calls them from its graph as eager does; the pooling and weight
@@ -167,6 +169,12 @@ def _update_statistics(bn: nn.BatchNorm2d, new_mean: torch.Tensor, new_var: torc
             bn.num_batches_tracked.add_(1)
 
 
+def _slope(prelu: nn.PReLU, channels: int) -> torch.Tensor:
+    # The kernels read one slope per channel; a one-value PReLU's is spread (autograd sums it back).
+    weight = prelu.weight
+    return weight if weight.numel() == channels and weight.dim() == 1 else weight.expand(channels).contiguous()
+
+
 # --------------------------------------------------------------------------- public functions
 
 
@@ -196,7 +204,7 @@ def processor_inputs(
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
     if modules_ok and _fusable(x) and hook_free(move, binarizer, prelu):
-        slope = prelu.weight.expand(x.shape[1]).contiguous() if prelu is not None else kernel_ops.no_values(x)
+        slope = _slope(prelu, x.shape[1]) if prelu is not None else kernel_ops.no_values(x)
         signs, x_mean, activated, shortcut = kernel_ops.processor_inputs(
             x, move.bias.reshape(-1), slope, binarizer.clip, mean
         )
@@ -219,8 +227,7 @@ def batch_norm_prelu(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y = prelu(norm(x))`` (no PReLU for None) and, when ``pooled``, ``y``'s spatial mean ``N x C x 1 x 1``."""
     if _fusable(x) and _fusable_norm(norm) and hook_free(norm, prelu):
-        channels = x.shape[1]
-        slope = prelu.weight.expand(channels).contiguous() if prelu is not None else kernel_ops.no_values(x)
+        slope = _slope(prelu, x.shape[1]) if prelu is not None else kernel_ops.no_values(x)
         y, mean_hw, new_mean, new_var = kernel_ops.batch_norm_prelu(
             x, norm.weight, norm.bias, slope, norm.running_mean, norm.running_var, norm.momentum, norm.eps, pooled
         )
@@ -400,6 +407,36 @@ def conv2d_of_points(
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    # The gate N x C from the means N x C x 1 x 1, by the module path's operators in its order
+    # (the same bits), and what its gradient needs besides the inputs: (1 - g, the mixed means, hidden).
+    n, channels = b_mean.shape[:2]
+    keep = 1 - scale
+    pooled = (scale * mix_mean + keep * b_mean).view(n, channels)
+    hidden = F.linear(pooled, w1.view(w1.shape[0], channels), b1).relu_()
+    gate = torch.sigmoid(F.linear(hidden, w2.view(channels, -1), b2))
+    return gate, (keep, pooled, hidden)
+
+
+def _gate_backward(grad_gate, gate, scale, mix_mean, b_mean, w1, w2, keep, pooled, hidden, wants):
+    # Autograd's formulas of _gate_forward, written out: the gradients of its seven inputs
+    # (None where ``wants``, the inputs' needs_input_grad, says no).
+    n, channels = gate.shape
+    grad_z = torch.ops.aten.sigmoid_backward(grad_gate.reshape(n, channels), gate)
+    grad_w2 = grad_z.t().mm(hidden).view_as(w2) if wants[5] else None
+    grad_b2 = grad_z.sum(0) if wants[6] else None
+    grad_hidden = torch.ops.aten.threshold_backward(grad_z.mm(w2.view(channels, -1)), hidden, 0)
+    grad_w1 = grad_hidden.t().mm(pooled).view_as(w1) if wants[3] else None
+    grad_b1 = grad_hidden.sum(0) if wants[4] else None
+    grad_pooled = grad_hidden.mm(w1.view(w1.shape[0], channels)).view_as(b_mean)
+    grad_scale = None
+    if wants[0]:  # d/dg of g * mix + (1 - g) * b_mean, summed over the samples
+        grad_scale = (grad_pooled * mix_mean).sum(0, keepdim=True) - (grad_pooled * b_mean).sum(0, keepdim=True)
+    grad_mix = grad_pooled * scale if wants[1] else None
+    grad_b_mean = grad_pooled * keep if wants[2] else None
+    return grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2
+
+
 class _RecouplingGate(torch.autograd.Function):
     """The info-recoupling gate as one autograd node: ``sigmoid(W2 relu(W1 p + b1) + b2)`` on the
     mixed means ``p = g * mix + (1 - g) * b_mean``, with its gradient written out.
@@ -412,32 +449,13 @@ class _RecouplingGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scale, mix_mean, b_mean, w1, b1, w2, b2):
-        n, channels = b_mean.shape[:2]
-        keep = 1 - scale
-        pooled = (scale * mix_mean + keep * b_mean).view(n, channels)
-        hidden = F.linear(pooled, w1.view(w1.shape[0], channels), b1).relu_()
-        gate = torch.sigmoid(F.linear(hidden, w2.view(channels, -1), b2))
-        ctx.save_for_backward(scale, mix_mean, b_mean, keep, pooled, hidden, gate, w1, w2)
-        return gate.view(n, channels, 1, 1)
+        gate, saved = _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+        ctx.save_for_backward(gate, scale, mix_mean, b_mean, w1, w2, *saved)
+        return gate.view(*gate.shape, 1, 1)
 
     @staticmethod
     def backward(ctx, grad_gate):
-        scale, mix_mean, b_mean, keep, pooled, hidden, gate, w1, w2 = ctx.saved_tensors
-        n, channels = gate.shape
-        wants = ctx.needs_input_grad
-        grad_z = torch.ops.aten.sigmoid_backward(grad_gate.reshape(n, channels), gate)
-        grad_w2 = grad_z.t().mm(hidden).view_as(w2) if wants[5] else None
-        grad_b2 = grad_z.sum(0) if wants[6] else None
-        grad_hidden = torch.ops.aten.threshold_backward(grad_z.mm(w2.view(channels, -1)), hidden, 0)
-        grad_w1 = grad_hidden.t().mm(pooled).view_as(w1) if wants[3] else None
-        grad_b1 = grad_hidden.sum(0) if wants[4] else None
-        grad_pooled = grad_hidden.mm(w1.view(w1.shape[0], channels)).view_as(b_mean)
-        grad_scale = None
-        if wants[0]:  # d/dg of g * mix + (1 - g) * b_mean, summed over the samples
-            grad_scale = (grad_pooled * mix_mean).sum(0, keepdim=True) - (grad_pooled * b_mean).sum(0, keepdim=True)
-        grad_mix = grad_pooled * scale if wants[1] else None
-        grad_b_mean = grad_pooled * keep if wants[2] else None
-        return grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2
+        return _gate_backward(grad_gate, *ctx.saved_tensors, ctx.needs_input_grad)
 
 
 def _plain_points_conv(conv: nn.Module) -> bool:
@@ -453,6 +471,31 @@ def _plain_points_conv(conv: nn.Module) -> bool:
     )
 
 
+def _gate_node_layers(se: nn.Module, mix_mean: torch.Tensor, means_shape: tuple) -> tuple[nn.Conv2d, nn.Conv2d] | None:
+    # The gate's two 1x1 convolutions where its gradient may be written out (see recoupling_gate): a
+    # training step (training mode, gradient recorded, eager, no autocast) and the plain, hook-free
+    # layers SqueezeExcite builds, on means of the shape N x C x 1 x 1. None elsewhere.
+    layers = getattr(se, "se", None)
+    if (
+        switched_on()
+        and se.training
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(mix_mean.device.type)
+        and isinstance(layers, nn.Sequential)
+        and len(layers) == 4
+        and type(layers[2]) is nn.ReLU
+        and _plain_points_conv(layers[1])
+        and _plain_points_conv(layers[3])
+        and hook_free(*layers)
+        and len(means_shape) == 4
+        and tuple(means_shape[-2:]) == (1, 1)
+        and mix_mean.shape == means_shape
+    ):
+        return layers[1], layers[3]
+    return None
+
+
 def recoupling_gate(scale: torch.Tensor, mix_mean: torch.Tensor, b_mean: torch.Tensor, se: nn.Module) -> torch.Tensor:
     """``se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)``: the info-recoupling gate ``N x C x 1 x 1``.
 
@@ -461,26 +504,112 @@ def recoupling_gate(scale: torch.Tensor, mix_mean: torch.Tensor, b_mean: torch.T
     (``nn.Conv2d`` 1x1 with bias, ``nn.ReLU``) without hooks; the same forward bits, the
     gradients to float32 rounding. Elsewhere the modules one by one.
     """
-    layers = getattr(se, "se", None)
-    if (
-        switched_on()
-        and se.training
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(b_mean.device.type)
-        and isinstance(layers, nn.Sequential)
-        and len(layers) == 4
-        and type(layers[2]) is nn.ReLU
-        and _plain_points_conv(layers[1])
-        and _plain_points_conv(layers[3])
-        and hook_free(*layers)
-        and b_mean.dim() == 4
-        and b_mean.shape[-2:] == (1, 1)
-        and mix_mean.shape == b_mean.shape
-    ):
-        reduce, expand = layers[1], layers[3]
+    layers = _gate_node_layers(se, mix_mean, b_mean.shape)
+    if layers is not None:
+        reduce, expand = layers
         return _RecouplingGate.apply(scale, mix_mean, b_mean, reduce.weight, reduce.bias, expand.weight, expand.bias)
     return se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)
+
+
+class _ProcessorTail(torch.autograd.Function):
+    """A recoupled processor after its binary convolution, as one autograd node:
+    ``b = prelu(norm1(y))``, the gate from ``mean(b)`` and the mix, ``norm2(gate * b [* r]) + r``.
+
+    The batch-norm kernels and the gate's operators of :func:`batch_norm_prelu`,
+    :func:`recoupling_gate` and :func:`gated_batch_norm_residual` in the same order, on the
+    same values: the same bits, forward and backward. One node and one Python call instead
+    of three of each per processor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2, norms, multiply
+    ):
+        norm1, norm2 = norms
+        kernels = load_extension()
+        b, mean1, invstd1, b_mean = kernels.bn_prelu_forward(
+            y, gamma1, beta1, norm1.running_mean, norm1.running_var, norm1.momentum, norm1.eps, slope, True
+        )
+        gate, gate_saved = _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+        out, mean2, invstd2 = kernels.gated_bn_forward(
+            b, gate, residual, multiply, gamma2, beta2, norm2.running_mean, norm2.running_var, norm2.momentum, norm2.eps
+        )
+        ctx.save_for_backward(
+            y, gamma1, beta1, slope, mean1, invstd1,  # norm1 and the PReLU
+            gate, scale, mix_mean, b_mean, w1, w2, *gate_saved,  # the gate
+            b, residual, gamma2, mean2, invstd2,  # norm2
+        )  # fmt: skip
+        ctx.multiply = multiply
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        y, gamma1, beta1, slope, mean1, invstd1 = saved[:6]
+        gate_saved, (b, residual, gamma2, mean2, invstd2) = saved[6:15], saved[15:]
+        kernels = load_extension()
+        grad_out = kernel_ops._by_samples(grad_out)
+        grad_b, grad_gate, grad_r, grad_gamma2, grad_beta2 = kernels.gated_bn_backward(
+            grad_out, b, gate_saved[0], residual, ctx.multiply, gamma2, mean2, invstd2
+        )
+        if not ctx.multiply:
+            grad_r = grad_out  # out = norm2(gate * b) + r: the residual's gradient is grad_out itself
+        wants = ctx.needs_input_grad
+        grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2 = _gate_backward(
+            grad_gate, *gate_saved, (wants[3], wants[2], True, *wants[7:11])
+        )
+        grad_y, grad_gamma1, grad_beta1, grad_slope = kernels.bn_prelu_backward(
+            grad_b, grad_b_mean, y, gamma1, beta1, slope, mean1, invstd1
+        )
+        return (
+            grad_y, grad_r, grad_mix, grad_scale, grad_gamma1, grad_beta1, grad_slope,
+            grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma2, grad_beta2, None, None,
+        )  # fmt: skip
+
+
+def processor_tail(
+    y: torch.Tensor,
+    norm1: nn.BatchNorm2d,
+    prelu: nn.PReLU,
+    scale: torch.Tensor,
+    mix_mean: torch.Tensor,
+    se: nn.Module,
+    residual: torch.Tensor,
+    norm2: nn.BatchNorm2d,
+    multiply_residual: bool,
+) -> torch.Tensor:
+    """A recoupled processor's output from its binary convolution's output ``y``.
+
+    ``b, b_mean = batch_norm_prelu(y, norm1, prelu, pooled=True)``, then
+    ``gated_batch_norm_residual(b, recoupling_gate(scale, mix_mean, b_mean, se), residual, norm2,
+    multiply_residual)``. In an eager training step where all three take their fast path,
+    one autograd node (:class:`_ProcessorTail`) with the same kernels and the same bits;
+    elsewhere the three functions.
+    """
+    layers = _gate_node_layers(se, mix_mean, (*y.shape[:2], 1, 1)) if y.dim() == 4 else None
+    if (
+        layers is not None
+        and isinstance(prelu, nn.PReLU)
+        and _fusable(y, residual)
+        and y.shape == residual.shape
+        and mix_mean.dtype == torch.float32
+        and _fusable_norm(norm1)
+        and _fusable_norm(norm2)
+        and hook_free(norm1, prelu, norm2)
+    ):
+        (reduce, expand), channels = layers, y.shape[1]
+        out = _ProcessorTail.apply(
+            y, residual, mix_mean, scale, norm1.weight, norm1.bias, _slope(prelu, channels),
+            reduce.weight, reduce.bias, expand.weight, expand.bias, norm2.weight, norm2.bias,
+            (norm1, norm2), multiply_residual,
+        )  # fmt: skip
+        # The kernels updated the running statistics in place.
+        _update_statistics(norm1, norm1.running_mean, norm1.running_var)
+        _update_statistics(norm2, norm2.running_mean, norm2.running_var)
+        return out
+    b, b_mean = batch_norm_prelu(y, norm1, prelu, pooled=True)
+    gate = recoupling_gate(scale, mix_mean, b_mean, se)
+    return gated_batch_norm_residual(b, gate, residual, norm2, multiply_residual)
 
 
 def hands_tap_major_weight(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:

@@ -464,3 +464,67 @@ def test_recoupling_gate_runs_the_modules_where_the_node_does_not_apply() -> Non
     handle.remove()
     se.se[1] = models.layers.quantized_copy(se.se[1], bits=8)  # the 8-bit layer keeps its own forward
     assert node() != "_RecouplingGateBackward"
+
+
+def _tail_case(channels: int = 32, batch: int = 4, plane: int = 3):
+    torch.manual_seed(5)
+    norm1, norm2 = _random_norm(channels), _random_norm(channels)
+    prelu = models.layers.PReLU(channels)
+    with torch.no_grad():
+        prelu.weight.uniform_(0.1, 0.4)
+    se = models.SqueezeExcite(channels)
+    scale = nn.Parameter(torch.rand(1, channels, 1, 1))
+    y, residual = (torch.randn(batch, channels, plane, plane, requires_grad=True) for _ in range(2))
+    mix_mean = torch.randn(batch, channels, 1, 1, requires_grad=True)
+    return (y, norm1, prelu, scale, mix_mean, se, residual, norm2)
+
+
+def _three_functions(y, norm1, prelu, scale, mix_mean, se, residual, norm2, multiply_residual):
+    # What processor_tail computes where its node does not apply (each function on its own fast path).
+    b, b_mean = fused_ops.batch_norm_prelu(y, norm1, prelu, pooled=True)
+    gate = fused_ops.recoupling_gate(scale, mix_mean, b_mean, se)
+    return fused_ops.gated_batch_norm_residual(b, gate, residual, norm2, multiply_residual)
+
+
+@pytest.mark.parametrize("multiply_residual", [True, False])
+def test_processor_tail_is_one_node_with_the_bits_of_the_three_functions(multiply_residual: bool) -> None:
+    case = _tail_case()
+    results = []
+    for fn in (_three_functions, fused_ops.processor_tail):
+        y, norm1, prelu, scale, mix_mean, se, residual, norm2 = copy.deepcopy(case)
+        out = fn(y, norm1, prelu, scale, mix_mean, se, residual, norm2, multiply_residual)
+        leaves = [y, residual, mix_mean, scale, *norm1.parameters(), *prelu.parameters(), *se.parameters()]
+        leaves += list(norm2.parameters())
+        grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        buffers = [*norm1.buffers(), *norm2.buffers()]
+        results.append((out.grad_fn, out.detach(), grads, buffers))
+    (three_node, *expected), (tail_node, *actual) = results
+    assert type(tail_node).__name__ == "_ProcessorTailBackward"
+    assert type(three_node).__name__ == "_GatedBatchNormBackward"
+    for what, a, e in zip(("output", "gradients", "running statistics"), actual, expected):
+        for a_t, e_t in zip(a, e) if isinstance(a, list | tuple) else [(a, e)]:
+            assert torch.equal(a_t, e_t), what
+    assert int(case[1].num_batches_tracked) == 0  # the copies counted their own batches
+
+
+def test_processor_tail_runs_the_three_functions_where_its_node_does_not_apply() -> None:
+    y, norm1, prelu, scale, mix_mean, se, residual, norm2 = _tail_case()
+
+    def node() -> str:
+        out = fused_ops.processor_tail(y, norm1, prelu, scale, mix_mean, se, residual, norm2, True)
+        return type(out.grad_fn).__name__
+
+    assert node() == "_ProcessorTailBackward"
+    assert int(norm1.num_batches_tracked) == int(norm2.num_batches_tracked) == 1
+    handle = norm2.register_forward_hook(lambda *args: None)  # hooks must run
+    assert node() != "_ProcessorTailBackward"
+    handle.remove()
+    plain = se.se[1]
+    se.se[1] = models.layers.quantized_copy(plain, bits=8)  # the 8-bit gate keeps its own forward
+    assert node() != "_ProcessorTailBackward"
+    se.se[1] = plain
+    assert node() == "_ProcessorTailBackward"
+    with fused_ops.disabled():
+        assert node() != "_ProcessorTailBackward"
+    norm1.eval()
+    assert node() != "_ProcessorTailBackward"
