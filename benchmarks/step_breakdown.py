@@ -14,6 +14,8 @@ milliseconds per step:
   :mod:`models.fused_ops` (forward; a recoupled processor calls two kernels in one,
   :func:`models.fused_ops.processor_tail`) and of their autograd backward, less the kernel
   calls inside;
+* the recoupling gates inside the tail, forward and backward (their C++ calls included):
+  their 1x1 products are part of the floor as well, so the remainder is that much smaller;
 * the optimizer step and :func:`models.apply_constraints` (less its kernel calls);
 * the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
   (timed alternately with the steps, medians) less the pieces above (means). It holds the
@@ -111,6 +113,8 @@ def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[N
         (models, "apply_constraints", timers.wrap("constraints", models.apply_constraints)),
         (optimizer, "step", timers.wrap("optimizer step", optimizer.step)),
     ]
+    for piece in ("_gate_forward", "_gate_backward"):  # the recoupling gate's operators, inside the tail
+        patches.append((fused_ops, piece, timers.wrap(f"gate {piece[6:]}", getattr(fused_ops, piece))))
     for name, (function, _) in PROCESSOR_KERNELS.items():
         for caller in CALLERS:  # where the model code calls it (the stem's batch norm too)
             if name in vars(caller):
@@ -134,16 +138,24 @@ def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[N
 def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     """``(piece, ms per step, calls per step)``: the kernel calls, the Python and autograd around them, the rest."""
     per_step = {name: (1e3 * seconds / steps, timers.calls[name] / steps) for name, seconds in timers.seconds.items()}
-    rows = sorted(
-        ((name, *value) for name, value in per_step.items() if name.startswith("kernel ")), key=lambda r: -r[1]
+    # The gate's kernel calls are inside its own rows (below), with the products they make.
+    kernel_rows = (
+        (name, *value)
+        for name, value in per_step.items()
+        if name.startswith("kernel ") and not name.startswith("kernel recoupling_gate")
     )
+    rows = sorted(kernel_rows, key=lambda r: -r[1])
     for direction in ("forward", "backward"):
         wrapped = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[0] for name in PROCESSOR_KERNELS)
         suffix = "_forward" if direction == "forward" else "_backward"
         kernels = {kernel for _, names in PROCESSOR_KERNELS.values() for kernel in names}
         inside = sum(per_step.get(f"kernel {kernel}{suffix}", (0.0, 0.0))[0] for kernel in kernels)
+        inside += per_step.get(f"gate {direction}", (0.0, 0.0))[0]
         calls = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[1] for name in PROCESSOR_KERNELS)
         rows.append((f"Python and autograd around the processor kernels, {direction}", wrapped - inside, calls))
+    for direction in ("forward", "backward"):
+        ms, calls = per_step.get(f"gate {direction}", (0.0, 0.0))
+        rows.append((f"recoupling gates, {direction} (their 1x1 products are in the floor too)", ms, calls))
     rows.append(("optimizer step", *per_step.get("optimizer step", (0.0, 0.0))))
     # The binary layers' constraint pass calls a kernel (the clamp and the next step's binarization),
     # which has its own row: the constraints' row holds the rest.
@@ -185,9 +197,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     print(f"{args.model} img {args.img_size} batch {args.batch}, eager, {torch.get_num_threads()} threads")
     gap = step_ms - floor_ms
     print(f"step {step_ms:.1f} ms, floor {floor_ms:.1f} ms (medians of {args.iters}), step - floor {gap:.1f} ms")
-    print(f"{'piece':<64} {'ms/step':>8} {'calls/step':>11}")
+    print(f"{'piece':<70} {'ms/step':>8} {'calls/step':>11}")
     for name, ms, calls in rows:
-        print(f"{name:<64} {ms:>8.2f} {calls:>11.0f}")
+        print(f"{name:<70} {ms:>8.2f} {calls:>11.0f}")
     return rows
 
 

@@ -407,9 +407,21 @@ def conv2d_of_points(
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _gate_kernels(*tensors: torch.Tensor) -> ModuleType | None:
+    # The C++ gate for CPU float32 contiguous tensors (the extension built); else None: PyTorch's operators.
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return load_extension()
+    return None
+
+
 def _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     # The gate N x C from the means N x C x 1 x 1, by the module path's operators in its order
-    # (the same bits), and what its gradient needs besides the inputs: (1 - g, the mixed means, hidden).
+    # (the same bits; in C++ where it applies, which calls ATen's products and sigmoid), and what
+    # its gradient needs besides the inputs: (1 - g, the mixed means, hidden).
+    kernels = _gate_kernels(scale, mix_mean, b_mean, w1, b1, w2, b2)
+    if kernels is not None:
+        gate, *saved = kernels.recoupling_gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+        return gate, tuple(saved)
     n, channels = b_mean.shape[:2]
     keep = 1 - scale
     pooled = (scale * mix_mean + keep * b_mean).view(n, channels)
@@ -421,6 +433,10 @@ def _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2) -> tuple[torch.Tensor
 def _gate_backward(grad_gate, gate, scale, mix_mean, b_mean, w1, w2, keep, pooled, hidden, wants):
     # Autograd's formulas of _gate_forward, written out: the gradients of its seven inputs
     # (None where ``wants``, the inputs' needs_input_grad, says no).
+    kernels = _gate_kernels(grad_gate, gate, scale, mix_mean, b_mean, w1, w2, keep, pooled, hidden)
+    if kernels is not None:
+        grads = kernels.recoupling_gate_backward(grad_gate, gate, scale, mix_mean, b_mean, w1, w2, keep, pooled, hidden)
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, wants))
     n, channels = gate.shape
     grad_z = torch.ops.aten.sigmoid_backward(grad_gate.reshape(n, channels), gate)
     grad_w2 = grad_z.t().mm(hidden).view_as(w2) if wants[5] else None

@@ -822,6 +822,103 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
   return grad_x;
 }
 
+// The info-recoupling gate of N samples and C channels from the spatial means of the mix
+// and of b (N x C values each): gate = sigmoid(W2 relu(W1 p + b1) + b2) on the mixed means
+// p = g * mix + (1 - g) * b_mean, with g one value per channel. The products and the
+// sigmoid are ATen's (F.linear of a 2-D input is addmm: the same bits as the module path);
+// the mix is the module path's multiplications and addition, rounded one by one. Returns
+// {gate N x C, 1 - g, p, relu output}, the last three for the backward. Each of these small
+// tensor operations cost more from Python than its arithmetic (31 gates per BNext-T step).
+std::vector<at::Tensor> recoupling_gate_forward(const at::Tensor& scale, const at::Tensor& mix_mean,
+                                                const at::Tensor& b_mean, const at::Tensor& w1, const at::Tensor& b1,
+                                                const at::Tensor& w2, const at::Tensor& b2) {
+  const int64_t N = b_mean.size(0), C = b_mean.size(1), H = w1.size(0);
+  for (const auto* t : {&scale, &mix_mean, &b_mean, &w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "the gate's tensors must be contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(scale.numel() == C && mix_mean.numel() == N * C && b_mean.numel() == N * C && w1.numel() == H * C &&
+                  b1.numel() == H && w2.numel() == C * H && b2.numel() == C,
+              "the gate's shapes do not match: scale C, means N x C, W1 H x C, b1 H, W2 C x H, b2 C");
+  auto keep = at::empty_like(scale);
+  auto pooled = at::empty({N, C}, b_mean.options());
+  const float* g = scale.data_ptr<float>();
+  const float* mix = mix_mean.data_ptr<float>();
+  const float* bm = b_mean.data_ptr<float>();
+  float* k = keep.data_ptr<float>();
+  float* p = pooled.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) k[c] = 1.0f - g[c];
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) p[n * C + c] = g[c] * mix[n * C + c] + k[c] * bm[n * C + c];
+  }
+  auto hidden = at::addmm(b1, pooled, w1.view({H, C}).t()).relu_();
+  auto gate = at::sigmoid(at::addmm(b2, hidden, w2.view({C, H}).t()));
+  return {gate, keep, pooled, hidden};
+}
+
+// The gradients of recoupling_gate_forward from that of the gate (N x C values): {scale,
+// mix_mean, b_mean, w1, b1, w2, b2}, each of its input's shape. The products are ATen's; the
+// element-wise steps and the sums over the samples (in double) are loops, so the results
+// agree with autograd's to float32 rounding.
+std::vector<at::Tensor> recoupling_gate_backward(const at::Tensor& grad_gate, const at::Tensor& gate,
+                                                 const at::Tensor& scale, const at::Tensor& mix_mean,
+                                                 const at::Tensor& b_mean, const at::Tensor& w1, const at::Tensor& w2,
+                                                 const at::Tensor& keep, const at::Tensor& pooled,
+                                                 const at::Tensor& hidden) {
+  const int64_t N = gate.size(0), C = gate.size(1), H = hidden.size(1);
+  TORCH_CHECK(grad_gate.numel() == N * C && grad_gate.scalar_type() == at::kFloat, "grad_gate must hold N x C values");
+  const auto dense = grad_gate.contiguous();
+  auto grad_z = at::empty({N, C}, gate.options());
+  const float* gg = dense.data_ptr<float>();
+  const float* y = gate.data_ptr<float>();
+  float* dz = grad_z.data_ptr<float>();
+#pragma omp simd
+  for (int64_t i = 0; i < N * C; ++i) dz[i] = gg[i] * (1.0f - y[i]) * y[i];  // sigmoid's derivative
+  auto grad_hidden = at::mm(grad_z, w2.view({C, H}));
+  float* dh = grad_hidden.data_ptr<float>();
+  const float* h = hidden.data_ptr<float>();
+#pragma omp simd
+  for (int64_t i = 0; i < N * H; ++i) dh[i] = h[i] <= 0.0f ? 0.0f : dh[i];  // relu's, as threshold_backward
+  auto grad_pooled = at::mm(grad_hidden, w1.view({H, C}));
+  // Sums over the samples, per column of an N x width matrix.
+  const auto column_sums = [N](const float* values, int64_t width, float* out) {
+    std::vector<double> sums(width, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = 0; j < width; ++j) sums[j] += values[n * width + j];
+    }
+    for (int64_t j = 0; j < width; ++j) out[j] = static_cast<float>(sums[j]);
+  };
+  auto grad_b2 = at::empty({C}, gate.options());
+  auto grad_b1 = at::empty({H}, gate.options());
+  column_sums(dz, C, grad_b2.data_ptr<float>());
+  column_sums(dh, H, grad_b1.data_ptr<float>());
+  // p = g * mix + (1 - g) * b_mean: d/dg = mix - b_mean (summed over the samples), d/dmix = g, d/db_mean = 1 - g.
+  auto grad_scale = at::empty_like(scale);
+  auto grad_mix = at::empty_like(mix_mean);
+  auto grad_b_mean = at::empty_like(b_mean);
+  const float* dp = grad_pooled.data_ptr<float>();
+  const float* g = scale.data_ptr<float>();
+  const float* k = keep.data_ptr<float>();
+  const float* mix = mix_mean.data_ptr<float>();
+  const float* bm = b_mean.data_ptr<float>();
+  float* dmix = grad_mix.data_ptr<float>();
+  float* dbm = grad_b_mean.data_ptr<float>();
+  std::vector<double> dg(C, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = dp[n * C + c];
+      dg[c] += static_cast<double>(d) * (static_cast<double>(mix[n * C + c]) - bm[n * C + c]);
+      dmix[n * C + c] = d * g[c];
+      dbm[n * C + c] = d * k[c];
+    }
+  }
+  float* dscale = grad_scale.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) dscale[c] = static_cast<float>(dg[c]);
+  return {grad_scale, grad_mix, grad_b_mean, at::mm(grad_hidden.t(), pooled).view_as(w1), grad_b1,
+          at::mm(grad_z.t(), hidden).view_as(w2), grad_b2};
+}
+
 // Writes binarize(value(i)) for every value i of w into out: in w's layout, or with
 // tap_major in the channels-last layout of the Cout x Cin x k x k weight, Cout x (k*k) x
 // Cin in memory (the tap matrices of models/tap_conv.py, which then need no transposing
@@ -924,6 +1021,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward", py::arg("grad_y"),
         py::arg("grad_mean"), py::arg("grad_activated"), py::arg("x"), py::arg("bias"), py::arg("slope"),
         py::arg("clip"), py::arg("grad_shortcut") = py::none());
+  m.def("recoupling_gate_forward", &recoupling_gate_forward, "the info-recoupling gate from the spatial means");
+  m.def("recoupling_gate_backward", &recoupling_gate_backward, "gradients of recoupling_gate_forward");
   m.def("pool_2x2_forward", &pool_2x2_forward, "avg_pool2d(x, 2, 2), forward");
   m.def("pool_2x2_backward", &pool_2x2_backward, "avg_pool2d(x, 2, 2), backward");
   m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");

@@ -33,6 +33,9 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     for kernel, calls in (("biased_sign", 31), ("bn_prelu", 32), ("gated_bn", 31)):
         assert by_name[f"kernel {kernel}_forward"][1] == by_name[f"kernel {kernel}_backward"][1] == calls
     assert by_name["kernel pool_2x2_forward"][1] == 4
+    # The recoupling gates (their C++ calls inside) have their own rows, one call per processor each way.
+    gate_rows = [calls for name, (_, calls) in by_name.items() if name.startswith("recoupling gates")]
+    assert gate_rows == [31, 31] and not [name for name in by_name if name.startswith("kernel recoupling")]
     # The weights are binarized by the constraint pass after each optimizer step, for the next step.
     assert by_name["kernel clamp_and_divide_clamp"][1] == 31 and "kernel divide_clamp" not in by_name
     assert by_name["optimizer step"][1] == by_name["constraints, besides their kernel calls"][1] == 1

@@ -250,7 +250,8 @@ def test_falls_back_where_the_kernels_do_not_apply(extension_calls: list[str], c
         assert not [call for call in calls if "bn" in call]
     elif case == "channels_last":
         # A 1x1 convolution's weight is contiguous in both layouts: its binarization may use the kernel.
-        assert [call for call in calls if call != "divide_clamp"] == []
+        # So are the recoupling gate's N x C x 1 x 1 means and 1x1 weights: the gate's kernels may run.
+        assert [call for call in calls if call != "divide_clamp" and not call.startswith("recoupling_gate")] == []
     else:
         assert calls == []
 
@@ -528,3 +529,31 @@ def test_processor_tail_runs_the_three_functions_where_its_node_does_not_apply()
         assert node() != "_ProcessorTailBackward"
     norm1.eval()
     assert node() != "_ProcessorTailBackward"
+
+
+def test_recoupling_gate_kernels_compute_what_the_pytorch_operators_compute(monkeypatch) -> None:
+    torch.manual_seed(7)
+    n, channels, hidden = 8, 64, 8
+    scale, b1, b2 = torch.rand(1, channels, 1, 1), torch.randn(hidden), torch.randn(channels)
+    mix_mean, b_mean = torch.randn(n, channels, 1, 1), torch.randn(n, channels, 1, 1)
+    w1, w2 = torch.randn(hidden, channels, 1, 1), torch.randn(channels, hidden, 1, 1)
+    grad_gate = torch.randn(n, channels)
+
+    def gate_and_gradients():
+        gate, saved = fused_ops._gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+        wants = (True,) * 7
+        return gate, saved, fused_ops._gate_backward(grad_gate, gate, scale, mix_mean, b_mean, w1, w2, *saved, wants)
+
+    calls = []
+    extension = fused_ops.load_extension()
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: calls.append(1) or extension)
+    gate, saved, grads = gate_and_gradients()
+    assert len(calls) == 2  # the C++ forward and backward
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: None)
+    expected_gate, expected_saved, expected_grads = gate_and_gradients()
+    assert torch.equal(gate, expected_gate)  # the same operators forward: the same bits
+    for actual, expected in zip(saved, expected_saved):
+        assert torch.equal(actual.reshape(expected.shape), expected)
+    for actual, expected, of in zip(grads, expected_grads, (scale, mix_mean, b_mean, w1, b1, w2, b2)):
+        assert actual.shape == of.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
