@@ -25,7 +25,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`conv2d_of_points`: the squeeze-excitation gates' 1x1 convolutions of 1x1 planes
   in a training step, as matrix products (plain PyTorch);
 * :func:`recoupling_gate`: the info-recoupling mix of the means and the squeeze-excitation
-  gate as one autograd node in a training step (plain PyTorch);
+  gate as one autograd node in a training step (one C++ call each way for CPU float32
+  tensors, PyTorch's operators elsewhere);
 * :func:`processor_tail`: a recoupled processor after its convolution (``batch_norm_prelu``,
   the gate and ``gated_batch_norm_residual``) as one autograd node in a training step.
 

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -822,6 +823,14 @@ at::Tensor pool_2x2_backward(const at::Tensor& grad, int64_t H, int64_t W) {
   return grad_x;
 }
 
+// The recoupling gate's kernels read every tensor as plain float32 values.
+void check_gate_tensors(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "the gate's tensors must be contiguous float32 CPU tensors");
+  }
+}
+
 // The info-recoupling gate of N samples and C channels from the spatial means of the mix
 // and of b (N x C values each): gate = sigmoid(W2 relu(W1 p + b1) + b2) on the mixed means
 // p = g * mix + (1 - g) * b_mean, with g one value per channel. The products and the
@@ -833,10 +842,7 @@ std::vector<at::Tensor> recoupling_gate_forward(const at::Tensor& scale, const a
                                                 const at::Tensor& b_mean, const at::Tensor& w1, const at::Tensor& b1,
                                                 const at::Tensor& w2, const at::Tensor& b2) {
   const int64_t N = b_mean.size(0), C = b_mean.size(1), H = w1.size(0);
-  for (const auto* t : {&scale, &mix_mean, &b_mean, &w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "the gate's tensors must be contiguous float32 CPU tensors");
-  }
+  check_gate_tensors({&scale, &mix_mean, &b_mean, &w1, &b1, &w2, &b2});
   TORCH_CHECK(scale.numel() == C && mix_mean.numel() == N * C && b_mean.numel() == N * C && w1.numel() == H * C &&
                   b1.numel() == H && w2.numel() == C * H && b2.numel() == C,
               "the gate's shapes do not match: scale C, means N x C, W1 H x C, b1 H, W2 C x H, b2 C");
@@ -867,7 +873,13 @@ std::vector<at::Tensor> recoupling_gate_backward(const at::Tensor& grad_gate, co
                                                  const at::Tensor& keep, const at::Tensor& pooled,
                                                  const at::Tensor& hidden) {
   const int64_t N = gate.size(0), C = gate.size(1), H = hidden.size(1);
+  check_gate_tensors({&gate, &scale, &mix_mean, &b_mean, &w1, &w2, &keep, &pooled, &hidden});
   TORCH_CHECK(grad_gate.numel() == N * C && grad_gate.scalar_type() == at::kFloat, "grad_gate must hold N x C values");
+  TORCH_CHECK(gate.numel() == N * C && scale.numel() == C && keep.numel() == C && mix_mean.numel() == N * C &&
+                  b_mean.numel() == N * C && pooled.numel() == N * C && hidden.numel() == N * H &&
+                  w1.numel() == H * C && w2.numel() == C * H,
+              "the gate's saved tensors do not match: gate N x C, scale and 1 - scale C, means and p N x C, "
+              "relu output N x H, W1 H x C, W2 C x H");
   const auto dense = grad_gate.contiguous();
   auto grad_z = at::empty({N, C}, gate.options());
   const float* gg = dense.data_ptr<float>();
