@@ -8,9 +8,11 @@
 // or three passes over the data, and recompute the values that the backward needs
 // from the saved inputs instead of storing them.
 //
-// Work is split over the channels (at::parallel_for). A thread takes a chunk of its
-// channels at a time and walks it sample by sample; in each sample the chunk's planes
-// are one contiguous run of values. Per-channel sums (batch-norm statistics, parameter
+// The batch-norm kernels split work over the channels (at::parallel_for): a thread takes
+// a chunk of its channels at a time and walks it sample by sample; in each sample the
+// chunk's planes are one contiguous run of values. The single-pass sign kernels walk the
+// data in memory order instead, a sample at a time (for_each_sample_run,
+// sum_over_samples): long runs, which the hardware prefetchers keep up with. Per-channel sums (batch-norm statistics, parameter
 // gradients) are not reduced plane by plane: each value position of a plane has its own
 // accumulator (planes of more than kLanes values share kLanes), added to in float over
 // blocks of samples and then in double, and a channel's accumulators are added up once,
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -102,21 +105,31 @@ struct Chunk {
   int64_t offset(int64_t n, int64_t C, int64_t HW) const { return (n * C + c0) * HW; }
 };
 
-// Runs fn(chunk, hw) for chunks of channels. Threads take contiguous ranges of channels,
-// about 64k values each at least (small layers stay on the calling thread), and cut them
-// into chunks of about kRunValues accumulators (kRunValues values per sample up to
-// planes of kLanes values, more beyond). With cache_local, a chunk also holds at most
-// kCacheValues values over all samples, so that a second pass over it finds its inputs
-// in the core's L2 cache (two_passes). For the late stages' planes (1, 4 and 16 values)
-// hw is a compile-time constant, so the per-plane loops unroll.
+// Calls fn(HW) with HW a compile-time constant for the late stages' planes (1, 4 and 16
+// values), so that the per-plane loops unroll.
 template <typename Fn>
-void for_each_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
-  int64_t channels_per_chunk = std::max<int64_t>(1, kRunValues / std::max<int64_t>(1, lanes(HW)));
-  if (cache_local) {
-    const int64_t fit = kCacheValues / std::max<int64_t>(1, N * HW);
-    channels_per_chunk = std::max<int64_t>(1, std::min(channels_per_chunk, fit));
+void with_plane_size(int64_t HW, const Fn& fn) {
+  switch (HW) {
+    case 1: fn(std::integral_constant<int64_t, 1>{}); break;
+    case 4: fn(std::integral_constant<int64_t, 4>{}); break;
+    case 16: fn(std::integral_constant<int64_t, 16>{}); break;
+    default: fn(HW);
   }
+}
+
+// Runs fn(chunk, hw) for chunks of channels (the two-pass kernels). Threads take
+// contiguous ranges of channels, about 64k values each at least (small layers stay on
+// the calling thread), and cut them into chunks of about kRunValues accumulators
+// (kRunValues values per sample up to planes of kLanes values, more beyond) that hold at
+// most kCacheValues values over all samples, so that a second pass over a chunk finds its
+// inputs in the core's L2 cache (two_passes). For the late stages' planes (1, 4 and 16
+// values) hw is a compile-time constant, so the per-plane loops unroll.
+template <typename Fn>
+void for_each_chunk(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * HW));
+  const int64_t fit = kCacheValues / std::max<int64_t>(1, N * HW);
+  const int64_t channels_per_chunk =
+      std::max<int64_t>(1, std::min(kRunValues / std::max<int64_t>(1, lanes(HW)), fit));
   const auto run = [&](auto hw) {
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c0 = begin; c0 < end; c0 += channels_per_chunk) {
@@ -125,12 +138,7 @@ void for_each_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, const Fn
       }
     });
   };
-  switch (HW) {
-    case 1: run(std::integral_constant<int64_t, 1>{}); break;
-    case 4: run(std::integral_constant<int64_t, 4>{}); break;
-    case 16: run(std::integral_constant<int64_t, 16>{}); break;
-    default: run(HW);
-  }
+  with_plane_size(HW, run);
 }
 
 // Runs fn(p) for every (sample, channel) plane p of HW values, in parallel: for kernels
@@ -204,16 +212,20 @@ void plane_sums(const float* values, int64_t planes, HWt HW, double divisor, flo
   }
 }
 
+// How many samples' values a per-position float sum takes before it is added in double:
+// about kSampleBlock values per accumulator.
+inline int64_t samples_per_flush(int64_t HW) { return std::max<int64_t>(1, kSampleBlock / ((HW + kLanes - 1) / kLanes)); }
+
 // Per-channel sums, `count` quantities, kept per accumulator (see for_each_value): a
 // run's loop adds to partial(k)[slot]; end_sample() moves the float partial sums into
-// double once they hold about kSampleBlock values each; add_to() adds each channel's
-// accumulators, in order, to `sums`.
+// double once they hold samples_per_flush(HW) samples' values; add_to() adds each
+// channel's accumulators, in order, to `sums`.
 class PositionSums {
  public:
   PositionSums(int64_t count, int64_t length, int64_t HW)
       : count_(count),
         length_(length),
-        samples_per_flush_(std::max<int64_t>(1, kSampleBlock / ((HW + kLanes - 1) / kLanes))),
+        samples_per_flush_(samples_per_flush(HW)),
         partial_(count * length, 0.0f),
         total_(count * length, 0.0) {}
   float* partial(int64_t which) { return partial_.data() + which * length_; }
@@ -253,13 +265,13 @@ class PositionSums {
 // acc.partial(k)[slot]; the chunk's per-channel sums go to `sums`; finish(chunk) turns
 // them into the chunk's per-channel coefficients; apply(chunk, hw) makes the second pass
 // over the chunk's samples. The second pass reads what the first has just read: a chunk
-// holds at most kCacheValues values per input over all samples (cache_local of
-// for_each_chunk), which stay in a core's L2 cache. Each channel's sums keep their
-// order: the bits do not depend on the chunks.
+// holds at most kCacheValues values per input over all samples (for_each_chunk), which
+// stay in a core's L2 cache. Each channel's sums keep their order: the bits do not
+// depend on the chunks.
 template <typename Sum, typename Finish, typename Apply>
-void passes_by_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, ChannelSums& sums, const Sum& sum,
-                     const Finish& finish, const Apply& apply) {
-  for_each_chunk(N, C, HW, cache_local, [&](const Chunk& chunk, auto hw) {
+void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
+                const Apply& apply) {
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
     const int64_t per_channel = lanes(hw);
     PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
     for (int64_t n = 0; n < N; ++n) {
@@ -272,19 +284,87 @@ void passes_by_chunk(int64_t N, int64_t C, int64_t HW, bool cache_local, Channel
   });
 }
 
-// Both passes of a batch-norm kernel on cache-sized chunks (see passes_by_chunk).
-template <typename Sum, typename Finish, typename Apply>
-void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
-                const Apply& apply) {
-  passes_by_chunk(N, C, HW, true, sums, sum, finish, apply);
+// Runs fn(n, chunk, hw) over all N x C planes in memory order, in parallel: each thread
+// takes a contiguous range of planes (about 64k values at least), cut where a sample
+// ends. For single-pass kernels without per-channel sums: a thread reads one long run
+// instead of a chunk of channels sample after sample (runs of 4 kB on small planes, on
+// which the loads waited for memory: such kernels reached half the bandwidth of an
+// element-wise PyTorch operator on 8x8 planes, a fifth on 2x2 ones).
+template <typename Fn>
+void for_each_sample_run(int64_t N, int64_t C, int64_t HW, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, HW));
+  with_plane_size(HW, [&](auto hw) {
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end;) {
+        const int64_t n = p / C, c0 = p % C, c1 = std::min(C, c0 + (end - p));
+        fn(n, Chunk{c0, c1, (c1 - c0) * HW}, hw);
+        p += c1 - c0;
+      }
+    });
+  });
 }
 
-// Per-channel sums of sums.count quantities over all samples (the first pass alone): with
-// no second pass to serve, chunks keep kRunValues accumulators, the longest contiguous
-// runs (capping them as two_passes does made this pass slower on 32x32 planes).
+// The float partial sums of one group of samples, `count` quantities of `slots`
+// accumulators each, seen from channel c0 on: partial(k)[slot] as in PositionSums.
+struct GroupSums {
+  float* base;
+  int64_t slots, first;
+  float* partial(int64_t k) const { return base + k * slots + first; }
+};
+
+// Per-channel sums of sums.count quantities over all samples (a single pass over the
+// data). Each thread takes a range of the channels, as the batch-norm kernels do (their
+// backward reads what this pass writes: with the same ranges a thread reads what it has
+// just written, still in its own cache), and walks its range sample after sample, one
+// long run per sample. The samples form groups of samples_per_flush(HW), each with its
+// own float accumulators; the groups' accumulators are then added in double, group after
+// group, and each channel's accumulators in order. These are the additions of
+// PositionSums, in its order: the same bits as two_passes' first pass, for any thread
+// count.
 template <typename Sum>
 void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum) {
-  passes_by_chunk(N, C, HW, false, sums, sum, [](const Chunk&) {}, [](const Chunk&, auto) {});
+  with_plane_size(HW, [&](auto hw) {
+    const int64_t per_channel = lanes(hw), slots = C * per_channel, count = sums.count;
+    const int64_t group = samples_per_flush(hw), groups = (N + group - 1) / group;
+    const int64_t parts = std::min<int64_t>(C, std::max<int64_t>(1, at::get_num_threads()));
+    // Work items (channel range, group of samples), range-major, so that a thread's
+    // contiguous share of them is a channel range (about 64k values at least).
+    const int64_t item_values = std::max<int64_t>(1, group * (C / parts) * HW);
+    // Each item zeroes its own accumulators: no single-threaded zeroing of them all first.
+    const std::unique_ptr<float[]> partials(new float[groups * count * slots]);
+    at::parallel_for(0, parts * groups, std::max<int64_t>(1, (1 << 16) / item_values), [&](int64_t b, int64_t e) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t part = item / groups, g = item % groups;
+        const int64_t c0 = part * C / parts, c1 = (part + 1) * C / parts;
+        const GroupSums acc{partials.get() + g * count * slots, slots, c0 * per_channel};
+        for (int64_t k = 0; k < count; ++k) std::fill(acc.partial(k), acc.partial(k) + (c1 - c0) * per_channel, 0.0f);
+        for (int64_t n = g * group; n < std::min(N, (g + 1) * group); ++n) {
+          sum(Chunk{c0, c1, (c1 - c0) * HW}, n, hw, acc);
+        }
+      }
+    });
+    // The groups' sums in double, group after group (vectorized over the accumulators),
+    // then each channel's accumulators in order.
+    const int64_t grain = std::max<int64_t>(1, kRunValues / per_channel);
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      const int64_t first = c0 * per_channel, length = (c1 - c0) * per_channel;
+      std::vector<double> totals(length);
+      for (int64_t k = 0; k < count; ++k) {
+        double* t = totals.data();
+        std::fill(t, t + length, 0.0);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* p = partials.get() + (g * count + k) * slots + first;
+#pragma omp simd
+          for (int64_t j = 0; j < length; ++j) t[j] += p[j];
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          double channel = 0.0;
+          for (int64_t i = 0; i < per_channel; ++i) channel += t[(c - c0) * per_channel + i];
+          sums.add(c, k, channel);
+        }
+      }
+    });
+  });
 }
 
 // The batch statistics (from per-channel sums of x - shift and of its squares) as the affine map
@@ -648,27 +728,25 @@ std::vector<at::Tensor> biased_sign_forward(const at::Tensor& x, const at::Tenso
   float* mp = want_mean ? mean.data_ptr<float>() : nullptr;
   float* ap = act ? activated.data_ptr<float>() : nullptr;
   const std::vector<float> slopes = slope_or_ones(slope, act, C);
-  for_each_chunk(N, C, HW, false, [&](const Chunk& chunk, auto HW) {
+  for_each_sample_run(N, C, HW, [&](int64_t n, const Chunk& chunk, auto HW) {
     const float* beta = bias.data_ptr<float>() + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* src = xp + chunk.offset(n, C, HW);
-      float* dst = yp + chunk.offset(n, C, HW);
-      if (act) {
-        float* out = ap + chunk.offset(n, C, HW);
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float x_j = src[j], v = x_j + beta[q], slope_q = w[q];
-          dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
-          out[j] = x_j > 0.0f ? x_j : slope_q * x_j;
-        });
-      } else {
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float v = src[j] + beta[q];
-          dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
-        });
-      }
-      if (want_mean) plane_sums(src, chunk.planes(), HW, static_cast<double>(HW), mp + n * C + chunk.c0);
+    const float* src = xp + chunk.offset(n, C, HW);
+    float* dst = yp + chunk.offset(n, C, HW);
+    if (act) {
+      float* out = ap + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+        const float x_j = src[j], v = x_j + beta[q], slope_q = w[q];
+        dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
+        out[j] = x_j > 0.0f ? x_j : slope_q * x_j;
+      });
+    } else {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+        const float v = src[j] + beta[q];
+        dst[j] = static_cast<float>((0.0f < v) - (v < 0.0f));
+      });
     }
+    if (want_mean) plane_sums(src, chunk.planes(), HW, static_cast<double>(HW), mp + n * C + chunk.c0);
   });
   return {y, mean, activated};
 }
@@ -719,7 +797,7 @@ std::vector<at::Tensor> biased_sign_backward(const at::Tensor& grad_y, const at:
   // the loops from vectorizing (see for_each_value).
   const auto run = [&](auto with_shortcut) {
     constexpr bool kShortcut = decltype(with_shortcut)::value;
-    sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+    sum_over_samples(N, C, HW, sums, [&](const Chunk& chunk, int64_t n, auto HW, const GroupSums& acc) {
       const float* beta = bias.data_ptr<float>() + chunk.c0;
       const float* w = slopes.data() + chunk.c0;
       float* sum = acc.partial(0);

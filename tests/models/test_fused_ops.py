@@ -362,19 +362,20 @@ def test_kernels_are_about_as_accurate_as_pytorchs_float32(offset: float) -> Non
         assert fused <= 3 * pytorch, f"{name}: max error {fused:.2e} against float64, PyTorch's {pytorch:.2e}"
 
 
-def _kernel_chain_results(threads: int) -> list[torch.Tensor]:
+def _kernel_chain_results(threads: int, shape: tuple[int, int, int, int]) -> list[torch.Tensor]:
     # All three kernels, forward and backward, on a layer big enough to be split over threads.
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        x, residual = _leaves(torch.randn(8, 64, 32, 32) * 2 + 1, torch.randn(8, 64, 32, 32))
+        x, residual = _leaves(torch.randn(shape) * 2 + 1, torch.randn(shape))
+        C = shape[1]
         move, sign, prelu, norm1, norm2 = (
-            LearnableBias(64),
+            LearnableBias(C),
             HardSign(),
-            models.layers.PReLU(64),
-            _random_norm(64),
-            _random_norm(64),
+            models.layers.PReLU(C),
+            _random_norm(C),
+            _random_norm(C),
         )
         signs, x_mean, activated, shortcut = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
         y, pooled = fused_ops.batch_norm_prelu(signs * 0.5 + activated, norm1, prelu, pooled=True)
@@ -391,9 +392,12 @@ def _kernel_chain_results(threads: int) -> list[torch.Tensor]:
         torch.set_num_threads(previous)
 
 
-def test_kernels_give_the_same_bits_on_any_number_of_threads() -> None:
+# 32x32 planes: one sample per float block of the sums; 4x4 planes: 16 samples per block and
+# an unfinished last one (20 samples), and 96 channels split unevenly over three threads.
+@pytest.mark.parametrize("shape", [(8, 64, 32, 32), (20, 96, 4, 4)])
+def test_kernels_give_the_same_bits_on_any_number_of_threads(shape: tuple[int, int, int, int]) -> None:
     # Channels are split over threads whole, so every sum adds the same values in the same order.
-    one, three = _kernel_chain_results(1), _kernel_chain_results(3)
+    one, three = _kernel_chain_results(1, shape), _kernel_chain_results(3, shape)
     assert len(one) == len(three) > 10
     for i, (a, b) in enumerate(zip(one, three)):
         assert torch.equal(a, b), f"result {i} differs between 1 and 3 threads"
