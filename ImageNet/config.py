@@ -17,7 +17,7 @@ import yaml
 
 import models
 
-from .host_memory import add_keep_freed_memory_flag
+from .host_memory import add_huge_pages_flag, add_keep_freed_memory_flag
 
 
 class ConfigError(ValueError):
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per process on the CPU; unset: the cores divided among the processes of the node",
     )
     add_keep_freed_memory_flag(run)
+    add_huge_pages_flag(run)
     run.add_argument("--model-ema", action="store_true", help="keep and evaluate an EMA of the weights")
     run.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
     run.add_argument(

@@ -35,7 +35,7 @@ from .distillation import DistillationLoss, RoundSchedule
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EPOCH_TOTALS, NonFiniteLossError, Trainer, evaluate, train_one_epoch
 from .faults import fault_point
-from .host_memory import apply_keep_freed_memory
+from .host_memory import apply_keep_freed_memory, huge_pages_requested, huge_pages_status, restart_with_huge_pages
 from .losses import ClassificationLoss, TrainLoss
 from .optim import TemperatureSchedule, build_optimizer, build_scheduler
 from .sync_batchnorm import convert_sync_batchnorm
@@ -88,6 +88,11 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         )
     if args.dataset == "folder" and not args.data_dir:
         raise ConfigError("--data-dir is required (a folder with train/<class>/ and val/<class>/ images)")
+    if args.huge_pages and not huge_pages_requested():
+        raise ConfigError(
+            "--huge-pages takes effect when the process starts: run ImageNet/train.py with it, or set "
+            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before Python starts"
+        )
     if not timm.is_model(args.model):
         raise ConfigError(
             f"unknown model {args.model!r}: use one of {', '.join(models.list_models())} or a timm model name"
@@ -315,6 +320,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     _setup_logging(output, info.is_main)
     # Before the data loaders exist: their worker processes inherit the setting.
     LOG.info(apply_keep_freed_memory(args.keep_freed_memory))
+    LOG.info(huge_pages_status())
     _check_args(args, info)
     if args.deterministic:
         use_deterministic_kernels()
@@ -580,6 +586,12 @@ def _write_config(path: Path, config: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse flags, train, and turn known failures into messages and exit codes."""
     args = parse_args(argv)
+    try:
+        if args.huge_pages:
+            restart_with_huge_pages(from_command_line=argv is None)  # returns once the tunable is set
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         train(args)
     except (

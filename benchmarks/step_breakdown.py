@@ -45,9 +45,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from benchmarks.step_profile import add_model_arguments, host_memory_lines  # noqa: E402
 from benchmarks.train_step import collect_conv_shapes, make_floor, make_step, measure  # noqa: E402
-from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import blocks, bnext, fused_ops, kernel_ops  # noqa: E402
 
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         parser.error("--iters must be >= 1 and --warmup >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(apply_keep_freed_memory(args.keep_freed_memory))
+    print(*host_memory_lines(parser, args, argv), sep="\n")
     torch.manual_seed(0)
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)

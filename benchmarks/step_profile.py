@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from benchmarks.train_step import make_step  # noqa: E402
-from ImageNet.host_memory import add_keep_freed_memory_flag, apply_keep_freed_memory  # noqa: E402
+from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag, apply_host_memory_flags  # noqa: E402
 from models import fused_ops  # noqa: E402
 
 #: Names of the tap-product convolution's profiler events: its eager twin and backward, and its operators.
@@ -104,7 +104,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The CPU configuration of the CIFAR-stem benchmarks.
 
-    ``--model --width-mult --img-size --batch --threads --keep-freed-memory``.
+    ``--model --width-mult --img-size --batch --threads --keep-freed-memory --huge-pages``.
     """
     parser.add_argument("--model", default="bnext_tiny", choices=models.list_models(), help="default: %(default)s")
     parser.add_argument("--width-mult", type=float, default=1.0, help="channel multiplier (default: %(default)s)")
@@ -112,6 +112,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     add_keep_freed_memory_flag(parser)  # as the training script: off by default
+    add_huge_pages_flag(parser)
+
+
+def host_memory_lines(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> list[str]:
+    """Apply the host-memory flags of :func:`add_model_arguments` (the process may start again); their log lines."""
+    try:
+        return apply_host_memory_flags(args, from_command_line=argv is None)
+    except RuntimeError as error:
+        parser.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(apply_keep_freed_memory(args.keep_freed_memory))
+    print(*host_memory_lines(parser, args, argv), sep="\n")
     groups, ranked = profile_step(args)
     total = sum(groups.values())
     overhead = total - groups.get("convolution", 0.0)

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from ImageNet.host_memory import add_keep_freed_memory_flag, apply_keep_freed_memory  # noqa: E402
+from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag, apply_host_memory_flags  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import fused_ops  # noqa: E402
 
@@ -719,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="binarizer temperature during the benchmark (default: %(default)s)",
     )
     add_keep_freed_memory_flag(parser)  # as the training script: off by default
+    add_huge_pages_flag(parser)
     return parser
 
 
@@ -742,10 +743,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Both the step and the floor let cuDNN pick its fastest algorithms.
         torch.backends.cudnn.benchmark = True
 
+    try:
+        host_memory = apply_host_memory_flags(args, from_command_line=argv is None)  # may start the process again
+    except RuntimeError as error:
+        parser.error(str(error))
     info = machine_info(device)
-    info["host_memory"] = apply_keep_freed_memory(args.keep_freed_memory)
+    info["host_memory"], info["huge_pages"] = host_memory
     print(machine_line(info), flush=True)
-    print(info["host_memory"], flush=True)
+    print(*host_memory, sep="\n", flush=True)
     print(
         f"config: {args.model} stem={args.stem} img={args.img_size} batch={args.batch} width_mult={args.width_mult} "
         f"temperature={args.temperature} warmup={args.warmup} iters={args.iters}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ImageNet import host_memory
+from ImageNet import host_memory, training
 from ImageNet.config import parse_args
 from ImageNet.host_memory import apply_keep_freed_memory
 
@@ -92,3 +93,70 @@ def test_a_setting_that_cannot_be_applied_is_reported_not_ignored(monkeypatch: p
     assert apply_keep_freed_memory(True) == (
         "host memory: --keep-freed-memory not applied, glibc's mallopt refused the settings"
     )
+
+
+#: Prints its process id and GLIBC_TUNABLES on every start, applies the benchmarks' host-memory
+#: flags from its command line, then prints the huge-page status after filling 64 MiB.
+_RESTARTING = """
+import argparse, os, sys
+import torch
+from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag, apply_host_memory_flags
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+parser = argparse.ArgumentParser()
+add_keep_freed_memory_flag(parser)
+add_huge_pages_flag(parser)
+args = parser.parse_args()
+lines = apply_host_memory_flags(args, from_command_line=True)
+torch.empty(2**24).fill_(1.0)
+print(lines[1])
+print([line for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages:")][0].split()[1])
+"""
+
+
+def _run_restarting(*flags: str, tunables: str = "") -> list[str]:
+    environment = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    if tunables:
+        environment["GLIBC_TUNABLES"] = tunables
+    result = subprocess.run(
+        [sys.executable, "-c", _RESTARTING, *flags], cwd=ROOT, env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
+
+
+def test_the_huge_pages_flag_defaults_off_and_changes_nothing() -> None:
+    assert parse_args([]).huge_pages is False
+    first, status, _ = _run_restarting()
+    assert first.split()[0] == "start" and len(first.split()) == 2  # started once, no tunables
+    assert status == "huge pages: malloc's default pages (no --huge-pages)"
+
+
+@pytest.mark.skipif(host_memory.huge_pages_unavailable() is not None, reason="no glibc 2.35+ with huge pages here")
+def test_huge_pages_restart_the_process_with_the_tunable_and_back_its_heap() -> None:
+    first, second, status, huge_kib = _run_restarting("--huge-pages", tunables="glibc.malloc.arena_max=2")
+    _, pid, tunables = first.split()
+    _, pid_again, tunables_again = second.split()
+    assert pid_again == pid  # the same process, started again (so torchrun sees nothing)
+    assert tunables == "glibc.malloc.arena_max=2"
+    assert tunables_again == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"  # the user's tunables kept
+    assert status.startswith("huge pages: malloc's heap on transparent huge pages")
+    assert int(huge_kib) >= 32 * 1024  # most of the 64 MiB just filled
+
+
+def test_huge_pages_are_refused_where_they_cannot_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 31))
+    assert host_memory.huge_pages_unavailable() == "it needs glibc 2.35 or later (this is 2.31)"
+    with pytest.raises(RuntimeError, match="cannot apply here: it needs glibc 2.35"):
+        host_memory.restart_with_huge_pages()
+    monkeypatch.setattr(host_memory, "_glibc_version", lambda: None)
+    assert host_memory.huge_pages_unavailable() == "it needs Linux with glibc"
+
+
+def test_huge_pages_handed_to_a_function_are_refused_not_dropped(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # A restart would run the process's own command line (here pytest's), not these arguments.
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with pytest.raises(RuntimeError, match="give it on the command line"):
+        host_memory.restart_with_huge_pages(from_command_line=False)
+    assert training.main(["--huge-pages", "--epochs", "1"]) == 2
+    assert "--huge-pages needs a restart of the process" in capsys.readouterr().err
