@@ -15,12 +15,20 @@ is reused from call to call: without it, glibc may hand out freshly mapped pages
 large activations on some calls (page faults cost both sides alike, but can swamp the
 kernels' own time on the 32x32 shapes).
 
+With ``--in-step`` it times the kernels inside whole eager training steps instead,
+alternating the two builds step by step (``models.fused_ops.load_extension`` swapped):
+each kernel's milliseconds per step with either build, and the steps' medians. A
+kernel's time in a step depends on what the steps before it left in the caches (which
+core wrote its inputs, and when), which the per-shape calls on fresh tensors do not see.
+No bits are compared in this mode (the per-shape mode does that).
+
 Usage::
 
     python benchmarks/fused_kernels_ab.py --baseline HEAD~1        # a git revision of this repository
     python benchmarks/fused_kernels_ab.py --baseline /tmp/old.cpp   # a saved fused_train.cpp
     python benchmarks/fused_kernels_ab.py --baseline 3fb00cc --keep-freed-memory
     python benchmarks/fused_kernels_ab.py --baseline HEAD~1 --weights   # the weight binarization kernels
+    python benchmarks/fused_kernels_ab.py --baseline HEAD~1 --in-step --keep-freed-memory   # inside training steps
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -43,8 +53,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from benchmarks.fused_kernels import kernel_calls, norm_input_shapes, time_alternating  # noqa: E402
-from benchmarks.step_profile import add_model_arguments  # noqa: E402
-from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from benchmarks.step_breakdown import TimedExtension, Timers  # noqa: E402
+from benchmarks.step_profile import add_model_arguments, host_memory_lines  # noqa: E402
+from benchmarks.train_step import make_step  # noqa: E402
 from models import extensions, fused_ops  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -158,6 +169,64 @@ def compare_weights(
     return rows
 
 
+def compare_in_steps(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    base: ModuleType,
+    this: ModuleType,
+    steps: int,
+    warmup: int,
+) -> tuple[dict[str, float], list[dict]]:
+    """Whole eager training steps of ``model``, the two builds alternating step by step.
+
+    Returns the steps' medians (``{"base": ms, "this": ms}``) and one row per kernel called:
+    ``base_ms`` and ``this_ms`` per step, and ``calls`` per step.
+    """
+    builds = {"base": base, "this": this}
+    timers = {label: Timers() for label in builds}
+    step_ms: dict[str, list[float]] = {label: [] for label in builds}
+    step = make_step(model, batch)
+    original = fused_ops.load_extension
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                for timer in timers.values():
+                    timer.clear()
+            for label in ("base", "this") if i % 2 == 0 else ("this", "base"):
+                extension = TimedExtension(builds[label], timers[label])
+                fused_ops.load_extension = lambda extension=extension: extension
+                start = time.perf_counter()
+                step()
+                if i >= warmup:
+                    step_ms[label].append((time.perf_counter() - start) * 1e3)
+    finally:
+        fused_ops.load_extension = original
+    names = sorted(set(timers["base"].seconds) | set(timers["this"].seconds))
+    rows = [
+        {
+            "kernel": name.removeprefix("kernel "),
+            "base_ms": 1e3 * timers["base"].seconds[name] / steps,
+            "this_ms": 1e3 * timers["this"].seconds[name] / steps,
+            "calls": timers["this"].calls[name] / steps,
+        }
+        for name in names
+    ]
+    rows.sort(key=lambda row: -row["base_ms"])
+    return {label: statistics.median(ms) for label, ms in step_ms.items()}, rows
+
+
+def print_in_steps(medians: dict[str, float], rows: list[dict]) -> None:
+    """The table of :func:`compare_in_steps`."""
+    print(f"{'kernel':<28} {'calls':>6} {'base ms':>9} {'this ms':>9} {'base/this':>10}   (per step)")
+    for row in rows:
+        ratio = row["base_ms"] / row["this_ms"] if row["this_ms"] else float("nan")
+        print(f"{row['kernel']:<28} {row['calls']:>6.0f} {row['base_ms']:>9.2f} {row['this_ms']:>9.2f} {ratio:>10.2f}")
+    base_total, this_total = sum(r["base_ms"] for r in rows), sum(r["this_ms"] for r in rows)
+    print(f"{'all kernels':<35} {base_total:>9.2f} {this_total:>9.2f} {base_total / this_total:>10.2f}")
+    ratio = medians["base"] / medians["this"]
+    print(f"{'whole step (medians)':<35} {medians['base']:>9.2f} {medians['this']:>9.2f} {ratio:>10.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one line per (shape, kernel) and a total: baseline ms, this tree's ms, their ratio, same bits."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -172,10 +241,18 @@ def main(argv: list[str] | None = None) -> None:
         help="compare the weight kernels instead (the binarization, and the constraint pass with it) over all "
         "binary weights of the model, each in the layout a training step uses",
     )
+    parser.add_argument(
+        "--in-step",
+        action="store_true",
+        help="time the kernels inside whole eager training steps (CIFAR stem), the builds alternating step by step; "
+        "--iters steps each after 3 warm-up steps each (no bits compared)",
+    )
     args = parser.parse_args(argv)
+    if args.weights and args.in_step:
+        parser.error("--weights and --in-step are separate comparisons: choose one")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(apply_keep_freed_memory(args.keep_freed_memory))
+    print(*host_memory_lines(parser, args, argv), sep="\n")
     this = fused_ops.load_extension()
     if this is None:
         raise SystemExit("the fused C++ extension is not available here (see the warning): nothing to compare")
@@ -183,10 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     base = build_baseline(text, BUILD_DIR)
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
     what = "weight kernels over all binary weights" if args.weights else "kernel forward + backward"
+    if args.in_step:
+        what = "kernels inside whole eager training steps"
     print(
         f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, "
         f"{what}, baseline {args.baseline} against this tree, alternating"
     )
+    if args.in_step:
+        torch.manual_seed(0)
+        images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+        batch = (images, torch.randint(0, 10, (args.batch,)))
+        print_in_steps(*compare_in_steps(model, batch, base, this, args.iters, warmup=3))
+        return
     if args.weights:
         layouts = weight_layouts(model, torch.randn(args.batch, 3, args.img_size, args.img_size))
         rows = compare_weights(layouts, base, this, args.iters)

@@ -91,7 +91,7 @@ class Timers:
         self.calls.clear()
 
 
-class _TimedExtension:
+class TimedExtension:
     """The C++ extension with every function timed as ``kernel <name>``."""
 
     def __init__(self, extension: Any, timers: Timers) -> None:
@@ -108,7 +108,7 @@ def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[N
     if extension is None:
         raise RuntimeError("the fused C++ extension is not available here (see the warning): nothing to time")
     patches: list[tuple[Any, str, Any]] = [
-        (fused_ops, "load_extension", lambda: _TimedExtension(extension, timers)),
+        (fused_ops, "load_extension", lambda: TimedExtension(extension, timers)),
         (models, "apply_constraints", timers.wrap("constraints", models.apply_constraints)),
         (optimizer, "step", timers.wrap("optimizer step", optimizer.step)),
     ]

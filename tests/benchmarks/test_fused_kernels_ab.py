@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import types
 from pathlib import Path
 
@@ -94,8 +95,9 @@ def test_main_prints_a_row_per_shape_and_kernel_and_a_total(monkeypatch, capsys:
         ["--baseline", "HEAD", "--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"]
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[2].split() == ["shape", "kernel", "base", "ms", "this", "ms", "base/this", "same", "bits"]
-    rows = [line.split() for line in lines[3:-1]]
+    header = next(i for i, line in enumerate(lines) if line.startswith("shape"))
+    assert lines[header].split() == ["shape", "kernel", "base", "ms", "this", "ms", "base/this", "same", "bits"]
+    rows = [line.split() for line in lines[header + 1 : -1]]
     assert rows and len(rows) % 3 == 0 and all(row[-1] == "yes" for row in rows)
     total = lines[-1].split()
     assert total[:5] == ["total", "(one", "call", "per", "row)"] and total[-1] == "yes"
@@ -116,3 +118,35 @@ def test_weight_kernels_are_compared_in_each_layers_step_layout() -> None:
     assert [row["kernel"] for row in fused_kernels_ab.compare_weights(layouts, older, this, iters=1)] == [
         "divide_clamp"
     ]
+
+
+def test_in_step_mode_times_every_kernel_of_both_builds_inside_whole_steps() -> None:
+    this = fused_ops.load_extension()
+    base = _stand_in(this)
+    slow_calls: list[int] = []
+
+    def slower_sign_backward(*args):
+        slow_calls.append(1)
+        time.sleep(0.002)
+        return this.biased_sign_backward(*args)
+
+    base.biased_sign_backward = slower_sign_backward
+    torch.manual_seed(0)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
+    medians, rows = fused_kernels_ab.compare_in_steps(model, batch, base, this, steps=2, warmup=1)
+    assert fused_ops.load_extension() is this  # restored
+    by_kernel = {row["kernel"]: row for row in rows}
+    # BNext-T: one sign kernel call per processor each way, every step; 3 steps ran on the baseline.
+    assert by_kernel["biased_sign_backward"]["calls"] == by_kernel["biased_sign_forward"]["calls"] == 31
+    assert len(slow_calls) == 3 * 31
+    # Only the baseline's sign backward sleeps: 31 calls x 2 ms per step at least.
+    assert by_kernel["biased_sign_backward"]["base_ms"] > 31 * 2 > by_kernel["biased_sign_backward"]["this_ms"]
+    assert {"bn_prelu_forward", "gated_bn_backward", "clamp_and_divide_clamp"} <= set(by_kernel)
+    assert all(row["base_ms"] > 0 and row["this_ms"] > 0 for row in rows)
+    assert medians["base"] > medians["this"] > 0
+
+
+def test_in_step_and_weights_are_separate_comparisons() -> None:
+    with pytest.raises(SystemExit):
+        fused_kernels_ab.main(["--baseline", "HEAD", "--in-step", "--weights"])
