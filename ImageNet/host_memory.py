@@ -25,7 +25,7 @@ take when the tunable ``glibc.malloc.hugetlb=1`` is set. A step streams hundreds
 megabytes of activations through kernels that each read a few tensors, and with 4 KiB
 pages every 4 KiB of a stream costs an address-translation miss. glibc reads its tunables
 when a process starts, so :func:`restart_with_huge_pages` starts the process again, the
-same command with ``GLIBC_TUNABLES`` extended (``os.execv``: the same process id, so
+same command with ``GLIBC_TUNABLES`` extended (``os.execve``: the same process id, so
 ``torchrun`` and job schedulers see nothing).
 """
 

@@ -10,14 +10,15 @@
 //
 // The batch-norm kernels split work over the channels (at::parallel_for): a thread takes
 // a chunk of its channels at a time and walks it sample by sample; in each sample the
-// chunk's planes are one contiguous run of values. The single-pass sign kernels walk the
-// data in memory order instead, a sample at a time (for_each_sample_run,
-// sum_over_samples): long runs, which the hardware prefetchers keep up with. Per-channel sums (batch-norm statistics, parameter
-// gradients) are not reduced plane by plane: each value position of a plane has its own
-// accumulator (planes of more than kLanes values share kLanes), added to in float over
-// blocks of samples and then in double, and a channel's accumulators are added up once,
-// at the end, in order. So the loops are plain
-// vectorized element-wise loops over a plane (or, for planes of one value, over the
+// chunk's planes are one contiguous run of values, so that the second pass finds the
+// chunk in the cache. The single-pass sign kernels walk longer runs, which the hardware
+// prefetchers keep up with: the forward all planes in memory order (for_each_sample_run),
+// the backward each thread's channel range sample after sample (sum_over_samples).
+// Per-channel sums (batch-norm statistics, parameter gradients) are not reduced plane
+// by plane: each value position of a plane has its own accumulator (planes of more than
+// kLanes values share kLanes), added to in float over blocks of samples and then in
+// double, and a channel's accumulators are added up once, at the end, in order. So the
+// loops are plain vectorized element-wise loops over a plane (or, for planes of one value, over the
 // run) whatever the plane size: the late stages' planes of 4 or 16 values no longer pay
 // a horizontal reduction and a double conversion per plane, which made those layers
 // several times slower per value than large ones. The results do not depend on the
@@ -214,7 +215,9 @@ void plane_sums(const float* values, int64_t planes, HWt HW, double divisor, flo
 
 // How many samples' values a per-position float sum takes before it is added in double:
 // about kSampleBlock values per accumulator.
-inline int64_t samples_per_flush(int64_t HW) { return std::max<int64_t>(1, kSampleBlock / ((HW + kLanes - 1) / kLanes)); }
+inline int64_t samples_per_flush(int64_t HW) {
+  return std::max<int64_t>(1, kSampleBlock / ((HW + kLanes - 1) / kLanes));
+}
 
 // Per-channel sums, `count` quantities, kept per accumulator (see for_each_value): a
 // run's loop adds to partial(k)[slot]; end_sample() moves the float partial sums into
