@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import models  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
-from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from benchmarks.train_step import host_memory_lines  # noqa: E402
 from models import fused_ops  # noqa: E402
 from models.quantizers import HardSign, LearnableBias  # noqa: E402
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(apply_keep_freed_memory(args.keep_freed_memory))
+    print(*host_memory_lines(parser, args, argv), sep="\n")
     if fused_ops.backend() != "cpp":
         raise SystemExit("the fused C++ extension is not available here (see the warning): nothing to compare")
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)

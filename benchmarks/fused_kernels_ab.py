@@ -54,8 +54,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import models  # noqa: E402
 from benchmarks.fused_kernels import kernel_calls, norm_input_shapes, time_alternating  # noqa: E402
 from benchmarks.step_breakdown import TimedExtension, Timers  # noqa: E402
-from benchmarks.step_profile import add_model_arguments, host_memory_lines  # noqa: E402
-from benchmarks.train_step import make_step  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from benchmarks.train_step import host_memory_lines, make_step  # noqa: E402
 from models import extensions, fused_ops  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -45,8 +45,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from benchmarks.step_profile import add_model_arguments, host_memory_lines  # noqa: E402
-from benchmarks.train_step import collect_conv_shapes, make_floor, make_step, measure  # noqa: E402
+from benchmarks.step_profile import add_model_arguments  # noqa: E402
+from benchmarks.train_step import collect_conv_shapes, host_memory_lines, make_floor, make_step, measure  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import blocks, bnext, fused_ops, kernel_ops  # noqa: E402
 

@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from benchmarks.train_step import make_step  # noqa: E402
-from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag, apply_host_memory_flags  # noqa: E402
+from benchmarks.train_step import host_memory_lines, make_step  # noqa: E402
+from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag  # noqa: E402
 from models import fused_ops  # noqa: E402
 
 #: Names of the tap-product convolution's profiler events: its eager twin and backward, and its operators.
@@ -113,14 +113,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     add_keep_freed_memory_flag(parser)  # as the training script: off by default
     add_huge_pages_flag(parser)
-
-
-def host_memory_lines(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> list[str]:
-    """Apply the host-memory flags of :func:`add_model_arguments` (the process may start again); their log lines."""
-    try:
-        return apply_host_memory_flags(args, from_command_line=argv is None)
-    except RuntimeError as error:
-        parser.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,8 +46,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import models  # noqa: E402
 from benchmarks.fused_kernels import time_alternating  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
-from benchmarks.train_step import ConvShape, collect_conv_shapes, make_step  # noqa: E402
-from ImageNet.host_memory import apply_keep_freed_memory  # noqa: E402
+from benchmarks.train_step import ConvShape, collect_conv_shapes, host_memory_lines, make_step  # noqa: E402
 from models import fused_ops, tap_conv  # noqa: E402
 
 Key = tuple[tuple[int, ...], tuple[int, ...], int, int]
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         parser.error("--iters must be >= 1, --step-pairs and --layout-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(apply_keep_freed_memory(args.keep_freed_memory))
+    print(*host_memory_lines(parser, args, argv), sep="\n")
     model = models.create_model(args.model, num_classes=10, stem="cifar", width_mult=args.width_mult)
     counts = binary_conv_shapes(model, torch.randn(args.batch, 3, args.img_size, args.img_size))
     print(f"{args.model} img {args.img_size} batch {args.batch}, {torch.get_num_threads()} threads, forward + backward")

@@ -723,6 +723,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def host_memory_lines(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
+) -> list[str]:
+    """Apply ``--keep-freed-memory`` and ``--huge-pages`` (the process may start again); their log lines.
+
+    ``argv`` is what ``parser`` parsed: None (the process's own command line) allows the
+    restart that ``--huge-pages`` needs; a refusal is a usage error of ``parser``.
+    """
+    try:
+        return apply_host_memory_flags(args, from_command_line=argv is None)
+    except RuntimeError as error:
+        parser.error(str(error))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns 0, or 1 when a mode failed while running."""
     parser = build_parser()
@@ -743,10 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Both the step and the floor let cuDNN pick its fastest algorithms.
         torch.backends.cudnn.benchmark = True
 
-    try:
-        host_memory = apply_host_memory_flags(args, from_command_line=argv is None)  # may start the process again
-    except RuntimeError as error:
-        parser.error(str(error))
+    host_memory = host_memory_lines(parser, args, argv)  # may start the process again
     info = machine_info(device)
     info["host_memory"], info["huge_pages"] = host_memory
     print(machine_line(info), flush=True)

@@ -65,8 +65,9 @@ def test_main_prints_one_line_per_shape_and_kernel(capsys: pytest.CaptureFixture
     fused_kernels.main(["--width-mult", "0.125", "--img-size", "16", "--batch", "4", "--iters", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
-    assert lines[2].split()[-6:] == ["copy", "ms", "fused/copy", "kernel", "ms", "kernel/copy"]
-    rows = [line.split() for line in lines[3:-1]]
+    assert lines[1] == "huge pages: malloc's default pages (no --huge-pages)"
+    assert lines[3].split()[-6:] == ["copy", "ms", "fused/copy", "kernel", "ms", "kernel/copy"]
+    rows = [line.split() for line in lines[4:-1]]
     assert rows and len(rows) % 3 == 0
     total = lines[-1].split()
     assert total[:4] == ["total", "(one", "call", "per"]

@@ -34,7 +34,8 @@ def test_main_prints_one_row_per_shape_and_the_step_total(capsys: pytest.Capture
     )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "host memory: malloc's defaults (no --keep-freed-memory)"
-    table = lines[3:-1]
+    assert lines[1] == "huge pages: malloc's default pages (no --huge-pages)"
+    table = lines[4:-1]
     assert len(table) == len(rows) > 0
     used = [row for row in rows if row["used"]]
     assert 0 < len(used) < len(rows)  # at 16 px only the late, small planes take the taps
