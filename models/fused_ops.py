@@ -30,9 +30,10 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`processor_tail`: a recoupled processor after its convolution (``batch_norm_prelu``,
   the gate and ``gated_batch_norm_residual``) as one autograd node in a training step.
 
-The first three are ``torch.library`` operators (:mod:`models.kernel_ops`), so
-``torch.compile`` calls them from its graph as eager does; the pooling and weight
-kernels are eager only (inductor compiles their unfused form). On the CPU, compile with
+The first three and the weight binarization are ``torch.library`` operators
+(:mod:`models.kernel_ops`), so ``torch.compile`` calls them from its graph as eager does
+(the binarization through :func:`binarize_weight_in_graph`); the pooling kernels and the
+constraint's fused pass are eager only (inductor compiles their unfused form). On the CPU, compile with
 :func:`compile_options` so that inductor keeps the convolutions' NCHW layout, which
 the kernels read. The fused path is taken only in training mode (evaluation and the
 exports run the modules one by one, bit for bit as before), and only where it computes
@@ -142,8 +143,9 @@ def _fusable(*tensors: torch.Tensor) -> bool:
 
 
 def _fusable_in_eager(*tensors: torch.Tensor) -> bool:
-    # The pooling and weight kernels are plain extension calls, which would break a compiled
-    # graph: inductor compiles their unfused form instead.
+    # The pooling kernels and the eager weight kernels are plain extension calls, which would
+    # break a compiled graph: inductor compiles the pooling's unfused form, and a compiled step
+    # binarizes through its operator (binarize_weight_in_graph).
     return not torch.compiler.is_compiling() and _fusable(*tensors)
 
 
@@ -336,6 +338,23 @@ def binarize_weight(
     if divisors is None:
         return None
     return load_extension().divide_clamp(weight, *divisors, tap_major)
+
+
+def binarize_weight_in_graph(
+    weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool
+) -> torch.Tensor | None:
+    """While ``torch.compile`` traces a training step: :func:`binarize_weight` as an operator of the graph
+    (``bnext::binarize_weight``, the straight-through identity gradient); None where it does not apply.
+
+    The same bits and layouts as eagerly: with ``tap_major`` the tap products read the result
+    in place. Inductor's own code for the unfused form writes the plain layout, which the
+    tap products then copy (and transpose) on every step.
+    """
+    if not (torch.compiler.is_compiling() and _fusable(weight)):
+        return None
+    if not (temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1):
+        return None
+    return kernel_ops.binarize_weight_op(weight, temperature, threshold, tap_major)
 
 
 def clamp_and_binarize_weight(

@@ -459,3 +459,33 @@ def gated_batch_norm(
         y, _, _, new_mean, new_var = gated_batch_norm_op(*args)
         return y, new_mean, new_var
     return _GatedBatchNorm.apply(*args), running_mean, running_var
+
+
+# --------------------------------------------------------------------------- the progressive weight binarization
+
+
+def _binarize_weight(weight: Tensor, temperature: Tensor, threshold: float, tap_major: bool) -> Tensor:
+    # The temperature is read here, when the graph runs (a CPU tensor: nothing to wait for), not
+    # while torch.compile traces, where .item() would break the graph.
+    from . import fused_ops
+
+    divisors = fused_ops._divisors(temperature, threshold)
+    if divisors is None:
+        raise ValueError("bnext::binarize_weight takes a one-value float32 CPU temperature")
+    return _kernels().divide_clamp(weight, *divisors, tap_major)
+
+
+binarize_weight_op = torch.library.custom_op("bnext::binarize_weight", _binarize_weight, mutates_args=())
+
+
+@binarize_weight_op.register_fake
+def _(weight, temperature, threshold, tap_major):
+    return torch.empty_like(weight, memory_format=torch.channels_last if tap_major else torch.contiguous_format)
+
+
+def _binarize_weight_grad(ctx, grad):
+    # The straight-through gradient of models.quantizers.progressive_binarize: the identity.
+    return grad, None, None, None
+
+
+binarize_weight_op.register_autograd(_binarize_weight_grad)

@@ -184,11 +184,19 @@ def progressive_binarize(
 
     ``tap_major`` asks for the result in the channels-last layout of the tap products
     (:mod:`models.tap_conv`) where the one-pass training kernel writes it; the values
-    are the same either way, and elsewhere the layout is the weight's own.
+    are the same either way, and elsewhere the layout is the weight's own. While
+    ``torch.compile`` traces a CPU training step the kernel is an operator of the graph
+    (:func:`models.fused_ops.binarize_weight_in_graph`).
     """
     # Inside the autograd function grad mode is off: whether this is a training step is decided here.
     # A trace would record the flag as a constant of its graph, so traces always say False.
     training = torch.is_grad_enabled() and weight.requires_grad and not torch.jit.is_tracing()
+    if training and torch.compiler.is_compiling():
+        from . import fused_ops  # here, not at the top: fused_ops imports this module
+
+        binarized = fused_ops.binarize_weight_in_graph(weight, temperature, threshold, tap_major)
+        if binarized is not None:
+            return binarized
     return _ProgressiveBinarizeSTE.apply(weight, temperature, threshold, training, tap_major)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 
 import models
-from models import fused_ops
+from models import fused_ops, tap_conv
 
 
 def test_compiled_forward_matches_eager_in_eval_mode() -> None:
@@ -48,9 +48,9 @@ def _training_step(forward, model: torch.nn.Module, x: torch.Tensor):
     return logits.detach(), grads, statistics
 
 
-def test_compiled_training_step_matches_eager() -> None:
-    """Training mode: the compiled graph runs the fused kernels and the tap products (custom operators)
-    and updates the statistics."""
+def test_compiled_training_step_matches_eager(monkeypatch) -> None:
+    """Training mode: the compiled graph runs the fused kernels, the weight binarization and the tap
+    products (custom operators) and updates the statistics."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     # Two more blocks reach 4x4 planes, whose stride-1 3x3 binary convolution trains by tap products.
@@ -68,10 +68,15 @@ def test_compiled_training_step_matches_eager() -> None:
     x = torch.randn(4, 3, 16, 16)
     eager_model = copy.deepcopy(model)
     expected = _training_step(eager_model, eager_model, x)
+    # The binarization writes the taps' layout in the graph too: the tap products copy no weight.
+    copies = []
+    monkeypatch.setattr(tap_conv, "tap_matrices", lambda weight: copies.append(weight.shape) or weight)
     with torch.profiler.profile() as profile:
         actual = _training_step(torch.compile(model, options=fused_ops.compile_options("cpu")), model, x)
     operators = {event.name for event in profile.events()}
     assert {"bnext::tap_conv2d", "bnext::tap_conv2d_backward", "bnext::gated_batch_norm"} <= operators
+    assert "bnext::binarize_weight" in operators
+    assert copies == []
 
     scale = expected[0].abs().max().item()
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5 * scale)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from models import fused_ops, kernel_ops
+from models import fused_ops, kernel_ops, quantizers
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
@@ -187,3 +187,26 @@ def test_the_kernels_read_a_concatenations_gradient_slices_in_place() -> None:
     assert kernel_ops._by_samples(transposed).is_contiguous()
     with pytest.raises(RuntimeError, match="one contiguous C x H x W block"):
         kernels.gated_bn_backward(transposed, b, gate, r, False, gamma, mean, invstd)
+
+
+@pytest.mark.parametrize("tap_major", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-9], ids=["T=1", "soft", "below-threshold"])
+def test_binarize_weight_operator(tap_major: bool, temperature: float) -> None:
+    """The compiled step's binarization: opcheck, the bits of the tensor formula, the identity gradient."""
+    weight = torch.randn(5, 4, 3, 3, requires_grad=True)
+    t = torch.tensor([temperature])
+    torch.library.opcheck(kernel_ops.binarize_weight_op, (weight, t, 1e-7, tap_major))
+
+    out = kernel_ops.binarize_weight_op(weight, t, 1e-7, tap_major)
+    with torch.no_grad():  # not a training step: the module path's tensor formula
+        expected = quantizers.progressive_binarize(weight, t, 1e-7)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last if tap_major else torch.contiguous_format)
+    grad = torch.randn_like(out)
+    (weight_grad,) = torch.autograd.grad(out, weight, grad)
+    assert torch.equal(weight_grad, grad)
+
+
+def test_binarize_weight_operator_refuses_a_temperature_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match="one-value float32 CPU temperature"):
+        kernel_ops.binarize_weight_op(torch.randn(2, 2, 1, 1), torch.ones(2), 1e-7, False)
