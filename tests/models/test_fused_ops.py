@@ -257,18 +257,19 @@ def test_falls_back_where_the_kernels_do_not_apply(extension_calls: list[str], c
 
 
 def test_compiled_training_graph_calls_the_processor_operators(extension_calls: list[str]) -> None:
-    """torch.compile keeps the processor kernels (custom operators) in one graph; the eager-only kernels stay out."""
+    """torch.compile keeps the processor kernels and the weight binarization (custom operators) in one graph;
+    the eager-only kernels stay out."""
     torch._dynamo.reset()
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()
     calls = extension_calls
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
-    assert {"bnext.processor_inputs.default", "bnext.batch_norm_prelu.default", "bnext.gated_batch_norm.default"} <= (
-        targets
-    )
-    assert {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward"} <= set(calls)  # the graph ran them
-    assert "divide_clamp" not in calls and "pool_2x2_forward" not in calls
+    operators = {"processor_inputs", "batch_norm_prelu", "gated_batch_norm", "binarize_weight"}
+    assert {f"bnext.{name}.default" for name in operators} <= targets
+    # The graph ran them; the pooling kernel is eager only.
+    assert {"biased_sign_forward", "bn_prelu_forward", "gated_bn_forward", "divide_clamp"} <= set(calls)
+    assert "pool_2x2_forward" not in calls
     torch._dynamo.reset()
 
 
