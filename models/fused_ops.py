@@ -554,7 +554,10 @@ class _ProcessorTail(torch.autograd.Function):
     The batch-norm kernels and the gate's operators of :func:`batch_norm_prelu`,
     :func:`recoupling_gate` and :func:`gated_batch_norm_residual` in the same order, on the
     same values: the same bits, forward and backward. One node and one Python call instead
-    of three of each per processor.
+    of three of each per processor. ``b`` is never stored: the gated kernels recompute it from
+    ``y`` (which norm1's backward keeps anyway) with norm1's coefficients, forward and backward
+    (``b_affine`` in ``models/csrc/fused_train.cpp``), which saves writing it in the forward
+    and holding it until the backward.
     """
 
     @staticmethod
@@ -563,17 +566,21 @@ class _ProcessorTail(torch.autograd.Function):
     ):
         norm1, norm2 = norms
         kernels = load_extension()
-        b, mean1, invstd1, b_mean = kernels.bn_prelu_forward(
-            y, gamma1, beta1, norm1.running_mean, norm1.running_var, norm1.momentum, norm1.eps, slope, True
+        # b = prelu(norm1(y)) is not stored: the gated kernels recompute it from y (saved anyway
+        # for norm1's backward) with norm1's coefficients, the same bits, which saves writing b
+        # here and keeping it until the backward.
+        mean1, invstd1, b_mean, b_affine = kernels.bn_prelu_statistics(
+            y, gamma1, beta1, norm1.running_mean, norm1.running_var, norm1.momentum, norm1.eps, slope
         )
         gate, gate_saved = _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
         out, mean2, invstd2 = kernels.gated_bn_forward(
-            b, gate, residual, multiply, gamma2, beta2, norm2.running_mean, norm2.running_var, norm2.momentum, norm2.eps
-        )
+            y, gate, residual, multiply, gamma2, beta2, norm2.running_mean, norm2.running_var, norm2.momentum,
+            norm2.eps, b_affine,
+        )  # fmt: skip
         ctx.save_for_backward(
             y, gamma1, beta1, slope, mean1, invstd1,  # norm1 and the PReLU
             gate, scale, mix_mean, b_mean, w1, w2, *gate_saved,  # the gate
-            b, residual, gamma2, mean2, invstd2,  # norm2
+            b_affine, residual, gamma2, mean2, invstd2,  # norm2
         )  # fmt: skip
         ctx.multiply = multiply
         return out
@@ -582,11 +589,11 @@ class _ProcessorTail(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         y, gamma1, beta1, slope, mean1, invstd1 = saved[:6]
-        gate_saved, (b, residual, gamma2, mean2, invstd2) = saved[6:15], saved[15:]
+        gate_saved, (b_affine, residual, gamma2, mean2, invstd2) = saved[6:15], saved[15:]
         kernels = load_extension()
         grad_out = kernel_ops._by_samples(grad_out)
         grad_b, grad_gate, grad_r, grad_gamma2, grad_beta2 = kernels.gated_bn_backward(
-            grad_out, b, gate_saved[0], residual, ctx.multiply, gamma2, mean2, invstd2
+            grad_out, y, gate_saved[0], residual, ctx.multiply, gamma2, mean2, invstd2, b_affine
         )
         if not ctx.multiply:
             grad_r = grad_out  # out = norm2(gate * b) + r: the residual's gradient is grad_out itself

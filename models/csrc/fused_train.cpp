@@ -419,14 +419,40 @@ std::vector<float> slope_or_ones(const at::Tensor& slope, bool act, int64_t C) {
   return act ? std::vector<float>(slope.data_ptr<float>(), slope.data_ptr<float>() + C) : std::vector<float>(C, 1.0f);
 }
 
+// prelu(x * alpha + shift): bn_prelu_forward's output value. The gated kernels recompute it
+// from bn_prelu_forward's input where the tail does not store it (b_affine): one expression
+// for both, so that it compiles to the same operations (the same contraction into FMAs) and
+// gives the same bits. A slope of 1 with act (the affine of a batch norm without PReLU)
+// gives z itself, as act = false does.
+inline float affine_prelu(float x, float alpha, float shift, float slope, bool act) {
+  const float z = x * alpha + shift;
+  return (act && !(z > 0.0f)) ? slope * z : z;
+}
+
+// b at value j of plane q (channel chunk.c0 + q): stored (Recompute false), or recomputed
+// from bn_prelu_forward's input with the channels' alpha, shift and slope (b_affine; slope
+// 1 without PReLU).
+template <bool Recompute>
+inline float b_value(const float* bs, int64_t j, const float* alpha, const float* shift, const float* slope,
+                     int64_t q) {
+  if constexpr (Recompute) {
+    return affine_prelu(bs[j], alpha[q], shift[q], slope[q], true);
+  } else {
+    return bs[j];
+  }
+}
+
 }  // namespace
 
-// y = prelu(batch_norm(x)) with batch statistics (slope empty: no PReLU), and, when
-// want_pooled, the spatial mean of y per (sample, channel). Returns
-// {y, mean[C], invstd[C], pooled[N, C, 1, 1] (or empty)}; running statistics are updated in place.
-std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-                                         const at::Tensor& running_mean, const at::Tensor& running_var,
-                                         double momentum, double eps, const at::Tensor& slope, bool want_pooled) {
+namespace {
+
+// bn_prelu_forward, and with write_output false bn_prelu_statistics: y is not stored (the
+// pooled means are taken from a buffer of one sample's chunk). Returns {y (or empty),
+// mean[C], invstd[C], pooled[N, C, 1, 1] (or empty), affine[3, C]}: affine holds the
+// per-channel alpha, shift and slope (1 without PReLU) of y = affine_prelu(x, ...).
+std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                      const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
+                                      double eps, const at::Tensor& slope, bool want_pooled, bool write_output) {
   check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
   TORCH_CHECK(M > 1, "batch norm in training needs more than one value per channel");
@@ -436,10 +462,10 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
   check_vector(running_var, C, "running_var");
   const bool act = slope.numel() > 0;
   if (act) check_vector(slope, C, "slope");
-  auto y = at::empty_like(x);
+  auto y = write_output ? at::empty_like(x) : at::empty({0}, x.options());
   auto pooled = want_pooled ? at::empty({N, C, 1, 1}, x.options()) : at::empty({0}, x.options());
   const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  float* yp = write_output ? y.data_ptr<float>() : nullptr;
   float* pp = want_pooled ? pooled.data_ptr<float>() : nullptr;
   // Sums of x - k with k = x[0, c, 0, 0]: a shift near the data keeps the variance
   // (mean of squares minus squared mean) from cancelling when |mean| >> std.
@@ -463,21 +489,51 @@ std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& 
     batch_stats(affine, chunk, sums, shift, M, eps, momentum, gamma, beta, running_mean, running_var);
   };
   const auto output = [&](const Chunk& chunk, auto HW) {
+    if (!write_output && !want_pooled) return;
     const float* alpha = affine.alpha.data() + chunk.c0;
     const float* beta = affine.shift.data() + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
+    std::vector<float> scratch(write_output ? 0 : chunk.length);  // one sample's chunk, for the means
     for (int64_t n = 0; n < N; ++n) {
       const float* src = xp + chunk.offset(n, C, HW);
-      float* dst = yp + chunk.offset(n, C, HW);
+      float* dst = write_output ? yp + chunk.offset(n, C, HW) : scratch.data();
       for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-        const float z = src[j] * alpha[q] + beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
-        dst[j] = (act && !(z > 0.0f)) ? slope_q * z : z;
+        const float alpha_q = alpha[q], beta_q = beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
+        dst[j] = affine_prelu(src[j], alpha_q, beta_q, slope_q, act);
       });
       if (want_pooled) plane_sums(dst, chunk.planes(), HW, static_cast<double>(HW), pp + n * C + chunk.c0);
     }
   };
   two_passes(N, C, HW, sums, statistics, finish, output);
-  return {y, affine.mean, affine.invstd, pooled};
+  auto coefficients = at::empty({3, C}, x.options());
+  float* cp = coefficients.data_ptr<float>();
+  std::copy(affine.alpha.begin(), affine.alpha.end(), cp);
+  std::copy(affine.shift.begin(), affine.shift.end(), cp + C);
+  std::copy(slopes.begin(), slopes.end(), cp + 2 * C);
+  return {y, affine.mean, affine.invstd, pooled, coefficients};
+}
+
+}  // namespace
+
+// y = prelu(batch_norm(x)) with batch statistics (slope empty: no PReLU), and, when
+// want_pooled, the spatial mean of y per (sample, channel). Returns
+// {y, mean[C], invstd[C], pooled[N, C, 1, 1] (or empty)}; running statistics are updated in place.
+std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                         const at::Tensor& running_mean, const at::Tensor& running_var,
+                                         double momentum, double eps, const at::Tensor& slope, bool want_pooled) {
+  auto out = bn_prelu_pass(x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled, true);
+  out.pop_back();
+  return out;
+}
+
+// bn_prelu_forward without storing y, which the gated kernels recompute from x (their
+// b_affine): {mean[C], invstd[C], pooled[N, C, 1, 1], affine[3, C]}. The pooled means are
+// those of bn_prelu_forward's y, the same bits.
+std::vector<at::Tensor> bn_prelu_statistics(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                            const at::Tensor& running_mean, const at::Tensor& running_var,
+                                            double momentum, double eps, const at::Tensor& slope) {
+  auto out = bn_prelu_pass(x, gamma, beta, running_mean, running_var, momentum, eps, slope, true, false);
+  return {out[1], out[2], out[3], out[4]};
 }
 
 // Gradients of bn_prelu_forward: grad_y (and grad_pooled[N, C], or empty) in;
@@ -569,12 +625,14 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   return {grad_x, grad_gamma, grad_beta, grad_slope};
 }
 
-// y = batch_norm(v) + r with v = (gate * b) [* r] and gate per (sample, channel).
-// Returns {y, mean[C], invstd[C]}; running statistics are updated in place.
-std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& gate, const at::Tensor& r,
-                                         bool multiply_residual, const at::Tensor& gamma, const at::Tensor& beta,
-                                         const at::Tensor& running_mean, const at::Tensor& running_var,
-                                         double momentum, double eps) {
+namespace {
+
+// gated_bn_forward with b stored or (Recompute) recomputed from b_affine.
+template <bool Recompute>
+std::vector<at::Tensor> gated_bn_forward_impl(const at::Tensor& b, const at::Tensor& gate, const at::Tensor& r,
+                                              bool multiply_residual, const at::Tensor& gamma, const at::Tensor& beta,
+                                              const at::Tensor& running_mean, const at::Tensor& running_var,
+                                              double momentum, double eps, const float* b_affine) {
   check_activation(b, "b");
   check_activation(r, "residual");
   TORCH_CHECK(r.sizes() == b.sizes(), "the residual must have the shape of b");
@@ -590,9 +648,12 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
   const float* rp = r.data_ptr<float>();
   const float* gtp = gate.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  // b's alpha, shift and slope rows (unused when b is stored).
+  const float *ba = b_affine, *bsh = b_affine + C, *bw = b_affine + 2 * C;
   std::vector<float> shift(C);  // as in bn_prelu_forward: sums of v - v[0, c, 0, 0]
   for (int64_t c = 0; c < C; ++c) {
-    shift[c] = multiply_residual ? (gtp[c] * bp[c * HW]) * rp[c * HW] : gtp[c] * bp[c * HW];
+    const float b0 = b_value<Recompute>(bp, c * HW, ba, bsh, bw, c);
+    shift[c] = multiply_residual ? (gtp[c] * b0) * rp[c * HW] : gtp[c] * b0;
   }
   ChannelSums sums(C, 2);
   Affine affine(C, gamma.options());
@@ -603,8 +664,10 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
     const float* s = gtp + n * C + chunk.c0;
     const float* bs = bp + chunk.offset(n, C, HW);
     const float* rs = rp + chunk.offset(n, C, HW);
+    const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
     for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
-      const float v = (multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j]) - k[q];
+      const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+      const float v = (multiply_residual ? (s[q] * bj) * rs[j] : s[q] * bj) - k[q];
       sum[slot] += v;
       sum_sq[slot] += v * v;
     });
@@ -619,9 +682,11 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
       const float* s = gtp + n * C + chunk.c0;
       const float* bs = bp + chunk.offset(n, C, HW);
       const float* rs = rp + chunk.offset(n, C, HW);
+      const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
       float* dst = yp + chunk.offset(n, C, HW);
       for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-        const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
+        const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+        const float v = multiply_residual ? (s[q] * bj) * rs[j] : s[q] * bj;
         dst[j] = (v * alpha[q] + beta[q]) + rs[j];
       });
     }
@@ -630,11 +695,13 @@ std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& 
   return {y, affine.mean, affine.invstd};
 }
 
-// Gradients of gated_bn_forward: {grad_b, grad_gate (the gate's shape), grad_r, grad_gamma, grad_beta}.
+// Gradients of gated_bn_forward_impl: {grad_b, grad_gate (the gate's shape), grad_r, grad_gamma, grad_beta}.
 // Without multiply_residual, grad_r is grad_y itself and is returned empty (the caller passes grad_y on).
-std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Tensor& b, const at::Tensor& gate,
-                                          const at::Tensor& r, bool multiply_residual, const at::Tensor& gamma,
-                                          const at::Tensor& save_mean, const at::Tensor& save_invstd) {
+template <bool Recompute>
+std::vector<at::Tensor> gated_bn_backward_impl(const at::Tensor& grad_y, const at::Tensor& b, const at::Tensor& gate,
+                                               const at::Tensor& r, bool multiply_residual, const at::Tensor& gamma,
+                                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                               const float* b_affine) {
   check_activation(b, "b");
   const int64_t gy_stride = sample_stride(grad_y, b, "grad_y");
   check_activation(r, "residual");
@@ -650,6 +717,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   const float* gtp = gate.data_ptr<float>();
   const float* mean = save_mean.data_ptr<float>();
   const float* invstd = save_invstd.data_ptr<float>();
+  const float *ba = b_affine, *bsh = b_affine + C, *bw = b_affine + 2 * C;  // unused when b is stored
   ChannelSums sums(C, 2);
   const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
     const float* m = mean + chunk.c0;
@@ -659,8 +727,10 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
     const float* bs = bp + chunk.offset(n, C, HW);
     const float* rs = rp + chunk.offset(n, C, HW);
     const float* gy = gp + n * gy_stride + chunk.c0 * HW;
+    const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
     for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t slot) {
-      const float v = multiply_residual ? (s[q] * bs[j]) * rs[j] : s[q] * bs[j];
+      const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+      const float v = multiply_residual ? (s[q] * bj) * rs[j] : s[q] * bj;
       sum_dy[slot] += gy[j];
       dot[slot] += gy[j] * (v - m[q]);
     });
@@ -682,6 +752,7 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
     const float* kc = k.data() + chunk.c0;
     std::vector<float> share(chunk.length);  // each value's share of its plane's gate gradient
     float* dgate = share.data();
+    const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
     for (int64_t n = 0; n < N; ++n) {
       const float* s = gtp + n * C + chunk.c0;
       const float* bs = bp + chunk.offset(n, C, HW);
@@ -691,18 +762,20 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
       if (multiply_residual) {
         float* gr = grp + chunk.offset(n, C, HW);
         for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float sb = s[q] * bs[j];
+          const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+          const float sb = s[q] * bj;
           const float dv = (gy[j] - md[q] - (sb * rs[j] - m[q]) * kc[q]) * a[q];
           const float dsb = dv * rs[j];  // gradient reaching s * b
           gb[j] = dsb * s[q];
           gr[j] = gy[j] + dv * sb;
-          dgate[j] = dsb * bs[j];
+          dgate[j] = dsb * bj;
         });
       } else {
         for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float dv = (gy[j] - md[q] - (s[q] * bs[j] - m[q]) * kc[q]) * a[q];
+          const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+          const float dv = (gy[j] - md[q] - (s[q] * bj - m[q]) * kc[q]) * a[q];
           gb[j] = dv * s[q];
-          dgate[j] = dv * bs[j];
+          dgate[j] = dv * bj;
         });
       }
       plane_sums(dgate, chunk.planes(), HW, 1.0, ggp + n * C + chunk.c0);
@@ -710,6 +783,53 @@ std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Te
   };
   two_passes(N, C, HW, sums, gradient_sums, finish, input_gradients);
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
+}
+
+
+// b's per-channel alpha, shift and slope rows (bn_prelu_statistics' affine), or nullptr.
+const float* b_affine_rows(const std::optional<at::Tensor>& b_affine, int64_t C) {
+  if (!b_affine.has_value()) return nullptr;
+  TORCH_CHECK(b_affine->device().is_cpu() && b_affine->scalar_type() == at::kFloat && b_affine->is_contiguous() &&
+                  b_affine->dim() == 2 && b_affine->size(0) == 3 && b_affine->size(1) == C,
+              "b_affine must be a contiguous float32 CPU tensor of 3 x ", C, " values");
+  return b_affine->data_ptr<float>();
+}
+
+}  // namespace
+
+// y = batch_norm(v) + r with v = (gate * b) [* r] and gate per (sample, channel).
+// With b_affine (bn_prelu_statistics' affine), the first tensor is instead bn_prelu_forward's
+// input x, and b = prelu(batch_norm(x)) is recomputed from it (the same bits as the stored
+// b): the tail then never writes b, and its backward reads x in b's place.
+// Returns {y, mean[C], invstd[C]}; running statistics are updated in place.
+std::vector<at::Tensor> gated_bn_forward(const at::Tensor& b, const at::Tensor& gate, const at::Tensor& r,
+                                         bool multiply_residual, const at::Tensor& gamma, const at::Tensor& beta,
+                                         const at::Tensor& running_mean, const at::Tensor& running_var,
+                                         double momentum, double eps, const std::optional<at::Tensor>& b_affine) {
+  check_activation(b, "b");
+  const float* rows = b_affine_rows(b_affine, b.size(1));
+  if (rows) {
+    return gated_bn_forward_impl<true>(b, gate, r, multiply_residual, gamma, beta, running_mean, running_var,
+                                       momentum, eps, rows);
+  }
+  const std::vector<float> unused(3 * b.size(1));  // rows the stored-b loops do not read
+  return gated_bn_forward_impl<false>(b, gate, r, multiply_residual, gamma, beta, running_mean, running_var, momentum,
+                                      eps, unused.data());
+}
+
+// Gradients of gated_bn_forward (b or, with b_affine, x as there).
+std::vector<at::Tensor> gated_bn_backward(const at::Tensor& grad_y, const at::Tensor& b, const at::Tensor& gate,
+                                          const at::Tensor& r, bool multiply_residual, const at::Tensor& gamma,
+                                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                          const std::optional<at::Tensor>& b_affine) {
+  check_activation(b, "b");
+  const float* rows = b_affine_rows(b_affine, b.size(1));
+  if (rows) {
+    return gated_bn_backward_impl<true>(grad_y, b, gate, r, multiply_residual, gamma, save_mean, save_invstd, rows);
+  }
+  const std::vector<float> unused(3 * b.size(1));  // rows the stored-b loops do not read
+  return gated_bn_backward_impl<false>(grad_y, b, gate, r, multiply_residual, gamma, save_mean, save_invstd,
+                                       unused.data());
 }
 
 // What a processor reads from its input x, in one pass: sign(x + bias) per channel
@@ -1108,8 +1228,15 @@ at::Tensor clamp_and_divide_clamp(at::Tensor& w, double clip, double first, doub
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_prelu_forward", &bn_prelu_forward, "batch norm (training) + PReLU + spatial mean, forward");
   m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
-  m.def("gated_bn_forward", &gated_bn_forward, "batch_norm(gate * b [* r]) + r, forward");
-  m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward");
+  m.def("bn_prelu_statistics", &bn_prelu_statistics,
+        "bn_prelu_forward's statistics, means and affine coefficients, without storing its output");
+  m.def("gated_bn_forward", &gated_bn_forward, "batch_norm(gate * b [* r]) + r, forward", py::arg("b"),
+        py::arg("gate"), py::arg("r"), py::arg("multiply_residual"), py::arg("gamma"), py::arg("beta"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
+        py::arg("b_affine") = py::none());
+  m.def("gated_bn_backward", &gated_bn_backward, "batch_norm(gate * b [* r]) + r, backward", py::arg("grad_y"),
+        py::arg("b"), py::arg("gate"), py::arg("r"), py::arg("multiply_residual"), py::arg("gamma"),
+        py::arg("save_mean"), py::arg("save_invstd"), py::arg("b_affine") = py::none());
   m.def("biased_sign_forward", &biased_sign_forward, "sign(x + bias), the spatial mean of x and prelu(x)");
   m.def("biased_sign_backward", &biased_sign_backward, "gradients of biased_sign_forward", py::arg("grad_y"),
         py::arg("grad_mean"), py::arg("grad_activated"), py::arg("x"), py::arg("bias"), py::arg("slope"),

@@ -492,9 +492,10 @@ def _three_functions(y, norm1, prelu, scale, mix_mean, se, residual, norm2, mult
     return fused_ops.gated_batch_norm_residual(b, gate, residual, norm2, multiply_residual)
 
 
+@pytest.mark.parametrize("plane", [1, 2, 3, 4, 9])  # the kernels' loops for 1, 4, 16 and other plane sizes
 @pytest.mark.parametrize("multiply_residual", [True, False])
-def test_processor_tail_is_one_node_with_the_bits_of_the_three_functions(multiply_residual: bool) -> None:
-    case = _tail_case()
+def test_processor_tail_is_one_node_with_the_bits_of_the_three_functions(multiply_residual: bool, plane: int) -> None:
+    case = _tail_case(plane=plane)
     results = []
     for fn in (_three_functions, fused_ops.processor_tail):
         y, norm1, prelu, scale, mix_mean, se, residual, norm2 = copy.deepcopy(case)
@@ -562,3 +563,49 @@ def test_recoupling_gate_kernels_compute_what_the_pytorch_operators_compute(monk
     for actual, expected, of in zip(grads, expected_grads, (scale, mix_mean, b_mean, w1, b1, w2, b2)):
         assert actual.shape == of.shape == expected.shape
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_slope", [True, False], ids=["prelu", "no-prelu"])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (4, 4), (3, 5), (9, 9)])
+def test_gated_kernels_recompute_b_with_the_bits_of_the_stored_one(with_slope: bool, size: tuple[int, int]) -> None:
+    """With bn_prelu_statistics' coefficients the gated kernels read bn_prelu_forward's input in
+    place of its output and recompute the output: the same statistics, outputs and gradients."""
+    ext = fused_ops.load_extension()
+    torch.manual_seed(3)
+    n, c = 6, 40
+    y, residual, grad = (torch.randn(n, c, *size) for _ in range(3))
+    gamma1, beta1, gamma2, beta2 = torch.rand(c) + 0.5, torch.randn(c), torch.rand(c) + 0.5, torch.randn(c)
+    slope = torch.empty(c).uniform_(-0.3, 0.4) if with_slope else torch.empty(0)
+    gate = torch.rand(n, c)
+
+    def statistics():  # the same running statistics on every call (the kernels update them in place)
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(c, generator=generator), torch.rand(c, generator=generator) + 0.5
+
+    rm, rv = statistics()
+    b, mean1, invstd1, pooled = ext.bn_prelu_forward(y, gamma1, beta1, rm, rv, 0.1, 1e-5, slope, True)
+    rm_r, rv_r = statistics()
+    stats = ext.bn_prelu_statistics(y, gamma1, beta1, rm_r, rv_r, 0.1, 1e-5, slope)
+    mean1_r, invstd1_r, pooled_r, affine = stats
+    for stored, recomputed in ((mean1, mean1_r), (invstd1, invstd1_r), (pooled, pooled_r), (rm, rm_r), (rv, rv_r)):
+        assert torch.equal(stored, recomputed)
+    assert affine.shape == (3, c)
+    for multiply in (True, False):
+        common = (gate, residual, multiply, gamma2, beta2)
+        forward = [ext.gated_bn_forward(b, *common, *statistics(), 0.1, 1e-5)]
+        forward.append(ext.gated_bn_forward(y, *common, *statistics(), 0.1, 1e-5, affine))
+        for stored, recomputed in zip(*forward):
+            assert torch.equal(stored, recomputed)
+        _, mean2, invstd2 = forward[0]
+        backward = [ext.gated_bn_backward(grad, b, gate, residual, multiply, gamma2, mean2, invstd2)]
+        backward.append(ext.gated_bn_backward(grad, y, gate, residual, multiply, gamma2, mean2, invstd2, affine))
+        for stored, recomputed in zip(*backward):
+            assert torch.equal(stored, recomputed)
+
+
+def test_gated_kernels_check_the_coefficients_they_recompute_b_with() -> None:
+    ext = fused_ops.load_extension()
+    y, gate = torch.randn(2, 3, 2, 2), torch.rand(2, 3)
+    args = (y, gate, y, True, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="b_affine must be a contiguous float32 CPU tensor of 3 x 3"):
+        ext.gated_bn_forward(*args, torch.ones(2, 3))
