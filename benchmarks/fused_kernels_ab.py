@@ -182,6 +182,12 @@ def compare_in_steps(
     Returns the steps' medians (``{"base": ms, "this": ms}``) and one row per kernel called:
     ``base_ms`` and ``this_ms`` per step, and ``calls`` per step.
     """
+    missing = sorted(name for name in dir(this) if not name.startswith("_") and not hasattr(base, name))
+    if missing:  # this tree's Python would call them on the baseline build in the middle of a step
+        raise SystemExit(
+            f"the baseline build lacks {', '.join(missing)}, which this tree's code may call in a step: --in-step "
+            "compares builds of the same functions; time such a change with benchmarks/train_step.py instead"
+        )
     builds = {"base": base, "this": this}
     timers = {label: Timers() for label in builds}
     step_ms: dict[str, list[float]] = {label: [] for label in builds}

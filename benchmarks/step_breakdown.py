@@ -62,6 +62,10 @@ PROCESSOR_KERNELS = {
 }
 
 
+#: Forward kernels of those functions not named ``<kernel>_forward``: the tail's first batch norm,
+#: which computes its statistics and the gate's means without storing its output.
+OTHER_FORWARD_KERNELS = ("bn_prelu_statistics",)
+
 #: The model modules that call the processor kernels' functions by these names.
 CALLERS = (blocks, bnext)
 
@@ -149,6 +153,8 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
         suffix = "_forward" if direction == "forward" else "_backward"
         kernels = {kernel for _, names in PROCESSOR_KERNELS.values() for kernel in names}
         inside = sum(per_step.get(f"kernel {kernel}{suffix}", (0.0, 0.0))[0] for kernel in kernels)
+        if direction == "forward":
+            inside += sum(per_step.get(f"kernel {kernel}", (0.0, 0.0))[0] for kernel in OTHER_FORWARD_KERNELS)
         inside += per_step.get(f"gate {direction}", (0.0, 0.0))[0]
         calls = sum(per_step.get(f"{direction} {name}", (0.0, 0.0))[1] for name in PROCESSOR_KERNELS)
         rows.append((f"Python and autograd around the processor kernels, {direction}", wrapped - inside, calls))

@@ -147,6 +147,17 @@ def test_in_step_mode_times_every_kernel_of_both_builds_inside_whole_steps() -> 
     assert medians["base"] > medians["this"] > 0
 
 
+def test_in_step_mode_refuses_a_baseline_without_a_kernel_this_tree_calls() -> None:
+    this = fused_ops.load_extension()
+    base = _stand_in(this)
+    del base.bn_prelu_statistics  # a build from before the tail stopped storing b
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
+    with pytest.raises(SystemExit, match="the baseline build lacks bn_prelu_statistics"):
+        fused_kernels_ab.compare_in_steps(model, batch, base, this, steps=1, warmup=0)
+    assert fused_ops.load_extension() is this
+
+
 def test_in_step_and_weights_are_separate_comparisons() -> None:
     with pytest.raises(SystemExit):
         fused_kernels_ab.main(["--baseline", "HEAD", "--in-step", "--weights"])

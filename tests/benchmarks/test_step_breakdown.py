@@ -29,9 +29,12 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     by_name = {name: (ms, calls) for name, ms, calls in rows}
     # BNext-T: 31 processors, each one call of every processor kernel per step, both ways; 4 pooled shortcuts
     # (the stride-2 ELM attentions pool their residual; their mix takes the mean of x instead of its pooling).
-    # The stem's batch norm is the batch-norm kernel too.
-    for kernel, calls in (("biased_sign", 31), ("bn_prelu", 32), ("gated_bn", 31)):
+    # The stem's batch norm is the batch-norm kernel too; the tails' first batch norm takes its statistics
+    # without storing its output (the gated kernels recompute it).
+    for kernel, calls in (("biased_sign", 31), ("gated_bn", 31)):
         assert by_name[f"kernel {kernel}_forward"][1] == by_name[f"kernel {kernel}_backward"][1] == calls
+    assert by_name["kernel bn_prelu_statistics"][1] == 31 and by_name["kernel bn_prelu_forward"][1] == 1
+    assert by_name["kernel bn_prelu_backward"][1] == 32
     assert by_name["kernel pool_2x2_forward"][1] == 4
     # The recoupling gates (their C++ calls inside) have their own rows, one call per processor each way.
     gate_rows = [calls for name, (_, calls) in by_name.items() if name.startswith("recoupling gates")]
@@ -59,3 +62,13 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     with step_breakdown.timed_pieces(timers, optimizer):
         assert "step" in vars(optimizer)
     assert "step" not in vars(optimizer)  # the class's method again
+
+
+def test_the_python_around_the_kernels_excludes_every_kernel_they_call() -> None:
+    timers = step_breakdown.Timers()
+    for name, seconds in (("forward processor_tail", 0.010), ("kernel bn_prelu_statistics", 0.003),
+                          ("kernel gated_bn_forward", 0.004), ("gate forward", 0.001)):  # fmt: skip
+        timers.seconds[name] = seconds
+        timers.calls[name] = 1
+    rows = {name: ms for name, ms, _ in step_breakdown.breakdown(timers, steps=1)}
+    assert rows["Python and autograd around the processor kernels, forward"] == pytest.approx(2.0)
