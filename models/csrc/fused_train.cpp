@@ -6,7 +6,9 @@
 // norm, + residual). Run one PyTorch kernel at a time, each of them reads and writes
 // the whole activation, forward and backward. These kernels run each chain in two
 // or three passes over the data, and recompute the values that the backward needs
-// from the saved inputs instead of storing them.
+// from the saved inputs instead of storing them; a recoupled processor's tail does not
+// even store its first batch norm's output b: bn_prelu_statistics keeps only what the
+// gate needs, and the gated kernels recompute b from the convolution's output (b_affine).
 //
 // The batch-norm kernels split work over the channels (at::parallel_for): a thread takes
 // a chunk of its channels at a time and walks it sample by sample; in each sample the
