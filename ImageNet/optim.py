@@ -54,6 +54,25 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_fused_supported(model) or None)
 
 
+def conform_state_to_parameters(optimizer: torch.optim.Optimizer) -> int:
+    """Give every per-parameter state tensor its parameter's memory layout; returns how many were copied.
+
+    A checkpoint written with one layout and resumed with the other (``--channels-last``
+    switched) hands the optimizer moments whose strides differ from their parameters'.
+    ``Optimizer.load_state_dict`` keeps the saved strides, and torch's fused AdamW walks a
+    parameter and its moments in memory order: it would pair the wrong values, silently
+    (torch 2.14.1). The copies hold the same values in the parameter's layout.
+    """
+    copied = 0
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                # empty_like keeps the parameter's strides; copy_ moves the values by index, not by memory order
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                copied += 1
+    return copied
+
+
 #: Devices with a fused AdamW kernel for floating-point parameters (torch 2.4+).
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 

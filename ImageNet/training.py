@@ -37,7 +37,7 @@ from .engine import EPOCH_TOTALS, NonFiniteLossError, Trainer, evaluate, train_o
 from .faults import fault_point
 from .host_memory import apply_keep_freed_memory, huge_pages_requested, huge_pages_status, restart_with_huge_pages
 from .losses import ClassificationLoss, TrainLoss
-from .optim import TemperatureSchedule, build_optimizer, build_scheduler
+from .optim import TemperatureSchedule, build_optimizer, build_scheduler, conform_state_to_parameters
 from .sync_batchnorm import convert_sync_batchnorm
 from .teachers import TeacherError, load_teachers, parse_weight_files
 
@@ -265,6 +265,8 @@ class Run:
         models.check_state_dict(model, state["model"])
         model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
+        if conform_state_to_parameters(trainer.optimizer) and self.info.is_main:
+            LOG.info("optimizer state copied into the parameters' memory layout (--channels-last changed on resume)")
         scheduler.load_state_dict(state["scheduler"])
         if trainer.scaler is not None and state.get("scaler"):
             trainer.scaler.load_state_dict(state["scaler"])
