@@ -787,7 +787,6 @@ std::vector<at::Tensor> gated_bn_backward_impl(const at::Tensor& grad_y, const a
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
 }
 
-
 // b's per-channel alpha, shift and slope rows (bn_prelu_statistics' affine), or nullptr.
 const float* b_affine_rows(const std::optional<at::Tensor>& b_affine, int64_t C) {
   if (!b_affine.has_value()) return nullptr;
