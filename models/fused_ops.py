@@ -307,10 +307,15 @@ _MIN_TEMPERATURE_32 = _float32(MIN_TEMPERATURE)
 _TINY_32 = torch.finfo(torch.float32).tiny
 
 
+def _host_temperature(temperature: torch.Tensor) -> bool:
+    # A temperature the kernels' divisors are picked from on the host: one float32 value on the CPU.
+    return temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1
+
+
 def _divisors(temperature: torch.Tensor, threshold: float) -> tuple[float, float] | None:
     # The divisors d1, d2 of the binarization at a one-value float32 CPU temperature, picked on
     # the host in float32 as the tensor formula picks them; None for other temperatures.
-    if not (temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1):
+    if not _host_temperature(temperature):
         return None
     t = temperature.item()  # a float32 value, exact as a Python float
     if t < _float32(threshold):
@@ -350,9 +355,7 @@ def binarize_weight_in_graph(
     in place. Inductor's own code for the unfused form writes the plain layout, which the
     tap products then copy (and transpose) on every step.
     """
-    if not (torch.compiler.is_compiling() and _fusable(weight)):
-        return None
-    if not (temperature.device.type == "cpu" and temperature.dtype == torch.float32 and temperature.numel() == 1):
+    if not (torch.compiler.is_compiling() and _fusable(weight) and _host_temperature(temperature)):
         return None
     return kernel_ops.binarize_weight_op(weight, temperature, threshold, tap_major)
 
