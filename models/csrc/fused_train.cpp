@@ -450,8 +450,9 @@ namespace {
 
 // bn_prelu_forward, and with write_output false bn_prelu_statistics: y is not stored (the
 // pooled means are taken from a buffer of one sample's chunk). Returns {y (or empty),
-// mean[C], invstd[C], pooled[N, C, 1, 1] (or empty), affine[3, C]}: affine holds the
-// per-channel alpha, shift and slope (1 without PReLU) of y = affine_prelu(x, ...).
+// mean[C], invstd[C], pooled[N, C, 1, 1] (or empty)}, and without write_output also
+// affine[3, C]: the per-channel alpha, shift and slope (1 without PReLU) of
+// y = affine_prelu(x, ...).
 std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                                       const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
                                       double eps, const at::Tensor& slope, bool want_pooled, bool write_output) {
@@ -507,7 +508,8 @@ std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gam
     }
   };
   two_passes(N, C, HW, sums, statistics, finish, output);
-  auto coefficients = at::empty({3, C}, x.options());
+  if (write_output) return {y, affine.mean, affine.invstd, pooled};
+  auto coefficients = at::empty({3, C}, x.options());  // for the kernels that recompute y
   float* cp = coefficients.data_ptr<float>();
   std::copy(affine.alpha.begin(), affine.alpha.end(), cp);
   std::copy(affine.shift.begin(), affine.shift.end(), cp + C);
@@ -523,9 +525,7 @@ std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gam
 std::vector<at::Tensor> bn_prelu_forward(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                                          const at::Tensor& running_mean, const at::Tensor& running_var,
                                          double momentum, double eps, const at::Tensor& slope, bool want_pooled) {
-  auto out = bn_prelu_pass(x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled, true);
-  out.pop_back();
-  return out;
+  return bn_prelu_pass(x, gamma, beta, running_mean, running_var, momentum, eps, slope, want_pooled, true);
 }
 
 // bn_prelu_forward without storing y, which the gated kernels recompute from x (their
