@@ -30,7 +30,7 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 * :func:`processor_tail`: a recoupled processor after its convolution (``batch_norm_prelu``,
   the gate and ``gated_batch_norm_residual``) as one autograd node in a training step.
 
-The first three and the weight binarization are ``torch.library`` operators
+The first three, the tail and the weight binarization are ``torch.library`` operators
 (:mod:`models.kernel_ops`), so ``torch.compile`` calls them from its graph as eager does
 (the binarization through :func:`binarize_weight_in_graph`); the pooling kernels and the
 constraint's fused pass are eager only (inductor compiles their unfused form). On the CPU, compile with
@@ -510,16 +510,18 @@ def _plain_points_conv(conv: nn.Module) -> bool:
     )
 
 
-def _gate_node_layers(se: nn.Module, mix_mean: torch.Tensor, means_shape: tuple) -> tuple[nn.Conv2d, nn.Conv2d] | None:
+def _gate_node_layers(
+    se: nn.Module, mix_mean: torch.Tensor, means_shape: tuple, in_graph: bool = False
+) -> tuple[nn.Conv2d, nn.Conv2d] | None:
     # The gate's two 1x1 convolutions where its gradient may be written out (see recoupling_gate): a
-    # training step (training mode, gradient recorded, eager, no autocast) and the plain, hook-free
-    # layers SqueezeExcite builds, on means of the shape N x C x 1 x 1. None elsewhere.
+    # training step (training mode, gradient recorded, eager unless in_graph, no autocast) and the
+    # plain, hook-free layers SqueezeExcite builds, on means of the shape N x C x 1 x 1. None elsewhere.
     layers = getattr(se, "se", None)
     if (
         switched_on()
         and se.training
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and (in_graph or not torch.compiler.is_compiling())
         and not torch.is_autocast_enabled(mix_mean.device.type)
         and isinstance(layers, nn.Sequential)
         and len(layers) == 4
@@ -550,67 +552,94 @@ def recoupling_gate(scale: torch.Tensor, mix_mean: torch.Tensor, b_mean: torch.T
     return se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)
 
 
+class TailStatistics(NamedTuple):
+    """A batch norm's running statistics and constants as the tail's kernels take them."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    momentum: float
+    eps: float
+
+
+def tail_forward(
+    y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2,
+    norm1: TailStatistics, norm2: TailStatistics, multiply: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
+    """A recoupled processor's output from its convolution's output ``y`` by the kernels, and what
+    its backward needs besides the inputs: ``(mean1, invstd1, b_mean, b_affine, gate, keep, pooled,
+    hidden, mean2, invstd2)``. The running statistics passed in are updated in place.
+
+    ``b = prelu(norm1(y))`` is never stored: the gated kernels recompute it from ``y`` (which
+    norm1's backward keeps anyway) with norm1's coefficients ``b_affine``, the same bits, which
+    saves writing it here and holding it until the backward.
+    """
+    kernels = load_extension()
+    mean1, invstd1, b_mean, b_affine = kernels.bn_prelu_statistics(y, gamma1, beta1, *norm1, slope)
+    gate, gate_saved = _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+    out, mean2, invstd2 = kernels.gated_bn_forward(y, gate, residual, multiply, gamma2, beta2, *norm2, b_affine)
+    return out, (mean1, invstd1, b_mean, b_affine, gate, *gate_saved, mean2, invstd2)
+
+
+def tail_backward(
+    grad_out, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, saved, multiply: bool, wants
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of :func:`tail_forward`'s tensor inputs ``(y, residual, mix_mean, scale, gamma1,
+    beta1, slope, w1, b1, w2, b2, gamma2, beta2)`` from its output's, ``saved`` its second result;
+    ``wants`` says which of the gate's seven inputs need one (the others' are None). Without
+    ``multiply`` the residual's gradient is ``grad_out`` itself."""
+    mean1, invstd1, b_mean, b_affine, gate, keep, pooled, hidden, mean2, invstd2 = saved
+    kernels = load_extension()
+    grad_out = kernel_ops._by_samples(grad_out)
+    grad_b, grad_gate, grad_r, grad_gamma2, grad_beta2 = kernels.gated_bn_backward(
+        grad_out, y, gate, residual, multiply, gamma2, mean2, invstd2, b_affine
+    )
+    if not multiply:
+        grad_r = grad_out  # out = norm2(gate * b) + r: the residual's gradient is grad_out itself
+    grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2 = _gate_backward(
+        grad_gate, gate, scale, mix_mean, b_mean, w1, w2, keep, pooled, hidden, wants
+    )
+    grad_y, grad_gamma1, grad_beta1, grad_slope = kernels.bn_prelu_backward(
+        grad_b, grad_b_mean, y, gamma1, beta1, slope, mean1, invstd1
+    )
+    return (
+        grad_y, grad_r, grad_mix, grad_scale, grad_gamma1, grad_beta1, grad_slope,
+        grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma2, grad_beta2,
+    )  # fmt: skip
+
+
 class _ProcessorTail(torch.autograd.Function):
-    """A recoupled processor after its binary convolution, as one autograd node:
+    """A recoupled processor after its binary convolution, as one autograd node (eager):
     ``b = prelu(norm1(y))``, the gate from ``mean(b)`` and the mix, ``norm2(gate * b [* r]) + r``.
 
     The batch-norm kernels and the gate's operators of :func:`batch_norm_prelu`,
     :func:`recoupling_gate` and :func:`gated_batch_norm_residual` in the same order, on the
-    same values: the same bits, forward and backward. One node and one Python call instead
-    of three of each per processor. ``b`` is never stored: the gated kernels recompute it from
-    ``y`` (which norm1's backward keeps anyway) with norm1's coefficients, forward and backward
-    (``b_affine`` in ``models/csrc/fused_train.cpp``), which saves writing it in the forward
-    and holding it until the backward.
+    same values: the same bits, forward and backward (:func:`tail_forward`,
+    :func:`tail_backward`). One node and one Python call instead of three of each per
+    processor. A compiled graph calls the same functions through an operator
+    (:data:`models.kernel_ops.processor_tail_op`).
     """
 
     @staticmethod
     def forward(
         ctx, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2, norms, multiply
     ):
-        norm1, norm2 = norms
-        kernels = load_extension()
-        # b = prelu(norm1(y)) is not stored: the gated kernels recompute it from y (saved anyway
-        # for norm1's backward) with norm1's coefficients, the same bits, which saves writing b
-        # here and keeping it until the backward.
-        mean1, invstd1, b_mean, b_affine = kernels.bn_prelu_statistics(
-            y, gamma1, beta1, norm1.running_mean, norm1.running_var, norm1.momentum, norm1.eps, slope
+        out, saved = tail_forward(
+            y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2, *norms, multiply
         )
-        gate, gate_saved = _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
-        out, mean2, invstd2 = kernels.gated_bn_forward(
-            y, gate, residual, multiply, gamma2, beta2, norm2.running_mean, norm2.running_var, norm2.momentum,
-            norm2.eps, b_affine,
-        )  # fmt: skip
-        ctx.save_for_backward(
-            y, gamma1, beta1, slope, mean1, invstd1,  # norm1 and the PReLU
-            gate, scale, mix_mean, b_mean, w1, w2, *gate_saved,  # the gate
-            b_affine, residual, gamma2, mean2, invstd2,  # norm2
-        )  # fmt: skip
+        ctx.save_for_backward(y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, *saved)
         ctx.multiply = multiply
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        y, gamma1, beta1, slope, mean1, invstd1 = saved[:6]
-        gate_saved, (b_affine, residual, gamma2, mean2, invstd2) = saved[6:15], saved[15:]
-        kernels = load_extension()
-        grad_out = kernel_ops._by_samples(grad_out)
-        grad_b, grad_gate, grad_r, grad_gamma2, grad_beta2 = kernels.gated_bn_backward(
-            grad_out, y, gate_saved[0], residual, ctx.multiply, gamma2, mean2, invstd2, b_affine
-        )
-        if not ctx.multiply:
-            grad_r = grad_out  # out = norm2(gate * b) + r: the residual's gradient is grad_out itself
+        inputs, saved = ctx.saved_tensors[:10], ctx.saved_tensors[10:]
         wants = ctx.needs_input_grad
-        grad_scale, grad_mix, grad_b_mean, grad_w1, grad_b1, grad_w2, grad_b2 = _gate_backward(
-            grad_gate, *gate_saved, (wants[3], wants[2], True, *wants[7:11])
-        )
-        grad_y, grad_gamma1, grad_beta1, grad_slope = kernels.bn_prelu_backward(
-            grad_b, grad_b_mean, y, gamma1, beta1, slope, mean1, invstd1
-        )
-        return (
-            grad_y, grad_r, grad_mix, grad_scale, grad_gamma1, grad_beta1, grad_slope,
-            grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma2, grad_beta2, None, None,
-        )  # fmt: skip
+        gate_wants = (wants[3], wants[2], True, *wants[7:11])
+        return (*tail_backward(grad_out, *inputs, saved, ctx.multiply, gate_wants), None, None)
+
+
+def _tail_statistics(norm: nn.BatchNorm2d) -> TailStatistics:
+    return TailStatistics(norm.running_mean, norm.running_var, norm.momentum, norm.eps)
 
 
 def processor_tail(
@@ -628,11 +657,13 @@ def processor_tail(
 
     ``b, b_mean = batch_norm_prelu(y, norm1, prelu, pooled=True)``, then
     ``gated_batch_norm_residual(b, recoupling_gate(scale, mix_mean, b_mean, se), residual, norm2,
-    multiply_residual)``. In an eager training step where all three take their fast path,
-    one autograd node (:class:`_ProcessorTail`) with the same kernels and the same bits;
-    elsewhere the three functions.
+    multiply_residual)``. In a training step where all three take their fast path, one
+    autograd node (:class:`_ProcessorTail`) with the same kernels and the same bits, and in a
+    compiled one the same kernels as one operator (:func:`models.kernel_ops.processor_tail`),
+    which returns the running statistics for this function to write; elsewhere the three
+    functions.
     """
-    layers = _gate_node_layers(se, mix_mean, (*y.shape[:2], 1, 1)) if y.dim() == 4 else None
+    layers = _gate_node_layers(se, mix_mean, (*y.shape[:2], 1, 1), in_graph=True) if y.dim() == 4 else None
     if (
         layers is not None
         and isinstance(prelu, nn.PReLU)
@@ -644,11 +675,17 @@ def processor_tail(
         and hook_free(norm1, prelu, norm2)
     ):
         (reduce, expand), channels = layers, y.shape[1]
-        out = _ProcessorTail.apply(
+        args = (
             y, residual, mix_mean, scale, norm1.weight, norm1.bias, _slope(prelu, channels),
             reduce.weight, reduce.bias, expand.weight, expand.bias, norm2.weight, norm2.bias,
-            (norm1, norm2), multiply_residual,
         )  # fmt: skip
+        statistics = (_tail_statistics(norm1), _tail_statistics(norm2))
+        if torch.compiler.is_compiling():
+            out, *new_statistics = kernel_ops.processor_tail(*args, *statistics, multiply_residual)
+            _update_statistics(norm1, *new_statistics[:2])
+            _update_statistics(norm2, *new_statistics[2:])
+            return out
+        out = _ProcessorTail.apply(*args, statistics, multiply_residual)
         # The kernels updated the running statistics in place.
         _update_statistics(norm1, norm1.running_mean, norm1.running_var)
         _update_statistics(norm2, norm2.running_mean, norm2.running_var)

@@ -9,7 +9,9 @@ Custom operators that carry a backward must not mutate their inputs, so the batc
 operators return the updated running statistics (computed by the kernel on copies of
 the old ones) and the caller writes them into the module's buffers. The operators are
 the building blocks of :mod:`models.fused_ops`, which decides where they apply; they
-expect what it checks: CPU float32 contiguous NCHW tensors, one value per channel.
+expect what it checks: CPU float32 contiguous NCHW tensors, one value per channel. The
+last, :data:`processor_tail_op`, is a recoupled processor's whole tail (its two batch
+norms and gate), which eager steps run as one autograd node of :mod:`models.fused_ops`.
 
 A custom operator costs tens of microseconds of Python dispatch per call in eager mode,
 about as much as the kernel itself on the small late-stage activations, so the public
@@ -489,3 +491,108 @@ def _binarize_weight_grad(ctx, grad):
 
 
 binarize_weight_op.register_autograd(_binarize_weight_grad)
+
+
+# --------------------------------------------------------------------------- a recoupled processor's tail
+
+
+# The operators' outputs, spelled out for their schema: the output, four running statistics and ten
+# tensors for the backward; the gradients of the thirteen tensor inputs.
+_TailOutputs = tuple[(Tensor,) * 15]
+_TailGradients = tuple[(Tensor,) * 13]
+
+
+def _tail_functions():
+    # fused_ops holds the tail's kernel sequence, shared with its eager autograd function.
+    from . import fused_ops
+
+    return fused_ops
+
+
+def _processor_tail(
+    y: Tensor, residual: Tensor, mix_mean: Tensor, scale: Tensor, gamma1: Tensor, beta1: Tensor, slope: Tensor,
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma2: Tensor, beta2: Tensor,
+    running_mean1: Tensor, running_var1: Tensor, momentum1: float, eps1: float,
+    running_mean2: Tensor, running_var2: Tensor, momentum2: float, eps2: float, multiply_residual: bool,
+) -> _TailOutputs:  # fmt: skip
+    fused_ops = _tail_functions()
+    statistics = [running_mean1.clone(), running_var1.clone(), running_mean2.clone(), running_var2.clone()]
+    norm1 = fused_ops.TailStatistics(statistics[0], statistics[1], momentum1, eps1)
+    norm2 = fused_ops.TailStatistics(statistics[2], statistics[3], momentum2, eps2)
+    out, saved = fused_ops.tail_forward(
+        y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2, norm1, norm2,
+        multiply_residual,
+    )  # fmt: skip
+    return out, *statistics, *saved
+
+
+processor_tail_op = torch.library.custom_op("bnext::processor_tail", _processor_tail, mutates_args=())
+
+
+@processor_tail_op.register_fake
+def _(y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, *_):
+    n, c = y.shape[:2]
+    per_channel = [gamma1.new_empty(c) for _ in range(6)]  # 4 running statistics, mean1, invstd1
+    gate_saved = (scale.new_empty(scale.shape), y.new_empty(n, c), y.new_empty(n, w1.shape[0]))  # keep, pooled, hidden
+    saved = (y.new_empty(n, c, 1, 1), y.new_empty(3, c), y.new_empty(n, c), *gate_saved)  # b_mean, b_affine, gate
+    return torch.empty_like(y), *per_channel, *saved, gamma2.new_empty(c), gamma2.new_empty(c)
+
+
+def _processor_tail_backward(
+    grad_out: Tensor, y: Tensor, residual: Tensor, mix_mean: Tensor, scale: Tensor, gamma1: Tensor, beta1: Tensor,
+    slope: Tensor, w1: Tensor, w2: Tensor, gamma2: Tensor, saved: list[Tensor], multiply_residual: bool,
+) -> _TailGradients:  # fmt: skip
+    grads = _tail_functions().tail_backward(
+        grad_out, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, saved, multiply_residual,
+        (True,) * 7,
+    )  # fmt: skip
+    # An operator's output may not alias its input: without multiply_residual the residual's
+    # gradient is grad_out itself, which the autograd formula passes on.
+    return tuple(no_values(y) if i == 1 and not multiply_residual else grad for i, grad in enumerate(grads))
+
+
+processor_tail_backward_op = torch.library.custom_op(
+    "bnext::processor_tail_backward", _processor_tail_backward, mutates_args=()
+)
+
+
+@processor_tail_backward_op.register_fake
+def _(grad_out, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, saved, multiply_residual):
+    grad_r = torch.empty_like(residual) if multiply_residual else no_values(y)
+    like = (y, grad_r, mix_mean, scale, gamma1, beta1, slope, w1, w1[:, 0, 0, 0], w2, w2[:, 0, 0, 0], gamma2, gamma2)
+    return tuple(torch.empty_like(t) if i != 1 else t for i, t in enumerate(like))
+
+
+def _processor_tail_setup(ctx, inputs, output) -> None:
+    y, residual, mix_mean, scale, gamma1, beta1, slope, w1, _, w2, _, gamma2, *_, multiply_residual = inputs
+    saved = output[5:]
+    ctx.save_for_backward(y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, *saved)
+    ctx.multiply_residual = multiply_residual
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _processor_tail_grad(ctx, grad_out, *_unused) -> tuple[Tensor | None, ...]:
+    # The gradients of the 22 inputs, from that of the output.
+    inputs, saved = ctx.saved_tensors[:10], list(ctx.saved_tensors[10:])
+    grads = processor_tail_backward_op(grad_out, *inputs, saved, ctx.multiply_residual)
+    if not ctx.multiply_residual:
+        grads = (grads[0], grad_out, *grads[2:])
+    return (*grads, *(None,) * 9)
+
+
+processor_tail_op.register_autograd(_processor_tail_grad, setup_context=_processor_tail_setup)
+
+
+def processor_tail(
+    y: Tensor, residual: Tensor, mix_mean: Tensor, scale: Tensor, gamma1: Tensor, beta1: Tensor, slope: Tensor,
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma2: Tensor, beta2: Tensor,
+    norm1: tuple[Tensor, Tensor, float, float], norm2: tuple[Tensor, Tensor, float, float], multiply_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """A recoupled processor's tail (:func:`models.fused_ops.tail_forward`) as one operator, for a
+    compiled graph: ``(out, new running mean1, var1, mean2, var2)``, the running statistics
+    ``norm1``/``norm2`` (mean, var, momentum, eps) left unchanged (the caller writes the new ones)."""
+    out = processor_tail_op(
+        y, residual, mix_mean, scale, gamma1, beta1, slope, w1, b1, w2, b2, gamma2, beta2, *norm1, *norm2,
+        multiply_residual,
+    )  # fmt: skip
+    return out[0], out[1], out[2], out[3], out[4]

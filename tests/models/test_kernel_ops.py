@@ -75,6 +75,52 @@ def test_batch_norms_update_the_running_statistics(eager: bool, gated: bool) -> 
     torch.testing.assert_close(new_var, expected.running_var)
 
 
+def _tail_args(multiply_residual: bool) -> tuple:
+    # A recoupled tail's inputs (a gate of C -> 2 -> C), the running statistics and constants.
+    torch.manual_seed(0)
+    hidden = 2
+
+    def parameter(*shape: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+        return torch.empty(shape).uniform_(low, high).requires_grad_(True)
+
+    return (
+        _x(), _x(), torch.randn(N, C, 1, 1, requires_grad=True), parameter(1, C, 1, 1, low=0.0),
+        parameter(C, low=0.5, high=1.5), parameter(C), parameter(C, low=0.0, high=0.5),
+        parameter(hidden, C, 1, 1), parameter(hidden), parameter(C, hidden, 1, 1), parameter(C),
+        parameter(C, low=0.5, high=1.5), parameter(C),
+        *_statistics(), 0.1, 1e-5, *_statistics(), 0.2, 1e-3, multiply_residual,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("multiply_residual", [False, True])
+def test_processor_tail_operator(multiply_residual: bool) -> None:
+    torch.library.opcheck(kernel_ops.processor_tail_op, _tail_args(multiply_residual))
+
+
+@pytest.mark.parametrize("multiply_residual", [False, True])
+def test_processor_tail_operator_computes_the_eager_node(multiply_residual: bool) -> None:
+    """The compiled graph's tail and the eager step's node run the same kernels: the same output,
+    running statistics and gradients, bit for bit; the operator leaves the statistics passed in alone."""
+    args = _tail_args(multiply_residual)
+    tensors, (mean1, var1, m1, e1, mean2, var2, m2, e2, _) = args[:13], args[13:]
+    before = [t.clone() for t in (mean1, var1, mean2, var2)]
+    eager_statistics = [t.clone() for t in before]  # the eager node updates these in place
+    norms = (
+        fused_ops.TailStatistics(*eager_statistics[:2], m1, e1),
+        fused_ops.TailStatistics(*eager_statistics[2:], m2, e2),
+    )
+    upstream = torch.linspace(-1, 1, N * C * H * W).view(N, C, H, W)
+    eager = fused_ops._ProcessorTail.apply(*tensors, norms, multiply_residual)
+    eager_grads = torch.autograd.grad(eager, tensors, upstream)
+    operator = kernel_ops.processor_tail(*tensors, (mean1, var1, m1, e1), (mean2, var2, m2, e2), multiply_residual)
+    operator_grads = torch.autograd.grad(operator[0], tensors, upstream)
+    assert torch.equal(operator[0], eager)
+    assert all(torch.equal(a, e) for a, e in zip(operator[1:], eager_statistics))
+    assert all(torch.equal(a, e) for a, e in zip(operator_grads, eager_grads))
+    assert all(torch.equal(a, e) for a, e in zip((mean1, var1, mean2, var2), before))
+    assert not torch.equal(eager_statistics[0], before[0])  # the eager node did update its copies
+
+
 def _outputs_and_gradients(fn, *args):
     outputs = fn(*args)
     differentiable = [t for t in outputs if t.requires_grad]
