@@ -632,7 +632,8 @@ class _ProcessorTail(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs, saved = ctx.saved_tensors[:10], ctx.saved_tensors[10:]
+        tensors = ctx.saved_tensors  # unpacked (and version-checked) on every access: once
+        inputs, saved = tensors[:10], tensors[10:]
         wants = ctx.needs_input_grad
         gate_wants = (wants[3], wants[2], True, *wants[7:11])
         return (*tail_backward(grad_out, *inputs, saved, ctx.multiply, gate_wants), None, None)

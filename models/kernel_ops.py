@@ -573,7 +573,8 @@ def _processor_tail_setup(ctx, inputs, output) -> None:
 
 def _processor_tail_grad(ctx, grad_out, *_unused) -> tuple[Tensor | None, ...]:
     # The gradients of the 22 inputs, from that of the output.
-    inputs, saved = ctx.saved_tensors[:10], list(ctx.saved_tensors[10:])
+    tensors = ctx.saved_tensors  # unpacked on every access: once
+    inputs, saved = tensors[:10], list(tensors[10:])
     grads = processor_tail_backward_op(grad_out, *inputs, saved, ctx.multiply_residual)
     if not ctx.multiply_residual:
         grads = (grads[0], grad_out, *grads[2:])
