@@ -33,12 +33,17 @@ import torch
 from torch import Tensor
 
 
-def _kernels():
-    # fused_ops holds the one loader (cached; fused_ops calls these operators only after
-    # it loaded). Imported here, not at the top: fused_ops imports this module.
+def _fused_ops():
+    # fused_ops holds the one extension loader (cached; fused_ops calls these operators only after
+    # it loaded) and the tail's kernel sequence. Imported here, not at the top: fused_ops imports
+    # this module.
     from . import fused_ops
 
-    return fused_ops.load_extension()
+    return fused_ops
+
+
+def _kernels():
+    return _fused_ops().load_extension()
 
 
 def no_values(like: Tensor) -> Tensor:
@@ -502,20 +507,13 @@ _TailOutputs = tuple[(Tensor,) * 15]
 _TailGradients = tuple[(Tensor,) * 13]
 
 
-def _tail_functions():
-    # fused_ops holds the tail's kernel sequence, shared with its eager autograd function.
-    from . import fused_ops
-
-    return fused_ops
-
-
 def _processor_tail(
     y: Tensor, residual: Tensor, mix_mean: Tensor, scale: Tensor, gamma1: Tensor, beta1: Tensor, slope: Tensor,
     w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma2: Tensor, beta2: Tensor,
     running_mean1: Tensor, running_var1: Tensor, momentum1: float, eps1: float,
     running_mean2: Tensor, running_var2: Tensor, momentum2: float, eps2: float, multiply_residual: bool,
 ) -> _TailOutputs:  # fmt: skip
-    fused_ops = _tail_functions()
+    fused_ops = _fused_ops()
     statistics = [running_mean1.clone(), running_var1.clone(), running_mean2.clone(), running_var2.clone()]
     norm1 = fused_ops.TailStatistics(statistics[0], statistics[1], momentum1, eps1)
     norm2 = fused_ops.TailStatistics(statistics[2], statistics[3], momentum2, eps2)
@@ -542,7 +540,7 @@ def _processor_tail_backward(
     grad_out: Tensor, y: Tensor, residual: Tensor, mix_mean: Tensor, scale: Tensor, gamma1: Tensor, beta1: Tensor,
     slope: Tensor, w1: Tensor, w2: Tensor, gamma2: Tensor, saved: list[Tensor], multiply_residual: bool,
 ) -> _TailGradients:  # fmt: skip
-    grads = _tail_functions().tail_backward(
+    grads = _fused_ops().tail_backward(
         grad_out, y, residual, mix_mean, scale, gamma1, beta1, slope, w1, w2, gamma2, saved, multiply_residual,
         (True,) * 7,
     )  # fmt: skip
