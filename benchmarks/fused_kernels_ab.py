@@ -141,31 +141,44 @@ def weight_layouts(model: nn.Module, example: torch.Tensor) -> list[tuple[torch.
     return layouts
 
 
+#: The binarization's divisors (models.fused_ops._divisors) in the three phases of training:
+#: T = 1 (the first epoch), T = 0.9^10 (the progressive phase, a temperature that is not a
+#: power of two) and T below the sign threshold (both divisors the smallest normal float).
+WEIGHT_PHASES = (
+    ("T=1", 1.0, 1.0),
+    ("T=0.9^10", float(torch.tensor(0.9**10, dtype=torch.float32)), 1.0),
+    ("sign", torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).tiny),
+)
+
+
 def compare_weights(
     layouts: list[tuple[torch.Tensor, bool]], base: ModuleType, this: ModuleType, iters: int
 ) -> list[dict]:
-    """The weight kernels over all the layers' weights, each in its step's layout: one row per kernel.
+    """The weight kernels over all the layers' weights, each in its step's layout: one row per kernel and phase.
 
     ``divide_clamp`` (a step's binarization) and, where both builds have it,
     ``clamp_and_divide_clamp`` (the constraint pass with the next step's binarization; the
-    weights are inside the clip, so its clamp writes nothing and every call is the same).
+    weights are inside the clip, so its clamp writes nothing and every call is the same),
+    at each temperature of :data:`WEIGHT_PHASES`.
     """
     rows = []
-    for name, arguments in (("divide_clamp", (0.5, 1.0)), ("clamp_and_divide_clamp", (1.5, 0.5, 1.0))):
-        if not (hasattr(base, name) and hasattr(this, name)):
-            continue
+    tap_values = sum(weight.numel() for weight, tap_major in layouts if tap_major) / 1e6
+    values = sum(weight.numel() for weight, _ in layouts) / 1e6
+    shape = f"{len(layouts)} weights, {tap_values:.1f}M of {values:.1f}M tap-major"
+    for phase, first, second in WEIGHT_PHASES:
+        for name, arguments in (("divide_clamp", (first, second)), ("clamp_and_divide_clamp", (1.5, first, second))):
+            if not (hasattr(base, name) and hasattr(this, name)):
+                continue
 
-        def calls(kernels: ModuleType, name: str = name, arguments: tuple = arguments) -> Callable[[], list]:
-            function = getattr(kernels, name)
-            return lambda: [function(weight, *arguments, tap_major) for weight, tap_major in layouts]
+            def calls(kernels: ModuleType, name: str = name, arguments: tuple = arguments) -> Callable[[], list]:
+                function = getattr(kernels, name)
+                return lambda: [function(weight, *arguments, tap_major) for weight, tap_major in layouts]
 
-        base_fn, this_fn = calls(base), calls(this)
-        same = same_bits(base_fn(), this_fn())
-        base_ms, this_ms = time_alternating(base_fn, this_fn, iters, warmup=3)
-        tap_values = sum(weight.numel() for weight, tap_major in layouts if tap_major) / 1e6
-        values = sum(weight.numel() for weight, _ in layouts) / 1e6
-        shape = f"{len(layouts)} weights, {tap_values:.1f}M of {values:.1f}M tap-major"
-        rows.append({"shape": shape, "kernel": name, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
+            base_fn, this_fn = calls(base), calls(this)
+            same = same_bits(base_fn(), this_fn())
+            base_ms, this_ms = time_alternating(base_fn, this_fn, iters, warmup=3)
+            kernel = f"{name} {phase}"
+            rows.append({"shape": shape, "kernel": kernel, "base_ms": base_ms, "this_ms": this_ms, "same_bits": same})
     return rows
 
 
@@ -285,19 +298,23 @@ def main(argv: list[str] | None = None) -> None:
         example = torch.randn(2, 3, args.img_size, args.img_size)
         rows = compare([(args.batch, *s[1:]) for s in norm_input_shapes(model, example)], base, this, args.iters)
     width = max([22] + [len(str(row["shape"])) for row in rows])
-    print(f"{'shape':<{width}} {'kernel':<26} {'base ms':>9} {'this ms':>9} {'base/this':>10} {'same bits':>10}")
+    kernel_width = max([26] + [len(row["kernel"]) for row in rows])
+    print(
+        f"{'shape':<{width}} {'kernel':<{kernel_width}} {'base ms':>9} {'this ms':>9} {'base/this':>10} "
+        f"{'same bits':>10}"
+    )
     for row in rows:
         ratio = row["base_ms"] / row["this_ms"]
         print(
-            f"{str(row['shape']):<{width}} {row['kernel']:<26} {row['base_ms']:>9.3f} {row['this_ms']:>9.3f} "
-            f"{ratio:>10.2f} {'yes' if row['same_bits'] else 'NO':>10}"
+            f"{str(row['shape']):<{width}} {row['kernel']:<{kernel_width}} {row['base_ms']:>9.3f} "
+            f"{row['this_ms']:>9.3f} {ratio:>10.2f} {'yes' if row['same_bits'] else 'NO':>10}"
         )
     base_total, this_total = sum(r["base_ms"] for r in rows), sum(r["this_ms"] for r in rows)
     all_same = all(r["same_bits"] for r in rows)
     ratio = base_total / this_total
     print(
-        f"{'total (one call per row)':<{width + 27}} {base_total:>9.3f} {this_total:>9.3f} {ratio:>10.2f} "
-        f"{'yes' if all_same else 'NO':>10}"
+        f"{'total (one call per row)':<{width + kernel_width + 1}} {base_total:>9.3f} {this_total:>9.3f} "
+        f"{ratio:>10.2f} {'yes' if all_same else 'NO':>10}"
     )
 
 

@@ -111,13 +111,15 @@ def test_weight_kernels_are_compared_in_each_layers_step_layout() -> None:
     layouts = fused_kernels_ab.weight_layouts(model, torch.randn(2, 3, 16, 16))
     assert len(layouts) == 31 and any(tap for _, tap in layouts) and not all(tap for _, tap in layouts)
     rows = fused_kernels_ab.compare_weights(layouts, _stand_in(this), this, iters=1)
-    assert [row["kernel"] for row in rows] == ["divide_clamp", "clamp_and_divide_clamp"]
+    phases = [phase for phase, _, _ in fused_kernels_ab.WEIGHT_PHASES]
+    assert phases == ["T=1", "T=0.9^10", "sign"]
+    kernels = [f"{kernel} {phase}" for phase in phases for kernel in ("divide_clamp", "clamp_and_divide_clamp")]
+    assert [row["kernel"] for row in rows] == kernels
     assert all(row["same_bits"] and row["base_ms"] > 0 for row in rows)
     older = _stand_in(this)
     del older.clamp_and_divide_clamp  # a baseline from before the constraint pass binarized
-    assert [row["kernel"] for row in fused_kernels_ab.compare_weights(layouts, older, this, iters=1)] == [
-        "divide_clamp"
-    ]
+    rows = fused_kernels_ab.compare_weights(layouts, older, this, iters=1)
+    assert [row["kernel"] for row in rows] == [f"divide_clamp {phase}" for phase in phases]
 
 
 def test_in_step_mode_times_every_kernel_of_both_builds_inside_whole_steps() -> None:

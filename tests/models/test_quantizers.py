@@ -58,14 +58,17 @@ def test_hard_binarization_is_exactly_sign_even_for_subnormal_weights(dtype: tor
 
 
 @TRAINED
-@pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-7, 5e-9])
+# The kernel multiplies by the reciprocal of a power-of-two temperature (0.5, 2**-26) and divides otherwise.
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 0.5, 1e-7, 5e-9, 2**-26])
 def test_soft_binarization_is_the_official_formula_bit_for_bit(temperature: float, trained: bool) -> None:
     weight = torch.randn(64, 32, 3, 3) * 1e-3
     weight[0, 0, 0, :] = torch.tensor([math.nan, 0.0, -0.0])
+    tiny = torch.finfo(torch.float32).tiny
+    weight[0, 1, 0, :] = torch.tensor([tiny / 4, -tiny / 1024, 3 * tiny])  # subnormal and near-subnormal values
     t = torch.tensor([temperature])
     expected = (weight / t.clamp(min=MIN_TEMPERATURE)).clamp(-1.0, 1.0)
-    # 5e-9 is below the threshold 1e-7 but above 1e-9: exact sign there.
-    threshold = 1e-9 if temperature == 5e-9 else 1e-7
+    # 5e-9 and 2**-26 are below the threshold 1e-7 but above 1e-9: exact sign there.
+    threshold = 1e-9 if temperature < 1e-7 else 1e-7
     out = progressive_binarize(weight.requires_grad_(trained), t, threshold)
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.nan_to_num(), expected.nan_to_num())
