@@ -15,6 +15,11 @@ For a model, input size and batch this times, alternately after warm-up:
   the step would cost if everything but the convolutions were free, so
   ``step / floor`` says how much room the non-convolution work leaves.
 
+On the CPU it also measures, before every timed pair, how far apart the two threads
+run (:mod:`benchmarks.thread_placement`): on a virtual machine they may share a cache in
+some pairs and not in others, which moves both timings by about a tenth, so a run whose
+pairs fell in both placements reports step/floor for each.
+
 Usage::
 
     python benchmarks/train_step.py --model bnext_tiny --width-mult 0.25 --batch 16 --mode eager --mode channels_last
@@ -50,6 +55,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from benchmarks import thread_placement  # noqa: E402
 from ImageNet.host_memory import add_huge_pages_flag, add_keep_freed_memory_flag, apply_host_memory_flags  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
 from models import fused_ops  # noqa: E402
@@ -348,6 +354,7 @@ def measure(
     warmup: int = 3,
     iters: int = 10,
     device: torch.device | str | None = None,
+    probe: Callable[[], float | None] | None = None,
 ) -> dict[str, Any]:
     """Time ``step`` and ``floor`` alternately (step, floor, step, floor, ...) and take medians.
 
@@ -359,6 +366,9 @@ def measure(
     over the pairs: how far the machine's noise moves a ratio measured side by side.
     ``step_page_faults_median`` and ``floor_page_faults_median`` count the process's minor
     page faults per call (fresh memory the kernel had to map; None where ``getrusage`` is missing).
+    ``probe``, when given, is called before each timed pair (untimed) and its values are
+    ``round_trip_ns``, one per pair (:func:`benchmarks.thread_placement.round_trip_ns`: where
+    the threads ran); without it that list is empty.
     """
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
@@ -374,7 +384,10 @@ def measure(
     step_faults: list[int] = []
     floor_faults: list[int] = []
     step_peak = 0
+    round_trips: list[float | None] = []
     for _ in range(iters):
+        if probe is not None:
+            round_trips.append(probe())
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         faults = minor_page_faults()
@@ -408,6 +421,7 @@ def measure(
         "step_page_faults_median": statistics.median(step_faults) if step_faults else None,
         "floor_page_faults_median": statistics.median(floor_faults) if floor_faults else None,
         "step_peak_bytes": step_peak if on_cuda else None,
+        "round_trip_ns": round_trips,
     }
 
 
@@ -607,8 +621,14 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
 
     rss_before = process_max_rss_mb()
     fused = fused_ops.disabled() if mode.unfused else contextlib.nullcontext()
+    # Where the CPU threads ran, before every pair (a fraction of a millisecond, untimed).
+    probe = (
+        thread_placement.round_trip_ns
+        if device.type == "cpu" and thread_placement.unavailable_reason() is None
+        else None
+    )
     with fused:
-        timings = measure(step, floor, args.warmup, args.iters, device)
+        timings = measure(step, floor, args.warmup, args.iters, device, probe)
     if device.type == "cuda":
         # The floor's preallocated tensors stay allocated while the step runs: take them out.
         peak_mb = (timings["step_peak_bytes"] - floor.resident_bytes()) / 2**20
@@ -634,6 +654,12 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
         "binary_conv_calls": sum(shape.binary for shape in shapes),
         "floor_gmac": floor_gmac,
         "floor_gflops_per_s": 2 * floor_gmac / (timings["floor_ms_median"] / 1e3),
+        "round_trip_ns": timings["round_trip_ns"],
+        "placements": thread_placement.placement_timings(
+            timings["round_trip_ns"], timings["step_ms"], timings["floor_ms"]
+        )
+        if probe is not None
+        else [],
     }
     if device.type == "cpu" and rss_before is not None and peak_mb is not None:
         result["max_rss_growth_mb"] = peak_mb - rss_before
@@ -679,6 +705,39 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"{spread:>12} {versus:>9} {r['images_per_second']:>10.1f} {peak:>12} {faults:>23}"
         )
     return "\n".join(lines)
+
+
+def placement_lines(results: Sequence[dict[str, Any]], device: torch.device) -> list[str]:
+    """Per mode, where its CPU threads ran during the pairs, and step/floor per placement when there were two.
+
+    On a virtual machine the two threads may share a cache in some pairs and not in
+    others (:mod:`benchmarks.thread_placement`): compare runs, and changes, within one
+    placement.
+    """
+    if device.type != "cpu" or not results:
+        return []
+    reason = thread_placement.unavailable_reason()
+    if reason is not None:
+        return [f"threads' round trip: not measured ({reason})"]
+    lines = []
+    for result in results:
+        groups = result.get("placements") or []
+        if len(groups) == 1:
+            (group,) = groups
+            pairs = f"all {group['pairs']} pairs" if group["pairs"] > 1 else "its only pair"
+            lines.append(
+                f"{result['mode']}: threads' round trip {group['low_ns']:.0f} to {group['high_ns']:.0f} ns "
+                f"in {pairs} (one placement)"
+            )
+        elif groups:
+            parts = [
+                f"{g['low_ns']:.0f} to {g['high_ns']:.0f} ns in {g['pairs']} pair{'s' if g['pairs'] > 1 else ''}: "
+                f"step {g['step_ms']:.1f}, "
+                f"floor {g['floor_ms']:.1f} ms, step/floor {g['ratio']:.2f}"
+                for g in groups
+            ]
+            lines.append(f"{result['mode']}: threads' round trip " + "; ".join(parts) + " (two placements)")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -797,6 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{results[0]['conv_calls']} conv/linear calls per forward ({results[0]['binary_conv_calls']} binary); "
             f"peak mem = {results[0]['peak_mem_kind']}"
         )
+        print(*placement_lines(results, device), sep="\n")
     for entry in skipped:
         print(f"skipped {entry['mode']}: {entry['reason']}")
     for entry in failed:
