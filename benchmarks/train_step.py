@@ -740,6 +740,36 @@ def placement_lines(results: Sequence[dict[str, Any]], device: torch.device) -> 
     return lines
 
 
+def modes_by_placement(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the modes' pairs fell into two placements together: each mode's step/floor within each.
+
+    All modes' round trips are grouped together (:func:`benchmarks.thread_placement.group_by_round_trip`);
+    one line per placement lists the ratio of every mode with pairs in it. ``vs eager``
+    compares modes measured one after the other, so it also compares placements when they
+    ran in different ones: the modes compare only within a line. Nothing when there was
+    one placement, or fewer than two modes.
+    """
+    if len(results) < 2:
+        return []
+    pairs = [(r, i) for r in results for i in range(len(r.get("round_trip_ns") or []))]
+    groups = thread_placement.group_by_round_trip([r["round_trip_ns"][i] for r, i in pairs])
+    if len(groups) < 2:
+        return []
+    lines = []
+    for group in groups:
+        ratios = []
+        for result in results:
+            mine = [i for r, i in (pairs[k] for k in group.indices) if r is result]
+            if mine:
+                step = statistics.median(result["step_ms"][i] for i in mine)
+                floor = statistics.median(result["floor_ms"][i] for i in mine)
+                ratios.append(f"{result['mode']} {step / floor:.2f} ({len(mine)})")
+        lines.append(
+            f"placement {group.low_ns:.0f} to {group.high_ns:.0f} ns, step/floor (pairs): " + ", ".join(ratios)
+        )
+    return [*lines, "the modes ran in two placements: compare them within a placement line, not by 'vs eager'"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     parser = argparse.ArgumentParser(
@@ -856,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{results[0]['conv_calls']} conv/linear calls per forward ({results[0]['binary_conv_calls']} binary); "
             f"peak mem = {results[0]['peak_mem_kind']}"
         )
-        print(*placement_lines(results, device), sep="\n")
+        print(*placement_lines(results, device), *modes_by_placement(results), sep="\n")
     for entry in skipped:
         print(f"skipped {entry['mode']}: {entry['reason']}")
     for entry in failed:

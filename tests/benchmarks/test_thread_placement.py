@@ -117,3 +117,21 @@ def test_watching_prints_a_round_trip_per_measurement(capsys: pytest.CaptureFixt
     assert len(measured) >= 2 and all(line.endswith(" ns") for line in measured)
     assert lines[-1].startswith("placement ") and "measurements, median" in lines[-1]
     assert not any(math.isnan(float(line.split()[-2])) for line in measured)
+
+
+def test_modes_in_different_placements_are_compared_within_each() -> None:
+    eager = {"mode": "eager", "round_trip_ns": [60.0, 65.0, 320.0], "step_ms": [800.0, 820.0, 900.0]}
+    eager["floor_ms"] = [700.0, 700.0, 750.0]
+    compiled = {"mode": "compile", "round_trip_ns": [330.0, 310.0], "step_ms": [960.0, 940.0]}
+    compiled["floor_ms"] = [800.0, 800.0]
+    lines = train_step.modes_by_placement([eager, compiled])
+    assert lines == [
+        "placement 60 to 65 ns, step/floor (pairs): eager 1.16 (2)",
+        "placement 310 to 330 ns, step/floor (pairs): eager 1.20 (1), compile 1.19 (2)",
+        "the modes ran in two placements: compare them within a placement line, not by 'vs eager'",
+    ]
+    # One placement for all, one mode, or nothing measured: the table's 'vs eager' stands alone.
+    same = {**compiled, "round_trip_ns": [70.0, 62.0]}
+    assert train_step.modes_by_placement([eager | {"round_trip_ns": [60.0, 65.0, 66.0]}, same]) == []
+    assert train_step.modes_by_placement([eager]) == []
+    assert train_step.modes_by_placement([{**eager, "round_trip_ns": []}, {**compiled, "round_trip_ns": []}]) == []
