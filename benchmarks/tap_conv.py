@@ -19,13 +19,18 @@ tap products and inside :func:`models.tap_conv.disabled`, on two copies of the s
 model, alternating: the change's effect on a step, which the per-shape rows only add up to.
 ``--layout-pairs`` (default 0) does the same for the tap-major binarization: steps whose
 binary layers binarize into the taps' layout against steps whose layers binarize into
-the plain one (the taps then copy the weight).
+the plain one (the taps then copy the weight). ``--integer-pairs`` (default 0) times
+whole steps below the sign threshold (temperature 1e-8: weights and inputs exact signs),
+where the tap products' forward runs on int8, against the same steps inside
+:func:`models.tap_conv.integer_products_disabled` (float32 products), alternating; the
+two give the same bits, which it checks on the losses.
 
 Usage::
 
     python benchmarks/tap_conv.py                      # BNext-T, CIFAR stem, 32x32, batch 64
     python benchmarks/tap_conv.py --iters 15 --step-pairs 12 --keep-freed-memory
     python benchmarks/tap_conv.py --step-pairs 0 --layout-pairs 10 --keep-freed-memory
+    python benchmarks/tap_conv.py --iters 1 --step-pairs 0 --integer-pairs 16 --keep-freed-memory
 """
 
 from __future__ import annotations
@@ -127,6 +132,36 @@ def time_layouts(model: torch.nn.Module, batch: int, img_size: int, pairs: int) 
     return time_alternating(tap_major, plain, pairs)
 
 
+#: A temperature below the binary layers' sign threshold (1e-7): their weights are exact signs.
+SIGN_PHASE_TEMPERATURE = 1e-8
+
+
+def time_integer_products(model: torch.nn.Module, batch: int, img_size: int, pairs: int) -> tuple[float, float, bool]:
+    """Median ms of a sign-phase training step with integer tap products and with float32 ones, alternating.
+
+    Two copies of ``model`` at :data:`SIGN_PHASE_TEMPERATURE`; the third value says whether
+    every pair of steps gave the same loss bit for bit (the copies train alike).
+    """
+    images, targets = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    for layer in copies:
+        models.set_temperature(layer, SIGN_PHASE_TEMPERATURE)
+    integer_step = make_step(copies[0], (images, targets))
+    float_step = make_step(copies[1], (images, targets))
+    losses: list[list[torch.Tensor]] = [[], []]
+
+    def with_integers() -> None:
+        losses[0].append(integer_step())
+
+    def with_floats() -> None:
+        with tap_conv.integer_products_disabled():
+            losses[1].append(float_step())
+
+    integer_ms, float_ms = time_alternating(with_integers, with_floats, pairs)
+    same = all(torch.equal(a, b) for a, b in zip(*losses, strict=True))
+    return integer_ms, float_ms, same
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     """Print one row per binary convolution shape; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -145,9 +180,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         help="timed pairs of whole training steps binarizing into the taps' layout and into the plain one; "
         "0 skips them (default: %(default)s)",
     )
+    parser.add_argument(
+        "--integer-pairs",
+        type=int,
+        default=0,
+        help="timed pairs of whole sign-phase training steps with the taps' integer products and with float32 "
+        "ones; 0 skips them (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.step_pairs < 0 or args.layout_pairs < 0:
-        parser.error("--iters must be >= 1, --step-pairs and --layout-pairs >= 0")
+    if args.iters < 1 or min(args.step_pairs, args.layout_pairs, args.integer_pairs) < 0:
+        parser.error("--iters must be >= 1, --step-pairs, --layout-pairs and --integer-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(*host_memory_lines(parser, args, argv), sep="\n")
@@ -196,6 +238,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         print(
             f"training step (eager, {args.layout_pairs} pairs): binarized into the taps' layout {tap_major_ms:.1f} ms, "
             f"into the plain one {plain_ms:.1f} ms, plain/taps' {plain_ms / tap_major_ms:.2f}"
+        )
+    if args.integer_pairs:
+        integer_ms, float_ms, same = time_integer_products(model, args.batch, args.img_size, args.integer_pairs)
+        print(
+            f"training step below the sign threshold (eager, {args.integer_pairs} pairs): integer products "
+            f"{integer_ms:.1f} ms, float32 {float_ms:.1f} ms, float32/integer {float_ms / integer_ms:.2f}, "
+            f"same losses: {'yes' if same else 'NO'}"
         )
     return rows
 

@@ -199,7 +199,10 @@ class ConvFloor:
 
     Inputs, weights and output gradients are created once, in the compute dtype (under
     autocast the step's convolutions also compute in that dtype; the casts of the
-    fp32 master weights belong to the step, not to the floor). Biases take part in the
+    fp32 master weights belong to the step, not to the floor). A binary convolution's
+    input holds signs (±1), as the step's does, and with ``sign_weights`` its weight
+    too (the step's below the sign threshold): where both are signs the tap products
+    run on integers (:mod:`models.tap_conv`), in the step and in the floor alike. Biases take part in the
     forward, as in the model, but get no gradient. Gradients are returned by
     :func:`torch.autograd.grad`, so nothing is accumulated between calls. Binary
     convolutions go through :func:`models.fused_ops.training_conv2d`, as the model's
@@ -212,26 +215,30 @@ class ConvFloor:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        sign_weights: bool = False,
     ) -> None:
         self.shapes = list(shapes)
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
+        self.sign_weights = sign_weights
         self._tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._tap_major: dict[int, torch.Tensor] = {}  # channels-last copies of binary weights, made on first use
         for shape in self.shapes:
             self._tensors.append(self._allocate(shape))
 
     def _allocate(self, shape: ConvShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        def tensor(size: tuple[int, ...]) -> torch.Tensor:
-            # Random normal values: zeros or denormals could make CPU kernels take other paths.
+        def tensor(size: tuple[int, ...], signs: bool = False) -> torch.Tensor:
+            # Random normal values (or their signs): zeros or denormals could make CPU kernels take other paths.
             t = torch.randn(size, device=self.device, dtype=self.dtype)
+            if signs:
+                t = t.sign()
             if self.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             return t
 
-        x = tensor(shape.input_shape).requires_grad_(shape.input_requires_grad)
-        weight = tensor(shape.weight_shape).requires_grad_(True)
+        x = tensor(shape.input_shape, signs=shape.binary).requires_grad_(shape.input_requires_grad)
+        weight = tensor(shape.weight_shape, signs=shape.binary and self.sign_weights).requires_grad_(True)
         bias = torch.randn(shape.weight_shape[0], device=self.device, dtype=self.dtype) if shape.bias else None
         grad_output = tensor(shape.output_shape)
         return x, weight, bias, grad_output
@@ -285,9 +292,17 @@ def make_floor(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    sign_weights: bool = False,
 ) -> ConvFloor:
     """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`)."""
-    return ConvFloor(shapes, device, dtype, channels_last)
+    return ConvFloor(shapes, device, dtype, channels_last, sign_weights)
+
+
+def binary_weights_are_signs(model: nn.Module) -> bool:
+    """Whether every binary layer of ``model`` binarizes its weight to exact signs (temperature below its threshold)."""
+    layers = [m for m in model.modules() if isinstance(m, models.BinaryConv2d)]
+    # Compared in the temperature's dtype, as the binarization compares it.
+    return bool(layers) and all(bool((m.temperature < m.sign_threshold).all()) for m in layers)
 
 
 # --------------------------------------------------------------------------- step
@@ -306,14 +321,15 @@ def make_step(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
-) -> Callable[[], None]:
-    """A callable doing one full training step of ``model`` on ``batch = (images, targets)``.
+) -> Callable[[], torch.Tensor]:
+    """A callable doing one full training step of ``model`` on ``batch = (images, targets)``; it returns the loss.
 
     Forward (through ``forward``, e.g. ``torch.compile(model)``, default ``model``)
     under autocast when ``amp_dtype`` is given, float32 cross-entropy, backward
     (through ``scaler`` when given), optimizer step (default: the training script's
     AdamW with the official recipe's learning rate and decays), then :func:`models.apply_constraints` on
-    ``model``. The model is put in train mode. No host synchronisation is added.
+    ``model``. The model is put in train mode. No host synchronisation is added (the
+    returned loss is a detached tensor, not a number).
     """
     images, targets = batch
     model.train()
@@ -322,7 +338,7 @@ def make_step(
         optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
     device = images.device
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with _autocast(device, amp_dtype):
             logits = run_forward(images)
         # The loss in float32 also under autocast, as the trainer does.
@@ -336,6 +352,7 @@ def make_step(
             loss.backward()
             optimizer.step()
         models.apply_constraints(model)
+        return loss.detach()
 
     return step
 
@@ -613,7 +630,8 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     targets = torch.randint(0, num_classes, (args.batch,), device=device)
 
     shapes = collect_conv_shapes(model, images)
-    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last)
+    signs = binary_weights_are_signs(model)
+    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last, signs)
 
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
@@ -911,6 +929,7 @@ __all__ = [
     "expand_modes",
     "machine_info",
     "main",
+    "binary_weights_are_signs",
     "make_floor",
     "make_step",
     "measure",

@@ -46,6 +46,11 @@ def _kernels():
     return _fused_ops().load_extension()
 
 
+def extension() -> types.ModuleType | None:
+    """The fused-training C++ extension (:func:`models.fused_ops.load_extension`), or None where it is not built."""
+    return _kernels()
+
+
 def no_values(like: Tensor) -> Tensor:
     """The kernels' stand-in for an output or input that is not wanted: an empty tensor."""
     return like.new_empty(0)

@@ -7,6 +7,13 @@ result to the output position it shifts to. With the positions as the outer dime
 by ``Cin x Cout``, where the valid positions are those whose shifted source lies inside
 the plane: the zero padding is skipped, not multiplied.
 
+Where both operands hold only -1, 0 and +1 (a binary layer's signs and, below the sign
+threshold, its weight), the forward's products run on int8 (``torch._int_mm``, int32
+sums): each sum of such products is an integer far below 2^24, which float32 holds
+exactly, so the result is the float32 path's bit for bit, several times faster
+(:func:`integer_operands`; off inside :func:`integer_products_disabled`). The backward
+multiplies real-valued gradients and stays float32.
+
 On small planes this beats oneDNN's direct convolution on the CPU, most of all in the
 backward: BNext's last stage at CIFAR size runs 3x3 convolutions on 2x2 planes, where 5
 of the 9 taps of every output see only padding and oneDNN's weight gradient is slow
@@ -18,7 +25,7 @@ network, whose sums are integers). :func:`applies` says where the layers use it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import torch
@@ -37,6 +44,7 @@ MAX_POSITIONS = 16
 MAX_POSITIONS_1X1 = 4
 
 _disabled_blocks = 0  # how many disabled() blocks are open (they may nest)
+_integer_disabled_blocks = 0  # the same for integer_products_disabled()
 
 
 def enabled() -> bool:
@@ -56,6 +64,41 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled_blocks -= 1
+
+
+@contextlib.contextmanager
+def integer_products_disabled() -> Iterator[None]:
+    """Inside this block the tap products stay float32 even on ternary operands (side-by-side timings)."""
+    global _integer_disabled_blocks
+    _integer_disabled_blocks += 1
+    try:
+        yield
+    finally:
+        _integer_disabled_blocks -= 1
+
+
+def integer_operands(rows: Tensor, weights: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``rows`` and ``weights`` as int8 where every value of both is -1, 0 or +1; else None.
+
+    None also inside :func:`integer_products_disabled`, without the C++ extension (its
+    one-pass conversion and check) and for tensors it does not take (CPU float32,
+    contiguous). The weights are checked first: during progressive binarization their
+    first value already fails, and the check stops there.
+    """
+    if _integer_disabled_blocks or not (rows.is_contiguous() and weights.is_contiguous()):
+        return None
+    if rows.dtype != torch.float32 or weights.dtype != torch.float32 or rows.device.type != "cpu":
+        return None
+    kernels = kernel_ops.extension()
+    if kernels is None:
+        return None
+    weights8 = kernels.to_ternary_int8(weights)
+    if weights8.numel() == 0 and weights.numel():
+        return None
+    rows8 = kernels.to_ternary_int8(rows)
+    if rows8.numel() == 0 and rows.numel():
+        return None
+    return rows8, weights8
 
 
 class Tap:
@@ -134,9 +177,14 @@ def positions_first(t: Tensor) -> Tensor:
 
 
 def _planes(t: Tensor, height: int, width: int) -> Tensor:
-    """``(H*W) x N x C`` back to a contiguous ``N x C x H x W``."""
+    """``(H*W) x N x C`` back to a contiguous float32 ``N x C x H x W`` (int32 sums converted in the same copy)."""
     _, n, c = t.shape
-    return t.permute(1, 2, 0).reshape(n, c, height, width).contiguous()
+    planes = t.permute(1, 2, 0).reshape(n, c, height, width)
+    return (
+        planes.to(torch.float32, memory_format=torch.contiguous_format)
+        if t.dtype == torch.int32
+        else planes.contiguous()
+    )
 
 
 def is_tap_major(weight: Tensor) -> bool:
@@ -172,8 +220,27 @@ def forward(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int,
     """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products (no bias, no groups).
 
     ``rows`` is :func:`positions_first` of the ``height x width`` input ``x``, ``weights``
-    :func:`tap_matrices` of the ``kernel x kernel`` weight.
+    :func:`tap_matrices` of the ``kernel x kernel`` weight. Where both hold only -1, 0 and
+    +1, the products run on int8 (:func:`integer_operands`), with the same result.
     """
+    out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
+    integers = integer_operands(rows, weights)
+    if integers is not None:  # int32 sums, converted once: the same values as the float32 products
+        return _planes(_tap_sums(*integers, height, width, kernel, stride, padding, torch._int_mm), out_h, out_w)
+    return _planes(_tap_sums(rows, weights, height, width, kernel, stride, padding, torch.mm), out_h, out_w)
+
+
+def _tap_sums(
+    rows: Tensor,
+    weights: Tensor,
+    height: int,
+    width: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    mm: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    # The forward's sums, positions x N x Cout, in the operands' arithmetic (mm: torch.mm or torch._int_mm).
     _, n, cin = rows.shape
     cout = weights.shape[0]
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
@@ -181,13 +248,14 @@ def forward(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int,
     for tap in taps(height, width, kernel, stride, padding):
         matrix = weights[:, tap.index].t()
         if tap.outputs is None:  # the identity tap, first: it writes every output
-            out = torch.mm(rows.view(-1, cin), matrix).view(-1, n, cout)
+            out = mm(rows.view(-1, cin), matrix).view(-1, n, cout)
             continue
         if out is None:
-            out = rows.new_zeros(out_h * out_w, n, cout)
-        product = torch.mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
+            accumulator = torch.int32 if rows.dtype == torch.int8 else rows.dtype  # int8 products sum in int32
+            out = torch.zeros(out_h * out_w, n, cout, dtype=accumulator)
+        product = mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
         out.index_add_(0, tap.outputs, product.view(-1, n, cout))
-    return _planes(out, out_h, out_w)
+    return out
 
 
 def backward(

@@ -104,3 +104,28 @@ def test_layout_pairs_time_steps_binarizing_into_both_layouts(monkeypatch, capsy
         "training step (eager, 1 pairs): binarized into the taps' layout 2.0 ms, into the plain one 3.0 ms, "
         "plain/taps' 1.50"
     )
+
+
+def test_integer_pairs_time_sign_phase_steps_with_and_without_integer_products(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    products: list[tuple[int, ...]] = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(tuple(a.shape)) or real(a, b))
+    per_step: list[int] = []
+    monkeypatch.setattr(bench, "time_alternating", _each_once_counting(products, per_step))
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    integer_ms, float_ms, same = bench.time_integer_products(model, 2, 16, 1)
+    assert (integer_ms, float_ms) == (2.0, 3.0) and same  # the same loss bit for bit
+    # With the C++ conversion, the first side's tap products ran on integers; the second side's never do.
+    assert per_step[1] == 0 and (per_step[0] > 0) == (fused_ops.backend() == "cpp")
+    assert float(next(m for m in model.modules() if isinstance(m, models.BinaryConv2d)).temperature) == 1.0
+
+    monkeypatch.setattr(bench, "time_integer_products", lambda *args: (2.0, 3.0, True))
+    args = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
+    bench.main([*args, "--integer-pairs", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (
+        "training step below the sign threshold (eager, 1 pairs): integer products 2.0 ms, float32 3.0 ms, "
+        "float32/integer 1.50, same losses: yes"
+    )

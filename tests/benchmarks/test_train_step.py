@@ -307,3 +307,24 @@ def test_eager_unfused_mode_runs_the_modules_one_by_one(monkeypatch: pytest.Monk
     assert train_step.main([*argv, "--width-mult", "0.125", "--mode", "eager", "--mode", "eager_unfused"]) == 0
     assert seen == [True, False]
     assert fused_ops._enabled
+
+
+def test_the_floor_gives_binary_convolutions_signs_as_the_step_does() -> None:
+    model = small_model()
+    shapes = train_step.collect_conv_shapes(model, torch.randn(IMAGE))
+    assert not train_step.binary_weights_are_signs(model)
+    models.set_temperature(model, 1e-8)  # below the binary layers' sign threshold
+    assert train_step.binary_weights_are_signs(model)
+    for sign_weights in (False, True):
+        floor = train_step.make_floor(shapes, "cpu", sign_weights=sign_weights)
+        for shape, (x, weight, _, _) in zip(floor.shapes, floor._tensors, strict=True):
+            ternary = {-1.0, 1.0}
+            assert (set(x.unique().tolist()) <= ternary) == shape.binary
+            assert (set(weight.unique().tolist()) <= ternary) == (shape.binary and sign_weights)
+
+
+def test_a_step_returns_its_loss() -> None:
+    model = small_model()
+    step = train_step.make_step(model, (torch.randn(IMAGE), torch.tensor([0, 3])))
+    loss = step()
+    assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss)

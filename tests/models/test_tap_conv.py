@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,3 +245,112 @@ def test_backward_builds_no_zero_gradient_for_the_saved_outputs() -> None:
     filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes]
     assert [6, 9, 8] not in filled and [4, 2, 8] not in filled, filled
     assert x.grad is not None and weight.grad is not None
+
+
+# The integer products need the C++ extension's conversion; never skipped in CI, where it must build.
+needs_extension = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
+    reason="the fused C++ extension could not be built here (see the warning)",
+)
+
+
+def _count_integer_products(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(tuple(a.shape)) or real(a, b))
+    return calls
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ternary_operands_take_integer_products_with_the_same_bits(shape, monkeypatch) -> None:
+    n, cin, cout, height, width, kernel, stride, padding = shape
+    torch.manual_seed(2)
+    x = torch.randint(-1, 2, (n, cin, height, width)).float()
+    weight = torch.randint(-1, 2, (cout, cin, kernel, kernel)).float()
+    weight[0, 0, 0, 0] = -0.0  # a negative zero is a zero
+    grad = torch.randn(_reference(x, weight, stride, padding).shape)
+    with tap_conv.integer_products_disabled():
+        floats = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    calls = _count_integer_products(monkeypatch)
+    integers = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    assert calls  # the forward's products ran on int8
+    for a, f in zip(integers, floats):
+        assert torch.equal(a, f) and a.dtype == torch.float32 and a.is_contiguous()
+    assert torch.equal(integers[0], _reference(x, weight, stride, padding))
+
+
+@needs_extension
+@pytest.mark.parametrize("odd_one", [0.5, 2.0, float("nan"), float("inf"), 1e-45], ids=str)
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_any_other_value_keeps_float_products(odd_one: float, where: str, monkeypatch) -> None:
+    torch.manual_seed(3)
+    x = torch.randint(-1, 2, (3, 40, 2, 2)).float()
+    weight = torch.randint(-1, 2, (24, 40, 3, 3)).float()
+    target = x if where == "input" else weight
+    target.view(-1)[-1] = odd_one  # the last value: after the vectorized blocks of the check
+    calls = _count_integer_products(monkeypatch)
+    out = tap_conv.conv2d(x, weight, 1, 1)
+    assert calls == []
+    with tap_conv.integer_products_disabled():
+        expected = tap_conv.conv2d(x, weight, 1, 1)
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@needs_extension
+def test_the_ternary_conversion_checks_every_value() -> None:
+    convert = fused_ops.load_extension().to_ternary_int8
+    values = torch.tensor([1.0, -1.0, 0.0, -0.0] * 9)  # 36 values: two vector blocks and a tail
+    assert convert(values).tolist() == [1, -1, 0, 0] * 9 and convert(values).dtype == torch.int8
+    for position in (0, 17, 35):
+        odd = values.clone()
+        odd[position] = -3.0
+        assert convert(odd).numel() == 0
+    assert convert(torch.empty(0)).numel() == 0
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        convert(values.double())
+
+
+@needs_extension
+def test_integer_products_disabled_blocks_nest(monkeypatch) -> None:
+    x, weight = torch.ones(2, 8, 2, 2), -torch.ones(4, 8, 3, 3)
+    calls = _count_integer_products(monkeypatch)
+    with tap_conv.integer_products_disabled():
+        with tap_conv.integer_products_disabled():
+            tap_conv.conv2d(x, weight, 1, 1)
+        tap_conv.conv2d(x, weight, 1, 1)
+    assert calls == []
+    tap_conv.conv2d(x, weight, 1, 1)
+    assert calls
+
+
+@needs_extension
+def test_a_binary_network_below_the_sign_threshold_trains_the_same_on_integers(monkeypatch) -> None:
+    torch.manual_seed(4)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125).train()
+    models.set_temperature(model, 1e-8)  # the weights are exact signs, as the inputs always are
+    images, targets = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+
+    def loss_and_grads() -> tuple[torch.Tensor, ...]:
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), targets)
+        loss.backward()
+        return (loss.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None))
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with tap_conv.integer_products_disabled():
+        floats = loss_and_grads()
+    model.load_state_dict(state)  # the batch-norm statistics as before
+    calls = _count_integer_products(monkeypatch)
+    integers = loss_and_grads()
+    assert calls
+    assert all(torch.equal(a, b) for a, b in zip(integers, floats, strict=True))
+
+
+@needs_extension
+def test_operators_pass_opcheck_on_integer_products() -> None:
+    torch.manual_seed(6)
+    x = torch.randint(-1, 2, (2, 4, 2, 2)).float().requires_grad_(True)
+    weight = torch.randint(-1, 2, (5, 4, 3, 3)).float().requires_grad_(True)
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight, 1, 1))
+    torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight[:, :, :1, :1].contiguous(), 1, 0))
