@@ -81,11 +81,14 @@ def integer_operands(rows: Tensor, weights: Tensor) -> tuple[Tensor, Tensor] | N
     """``rows`` and ``weights`` as int8 where every value of both is -1, 0 or +1; else None.
 
     None also inside :func:`integer_products_disabled`, without the C++ extension (its
-    one-pass conversion and check) and for tensors it does not take (CPU float32,
-    contiguous). The weights are checked first: during progressive binarization their
-    first value already fails, and the check stops there.
+    one-pass conversion and check), for tensors it does not take (CPU float32,
+    contiguous) and for sums of more than 2^24 products, which float32 would round. The
+    weights are checked first: during progressive binarization their first value
+    already fails, and the check stops there.
     """
     if _integer_disabled_blocks or not (rows.is_contiguous() and weights.is_contiguous()):
+        return None
+    if weights.shape[1] * weights.shape[2] > 2**24:  # sums past 2^24 would round in float32, not in int32
         return None
     if rows.dtype != torch.float32 or weights.dtype != torch.float32 or rows.device.type != "cpu":
         return None
