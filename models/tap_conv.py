@@ -83,8 +83,8 @@ def integer_operands(rows: Tensor, weights: Tensor) -> tuple[Tensor, Tensor] | N
     None also inside :func:`integer_products_disabled`, without the C++ extension (its
     one-pass conversion and check), for tensors it does not take (CPU float32,
     contiguous) and for sums of more than 2^24 products, which float32 would round. The
-    weights are checked first: during progressive binarization their first value
-    already fails, and the check stops there.
+    weights are checked first: during progressive binarization the first block of
+    values the check reads (4096 per thread) holds fractions, and the check stops there.
     """
     if _integer_disabled_blocks or not (rows.is_contiguous() and weights.is_contiguous()):
         return None
