@@ -53,6 +53,14 @@ def test_main_prints_one_row_per_shape_and_the_step_total(capsys: pytest.Capture
     assert float(lines[-1].split("conv ")[1].split(" ms")[0]) == pytest.approx(conv, abs=0.05)
 
 
+# A small model at a small size, one timed pair per shape, no whole-step pairs unless a test asks.
+SMALL = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
+
+
+def _last_line(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def _each_once_counting(events: list, per_step: list[int]):
     """A stand-in for ``time_alternating`` that runs each side once and records how many ``events`` it added."""
 
@@ -97,10 +105,8 @@ def test_layout_pairs_time_steps_binarizing_into_both_layouts(monkeypatch, capsy
     assert all(not isinstance(getattr(layer, "binary_weight", None), type(lambda: 0)) for layer in model.modules())
 
     monkeypatch.setattr(bench, "time_alternating", lambda first, second, iters: (2.0, 3.0))
-    args = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
-    bench.main([*args, "--layout-pairs", "1"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == (
+    bench.main([*SMALL, "--layout-pairs", "1"])
+    assert _last_line(capsys) == (
         "training step (eager, 1 pairs): binarized into the taps' layout 2.0 ms, into the plain one 3.0 ms, "
         "plain/taps' 1.50"
     )
@@ -122,10 +128,8 @@ def test_integer_pairs_time_sign_phase_steps_with_and_without_integer_products(
     assert float(next(m for m in model.modules() if isinstance(m, models.BinaryConv2d)).temperature) == 1.0
 
     monkeypatch.setattr(bench, "time_integer_products", lambda *args: (2.0, 3.0, True))
-    args = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "1", "--step-pairs", "0"]
-    bench.main([*args, "--integer-pairs", "1"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == (
+    bench.main([*SMALL, "--integer-pairs", "1"])
+    assert _last_line(capsys) == (
         "training step below the sign threshold (eager, 1 pairs): integer products 2.0 ms, float32 3.0 ms, "
         "float32/integer 1.50, same losses: yes"
     )
