@@ -354,3 +354,22 @@ def test_operators_pass_opcheck_on_integer_products() -> None:
     weight = torch.randint(-1, 2, (5, 4, 3, 3)).float().requires_grad_(True)
     torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight, 1, 1))
     torch.library.opcheck(tap_conv.tap_conv2d_op, (x, weight[:, :, :1, :1].contiguous(), 1, 0))
+
+
+@needs_extension
+def test_compiled_taps_take_integer_products_on_signs(monkeypatch) -> None:
+    # The operator's implementation decides, so a compiled graph runs the integers as eager does.
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    x = torch.randint(-1, 2, (2, 8, 2, 2)).float().requires_grad_(True)
+    weight = torch.randint(-1, 2, (6, 8, 3, 3)).float().requires_grad_(True)
+
+    def conv(x, weight):
+        return fused_ops.training_conv2d(x, weight, 1, 1, 1)
+
+    with tap_conv.integer_products_disabled():
+        expected = conv(x, weight)
+    calls = _count_integer_products(monkeypatch)
+    actual = torch.compile(conv, fullgraph=True, backend="aot_eager")(x, weight)
+    assert calls and torch.equal(actual, expected)
+    torch._dynamo.reset()
