@@ -1263,32 +1263,20 @@ at::Tensor to_ternary_int8(const at::Tensor& t) {
   at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end && ternary.load(std::memory_order_relaxed); b += kCheckBlock) {
       const int64_t e = std::min(end, b + kCheckBlock);
-      bool mismatch = false;
-      int64_t i = b;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-      // 16 values at a time: the sign as a 32-bit integer from two compares, stored narrowed
-      // to bytes; a value differs from its sign unless it is -1, 0 or +1 (GCC did not
-      // vectorize the scalar loop below: it ran at a twentieth of a plain cast's speed).
-      const __m512 zero = _mm512_setzero_ps();
-      const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1);
-      __mmask16 differs = 0;
-      for (; i + 16 <= e; i += 16) {
-        const __m512 v = _mm512_loadu_ps(src + i);
-        const __mmask16 positive = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
-        const __mmask16 negative = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
-        const __m512i q = _mm512_mask_mov_epi32(_mm512_maskz_mov_epi32(positive, one), negative, minus_one);
-        differs |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(q), v, _CMP_NEQ_UQ);  // NaN differs
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(q));
-      }
-      mismatch = differs != 0;
-#endif
-      for (; i < e; ++i) {
-        const float v = src[i];
+      // The pointers as locals, which no store can alias, and an integer reduction: so GCC
+      // vectorizes the loop (0.13 to 0.16 ms for a 9.4 MB weight on the AVX-512 machine, 0.23 ms built
+      // for AVX2; with the captured pointers it did not, and took 1.6 to 2.1 ms).
+      const float* in = src;
+      int8_t* to = dst;
+      int differ = 0;
+#pragma omp simd reduction(| : differ)
+      for (int64_t j = b; j < e; ++j) {
+        const float v = in[j];
         const int q = (v > 0.0f) - (v < 0.0f);
-        dst[i] = static_cast<int8_t>(q);
-        mismatch |= static_cast<float>(q) != v;  // NaN compares unequal
+        to[j] = static_cast<int8_t>(q);
+        differ |= static_cast<float>(q) != v;  // NaN compares unequal
       }
-      if (mismatch) ternary.store(false, std::memory_order_relaxed);
+      if (differ) ternary.store(false, std::memory_order_relaxed);
     }
   });
   return ternary.load() ? out : at::empty({0}, out.options());
