@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -55,13 +56,22 @@ def _probe() -> ModuleType | str:
         return f"the thread probe could not be built ({type(error).__name__}: {error})"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def unavailable_reason() -> str | None:
-    """Why :func:`round_trip_ns` cannot measure here (no C++ build, fewer than two threads), or None."""
+    """Why :func:`round_trip_ns` cannot measure here (no C++ build, fewer than two threads or CPUs), or None."""
     probe = _probe()
     if isinstance(probe, str):
         return probe
     if torch.get_num_threads() < 2:
         return f"torch runs {torch.get_num_threads()} thread: nothing travels between threads"
+    if usable_cpus() < 2:
+        # Two threads on one CPU answer each other only when the scheduler switches them: that
+        # measures the scheduler, not a cache.
+        return "one usable CPU: the two threads would take turns on it"
     return None
 
 

@@ -16,6 +16,8 @@ needs_probe = pytest.mark.skipif(
     os.environ.get("CI") != "true" and isinstance(thread_placement._probe(), str),
     reason="the thread probe could not be built here (no C++ compiler or ninja)",
 )
+# Two threads need two CPUs to pass a cache line between them (on one they take turns).
+needs_two_cpus = pytest.mark.skipif(thread_placement.usable_cpus() < 2, reason="one usable CPU here")
 
 
 @pytest.fixture
@@ -29,6 +31,7 @@ def two_threads() -> Iterator[None]:
 
 
 @needs_probe
+@needs_two_cpus
 def test_round_trip_between_two_threads_is_measured(two_threads: None) -> None:
     assert thread_placement.unavailable_reason() is None, thread_placement.unavailable_reason()
     values = [thread_placement.round_trip_ns(rounds=64, bursts=4) for _ in range(3)]
@@ -110,6 +113,7 @@ def test_the_benchmark_reports_step_and_floor_per_placement(monkeypatch: pytest.
 
 
 @needs_probe
+@needs_two_cpus
 def test_watching_prints_a_round_trip_per_measurement(capsys: pytest.CaptureFixture[str], two_threads: None) -> None:
     assert thread_placement.main(["--seconds", "0.3", "--every", "0.1"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -117,6 +121,15 @@ def test_watching_prints_a_round_trip_per_measurement(capsys: pytest.CaptureFixt
     assert len(measured) >= 2 and all(line.endswith(" ns") for line in measured)
     assert lines[-1].startswith("placement ") and "measurements, median" in lines[-1]
     assert not any(math.isnan(float(line.split()[-2])) for line in measured)
+
+
+def test_one_cpu_has_no_placement_to_measure(monkeypatch: pytest.MonkeyPatch, two_threads: None) -> None:
+    monkeypatch.setattr(thread_placement, "usable_cpus", lambda: 1)
+    if isinstance(thread_placement._probe(), str):  # no build: that reason comes first
+        assert thread_placement.unavailable_reason() == thread_placement._probe()
+        return
+    assert thread_placement.unavailable_reason() == "one usable CPU: the two threads would take turns on it"
+    assert thread_placement.round_trip_ns() is None
 
 
 def test_modes_in_different_placements_are_compared_within_each() -> None:
