@@ -17,8 +17,9 @@ For a model, input size and batch this times, alternately after warm-up:
 
 On the CPU it also measures, before every timed pair, how far apart the two threads
 run (:mod:`benchmarks.thread_placement`): on a virtual machine they may share a cache in
-some pairs and not in others, which moves both timings by about a tenth, so a run whose
-pairs fell in both placements reports step/floor for each.
+some pairs and not in others, which moved the step by about 12 % and the floor by about
+7 % on the development machine, so a run whose pairs fell in both placements reports
+step/floor for each.
 
 Usage::
 
