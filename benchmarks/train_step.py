@@ -17,8 +17,8 @@ For a model, input size and batch this times, alternately after warm-up:
 
 On the CPU it also measures, before every timed pair, how far apart the two threads
 run (:mod:`benchmarks.thread_placement`): on a virtual machine they may share a cache in
-some pairs and not in others, which moved the step by about 12 % and the floor by about
-7 % on the development machine, so a run whose pairs fell in both placements reports
+some pairs and not in others, which moved the step by 10 to 13 % and the floor by 7 to
+11 % on the development machine, so a run whose pairs fell in both placements reports
 step/floor for each.
 
 Usage::
