@@ -124,6 +124,11 @@ def group_by_round_trip(values: Sequence[float | None], gap: float = PLACEMENT_G
     return [Placement(part[0][0], part[-1][0], tuple(sorted(index for _, index in part))) for part in parts]
 
 
+def pair_medians(step_ms: Sequence[float], floor_ms: Sequence[float], indices: Sequence[int]) -> tuple[float, float]:
+    """The medians of the step and of the floor times over the pairs ``indices``."""
+    return statistics.median(step_ms[i] for i in indices), statistics.median(floor_ms[i] for i in indices)
+
+
 def placement_timings(
     round_trips: Sequence[float | None], step_ms: Sequence[float], floor_ms: Sequence[float]
 ) -> list[dict[str, float | int]]:
@@ -136,8 +141,7 @@ def placement_timings(
         raise ValueError(f"one round trip per pair: got {len(round_trips)}, {len(step_ms)} and {len(floor_ms)}")
     groups = []
     for group in group_by_round_trip(round_trips):
-        step = statistics.median(step_ms[i] for i in group.indices)
-        floor = statistics.median(floor_ms[i] for i in group.indices)
+        step, floor = pair_medians(step_ms, floor_ms, group.indices)
         groups.append(
             {
                 "low_ns": group.low_ns,

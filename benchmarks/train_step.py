@@ -780,8 +780,7 @@ def modes_by_placement(results: Sequence[dict[str, Any]]) -> list[str]:
         for result in results:
             mine = [i for r, i in (pairs[k] for k in group.indices) if r is result]
             if mine:
-                step = statistics.median(result["step_ms"][i] for i in mine)
-                floor = statistics.median(result["floor_ms"][i] for i in mine)
+                step, floor = thread_placement.pair_medians(result["step_ms"], result["floor_ms"], mine)
                 ratios.append(f"{result['mode']} {step / floor:.2f} ({len(mine)})")
         lines.append(
             f"placement {group.low_ns:.0f} to {group.high_ns:.0f} ns, step/floor (pairs): " + ", ".join(ratios)
