@@ -25,7 +25,7 @@ network, whose sums are integers). :func:`applies` says where the layers use it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
@@ -227,23 +227,15 @@ def forward(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int,
     +1, the products run on int8 (:func:`integer_operands`), with the same result.
     """
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
-    integers = integer_operands(rows, weights)
-    if integers is not None:  # int32 sums, converted once: the same values as the float32 products
-        return _planes(_tap_sums(*integers, height, width, kernel, stride, padding, torch._int_mm), out_h, out_w)
-    return _planes(_tap_sums(rows, weights, height, width, kernel, stride, padding, torch.mm), out_h, out_w)
+    # int32 sums where both are signs, converted once by _planes: the same values as the float32 products.
+    operands = integer_operands(rows, weights) or (rows, weights)
+    return _planes(_tap_sums(*operands, height, width, kernel, stride, padding), out_h, out_w)
 
 
-def _tap_sums(
-    rows: Tensor,
-    weights: Tensor,
-    height: int,
-    width: int,
-    kernel: int,
-    stride: int,
-    padding: int,
-    mm: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
-    # The forward's sums, positions x N x Cout, in the operands' arithmetic (mm: torch.mm or torch._int_mm).
+def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int, stride: int, padding: int) -> Tensor:
+    # The forward's sums, positions x N x Cout, in the operands' arithmetic: float32, or int8 products summed in int32.
+    integers = rows.dtype == torch.int8
+    mm = torch._int_mm if integers else torch.mm
     _, n, cin = rows.shape
     cout = weights.shape[0]
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
@@ -254,8 +246,7 @@ def _tap_sums(
             out = mm(rows.view(-1, cin), matrix).view(-1, n, cout)
             continue
         if out is None:
-            accumulator = torch.int32 if rows.dtype == torch.int8 else rows.dtype  # int8 products sum in int32
-            out = torch.zeros(out_h * out_w, n, cout, dtype=accumulator)
+            out = torch.zeros(out_h * out_w, n, cout, dtype=torch.int32 if integers else rows.dtype)
         product = mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
         out.index_add_(0, tap.outputs, product.view(-1, n, cout))
     return out
