@@ -144,8 +144,8 @@ def time_integer_products(model: torch.nn.Module, batch: int, img_size: int, pai
     """
     images, targets = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
     copies = [copy.deepcopy(model) for _ in range(2)]
-    for layer in copies:
-        models.set_temperature(layer, SIGN_PHASE_TEMPERATURE)
+    for model_copy in copies:
+        models.set_temperature(model_copy, SIGN_PHASE_TEMPERATURE)
     integer_step = make_step(copies[0], (images, targets))
     float_step = make_step(copies[1], (images, targets))
     losses: list[list[torch.Tensor]] = [[], []]
