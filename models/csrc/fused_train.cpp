@@ -10,12 +10,14 @@
 // even store its first batch norm's output b: bn_prelu_statistics keeps only what the
 // gate needs, and the gated kernels recompute b from the convolution's output (b_affine).
 //
-// The batch-norm kernels split work over the channels (at::parallel_for): a thread takes
-// a chunk of its channels at a time and walks it sample by sample; in each sample the
-// chunk's planes are one contiguous run of values, so that the second pass finds the
-// chunk in the cache. The single-pass sign kernels walk longer runs, which the hardware
-// prefetchers keep up with: the forward all planes in memory order (for_each_sample_run),
-// the backward each thread's channel range sample after sample (sum_over_samples).
+// The kernels split their work between threads (at::parallel_for) by samples, as the
+// convolutions before and after them split their batch, so that a thread mostly reads
+// what it wrote itself: the sign kernels walk their range of samples in memory order
+// (for_each_sample_run, sum_over_samples), long runs that the hardware prefetchers keep
+// up with. The batch-norm kernels do so for activations that fit a last-level cache; on
+// larger ones a thread takes a chunk of its range of channels at a time, walks it sample
+// by sample (in each sample the chunk's planes are one contiguous run of values) and
+// makes the second pass while the chunk is still in its L2 cache (two_passes).
 // Per-channel sums (batch-norm statistics, parameter gradients) are not reduced plane
 // by plane: each value position of a plane has its own accumulator (planes of more than
 // kLanes values share kLanes), added to in float over blocks of samples and then in
@@ -24,10 +26,8 @@
 // run) whatever the plane size: the late stages' planes of 4 or 16 values no longer pay
 // a horizontal reduction and a double conversion per plane, which made those layers
 // several times slower per value than large ones. The results do not depend on the
-// thread count or on the chunking, and the sums are about as accurate as PyTorch's
-// double-accumulating batch-norm statistics. A batch-norm kernel runs both its passes
-// (the sums, then the outputs) on one chunk before it takes the next (two_passes), so
-// that the second pass finds the chunk's inputs still in the cache.
+// thread count or on the split, and the sums are about as accurate as PyTorch's
+// double-accumulating batch-norm statistics.
 #include <torch/extension.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -266,30 +266,6 @@ class PositionSums {
   std::vector<double> total_;
 };
 
-// The two passes of a batch-norm kernel, chunk by chunk: for each chunk of channels,
-// sum(chunk, n, hw, acc) for every sample adds each value's quantities to
-// acc.partial(k)[slot]; the chunk's per-channel sums go to `sums`; finish(chunk) turns
-// them into the chunk's per-channel coefficients; apply(chunk, hw) makes the second pass
-// over the chunk's samples. The second pass reads what the first has just read: a chunk
-// holds at most kCacheValues values per input over all samples (for_each_chunk), which
-// stay in a core's L2 cache. Each channel's sums keep their order: the bits do not
-// depend on the chunks.
-template <typename Sum, typename Finish, typename Apply>
-void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
-                const Apply& apply) {
-  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
-    const int64_t per_channel = lanes(hw);
-    PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
-    for (int64_t n = 0; n < N; ++n) {
-      sum(chunk, n, hw, acc);
-      acc.end_sample();
-    }
-    acc.add_to(sums, chunk, per_channel);
-    finish(chunk);
-    apply(chunk, hw);
-  });
-}
-
 // Runs fn(n, chunk, hw) over all N x C planes in memory order, in parallel: each thread
 // takes a contiguous range of planes (about 64k values at least), cut where a sample
 // ends. For single-pass kernels without per-channel sums: a thread reads one long run
@@ -319,28 +295,32 @@ struct GroupSums {
 };
 
 // Per-channel sums of sums.count quantities over all samples (a single pass over the
-// data). Each thread takes a range of the channels, as the batch-norm kernels do (their
-// backward reads what this pass writes: with the same ranges a thread reads what it has
-// just written, still in its own cache), and walks its range sample after sample, one
-// long run per sample. The samples form groups of samples_per_flush(HW), each with its
-// own float accumulators; the groups' accumulators are then added in double, group after
-// group, and each channel's accumulators in order. These are the additions of
-// PositionSums, in its order: the same bits as two_passes' first pass, for any thread
-// count.
+// data). The samples form groups of samples_per_flush(HW), each with its own float
+// accumulators; the groups' accumulators are then added in double, group after group,
+// and each channel's accumulators in order. These are the additions of PositionSums, in
+// its order: the same bits as the channel-chunked first pass of two_passes, for any
+// thread count and any split of the work. The work items are (group of samples, range of
+// channels), in that order, so that each thread takes a range of samples, as
+// for_each_sample_run does and as the convolutions around the kernels split their
+// batch: a thread then mostly reads what it wrote itself. (Split by channels instead,
+// half of every input had been written by the other thread; where the two vCPUs of the
+// development machine sat on different core complexes, a BNext-T step's sign backward
+// took twice as long that way.) The channel ranges split a group between threads only
+// where there are fewer groups than threads.
 template <typename Sum>
 void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum) {
   with_plane_size(HW, [&](auto hw) {
     const int64_t per_channel = lanes(hw), slots = C * per_channel, count = sums.count;
     const int64_t group = samples_per_flush(hw), groups = (N + group - 1) / group;
     const int64_t parts = std::min<int64_t>(C, std::max<int64_t>(1, at::get_num_threads()));
-    // Work items (channel range, group of samples), range-major, so that a thread's
-    // contiguous share of them is a channel range (about 64k values at least).
+    // Work items (group of samples, channel range), group-major, so that a thread's
+    // contiguous share of them is a range of samples (about 64k values at least).
     const int64_t item_values = std::max<int64_t>(1, group * (C / parts) * HW);
     // Each item zeroes its own accumulators: no single-threaded zeroing of them all first.
     const std::unique_ptr<float[]> partials(new float[groups * count * slots]);
     at::parallel_for(0, parts * groups, std::max<int64_t>(1, (1 << 16) / item_values), [&](int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) {
-        const int64_t part = item / groups, g = item % groups;
+        const int64_t g = item / parts, part = item % parts;
         const int64_t c0 = part * C / parts, c1 = (part + 1) * C / parts;
         const GroupSums acc{partials.get() + g * count * slots, slots, c0 * per_channel};
         for (int64_t k = 0; k < count; ++k) std::fill(acc.partial(k), acc.partial(k) + (c1 - c0) * per_channel, 0.0f);
@@ -370,6 +350,54 @@ void sum_over_samples(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const
         }
       }
     });
+  });
+}
+
+// Activations of at most this many values (32 MiB of float32) run the two-pass kernels
+// split by samples, larger ones by channel chunks (two_passes). Measured on the AMD EPYC
+// development machine (L3 32 MiB per core complex, L2 1 MiB per core), kernel by kernel
+// at batch 64: split by samples, the gated batch norm and the backward kernels were 10
+// to 20 % faster on activations of up to 6.4M values (28x28 planes and smaller) with the
+// two vCPUs on one core complex and 15 to 35 % faster with them on two; at 25.7M values
+// (112x112 planes) they were 10 to 25 % slower, their second pass reading from memory
+// what the channel chunks find in the L2 cache. Variable only so that tests and
+// benchmarks can force either split (set_sample_split_values): the bits are the same.
+int64_t g_sample_split_values = int64_t{1} << 23;
+
+// The two passes of a batch-norm kernel: sum(chunk, n, hw, acc) adds each value of sample
+// n's planes of the chunk's channels to acc.partial(k)[slot] (per-position sums);
+// finish(chunk) turns the chunk's per-channel sums into its per-channel coefficients;
+// apply(n, chunk, hw) makes the second pass over sample n's planes of the chunk. Two
+// ways to split the work, the same bits (each channel's sums keep their order):
+// - activations of up to g_sample_split_values values: by samples. sum_over_samples
+//   makes the first pass, each thread over its range of samples; then finish over all
+//   channels; then the second pass in memory order (for_each_sample_run), each thread
+//   again over about the samples it summed, which its cache still holds. Every thread
+//   reads the samples that the convolution before the kernel wrote on it (the
+//   convolutions split their batch) and writes those that the next one will read there.
+// - larger ones: chunk by chunk of channels (for_each_chunk). For each chunk, the first
+//   pass over all samples, finish, the second pass: a chunk holds at most kCacheValues
+//   values per input over all samples, which the second pass finds in a core's L2 cache
+//   instead of reading them from memory a second time.
+template <typename Sum, typename Finish, typename Apply>
+void two_passes(int64_t N, int64_t C, int64_t HW, ChannelSums& sums, const Sum& sum, const Finish& finish,
+                const Apply& apply) {
+  if (N * C * HW <= g_sample_split_values) {
+    sum_over_samples(N, C, HW, sums, sum);
+    finish(Chunk{0, C, C * HW});
+    for_each_sample_run(N, C, HW, apply);
+    return;
+  }
+  for_each_chunk(N, C, HW, [&](const Chunk& chunk, auto hw) {
+    const int64_t per_channel = lanes(hw);
+    PositionSums acc(sums.count, chunk.planes() * per_channel, hw);
+    for (int64_t n = 0; n < N; ++n) {
+      sum(chunk, n, hw, acc);
+      acc.end_sample();
+    }
+    acc.add_to(sums, chunk, per_channel);
+    finish(chunk);
+    for (int64_t n = 0; n < N; ++n) apply(n, chunk, hw);
   });
 }
 
@@ -445,6 +473,13 @@ inline float b_value(const float* bs, int64_t j, const float* alpha, const float
   }
 }
 
+// A per-thread buffer of at least `values` floats (contents undefined), reused across calls.
+inline float* scratch_buffer(int64_t values) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < values) buffer.resize(values);
+  return buffer.data();
+}
+
 }  // namespace
 
 namespace {
@@ -478,7 +513,7 @@ std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gam
   ChannelSums sums(C, 2);
   Affine affine(C, gamma.options());
   const std::vector<float> slopes = slope_or_ones(slope, act, C);
-  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, auto& acc) {
     const float* k = shift.data() + chunk.c0;
     float* sum = acc.partial(0);
     float* sum_sq = acc.partial(1);
@@ -492,21 +527,19 @@ std::vector<at::Tensor> bn_prelu_pass(const at::Tensor& x, const at::Tensor& gam
   const auto finish = [&](const Chunk& chunk) {
     batch_stats(affine, chunk, sums, shift, M, eps, momentum, gamma, beta, running_mean, running_var);
   };
-  const auto output = [&](const Chunk& chunk, auto HW) {
+  const auto output = [&](int64_t n, const Chunk& chunk, auto HW) {
     if (!write_output && !want_pooled) return;
     const float* alpha = affine.alpha.data() + chunk.c0;
     const float* beta = affine.shift.data() + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
-    std::vector<float> scratch(write_output ? 0 : chunk.length);  // one sample's chunk, for the means
-    for (int64_t n = 0; n < N; ++n) {
-      const float* src = xp + chunk.offset(n, C, HW);
-      float* dst = write_output ? yp + chunk.offset(n, C, HW) : scratch.data();
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-        const float alpha_q = alpha[q], beta_q = beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
-        dst[j] = affine_prelu(src[j], alpha_q, beta_q, slope_q, act);
-      });
-      if (want_pooled) plane_sums(dst, chunk.planes(), HW, static_cast<double>(HW), pp + n * C + chunk.c0);
-    }
+    const float* src = xp + chunk.offset(n, C, HW);
+    // Without y, the sample's chunk goes to a buffer, for the means.
+    float* dst = write_output ? yp + chunk.offset(n, C, HW) : scratch_buffer(chunk.length);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+      const float alpha_q = alpha[q], beta_q = beta[q], slope_q = w[q];  // loads outside the select: it vectorizes
+      dst[j] = affine_prelu(src[j], alpha_q, beta_q, slope_q, act);
+    });
+    if (want_pooled) plane_sums(dst, chunk.planes(), HW, static_cast<double>(HW), pp + n * C + chunk.c0);
   };
   two_passes(N, C, HW, sums, statistics, finish, output);
   if (write_output) return {y, affine.mean, affine.invstd, pooled};
@@ -574,7 +607,7 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   // Pass 1: the gradient reaching the batch-norm output (through PReLU), its sum and
   // its dot product with the centred input; the PReLU slope's gradient.
   ChannelSums sums(C, 3);
-  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, auto& acc) {
     const float* a = alpha.data() + chunk.c0;
     const float* b = shift.data() + chunk.c0;
     const float* m = mean + chunk.c0;
@@ -604,25 +637,23 @@ std::vector<at::Tensor> bn_prelu_backward(const at::Tensor& grad_y, const at::Te
   };
   // Pass 2: dx = gamma * invstd * (dz - mean(dz) - (x - mean) * mean(dz * (x - mean)) * invstd^2).
   float* gxp = grad_x.data_ptr<float>();
-  const auto input_gradient = [&](const Chunk& chunk, auto HW) {
+  const auto input_gradient = [&](int64_t n, const Chunk& chunk, auto HW) {
     const float* a = alpha.data() + chunk.c0;
     const float* b = shift.data() + chunk.c0;
     const float* m = mean + chunk.c0;
     const float* w = slopes.data() + chunk.c0;
     const float* md = mean_dz.data() + chunk.c0;
     const float* kc = k.data() + chunk.c0;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* e = extra.data() + n * C + chunk.c0;
-      const float* src = xp + chunk.offset(n, C, HW);
-      const float* gy = gp + chunk.offset(n, C, HW);
-      float* dst = gxp + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-        const float z = src[j] * a[q] + b[q], slope_q = w[q];
-        const float dy = gy[j] + e[q];
-        const float dz = (act && !(z > 0.0f)) ? slope_q * dy : dy;
-        dst[j] = (dz - md[q] - (src[j] - m[q]) * kc[q]) * a[q];
-      });
-    }
+    const float* e = extra.data() + n * C + chunk.c0;
+    const float* src = xp + chunk.offset(n, C, HW);
+    const float* gy = gp + chunk.offset(n, C, HW);
+    float* dst = gxp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+      const float z = src[j] * a[q] + b[q], slope_q = w[q];
+      const float dy = gy[j] + e[q];
+      const float dz = (act && !(z > 0.0f)) ? slope_q * dy : dy;
+      dst[j] = (dz - md[q] - (src[j] - m[q]) * kc[q]) * a[q];
+    });
   };
   two_passes(N, C, HW, sums, gradient_sums, finish, input_gradient);
   return {grad_x, grad_gamma, grad_beta, grad_slope};
@@ -660,7 +691,7 @@ std::vector<at::Tensor> gated_bn_forward_impl(const at::Tensor& b, const at::Ten
   }
   ChannelSums sums(C, 2);
   Affine affine(C, gamma.options());
-  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto statistics = [&](const Chunk& chunk, int64_t n, auto HW, auto& acc) {
     const float* k = shift.data() + chunk.c0;
     float* sum = acc.partial(0);
     float* sum_sq = acc.partial(1);
@@ -678,21 +709,19 @@ std::vector<at::Tensor> gated_bn_forward_impl(const at::Tensor& b, const at::Ten
   const auto finish = [&](const Chunk& chunk) {
     batch_stats(affine, chunk, sums, shift, M, eps, momentum, gamma, beta, running_mean, running_var);
   };
-  const auto output = [&](const Chunk& chunk, auto HW) {
+  const auto output = [&](int64_t n, const Chunk& chunk, auto HW) {
     const float* alpha = affine.alpha.data() + chunk.c0;
     const float* beta = affine.shift.data() + chunk.c0;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* s = gtp + n * C + chunk.c0;
-      const float* bs = bp + chunk.offset(n, C, HW);
-      const float* rs = rp + chunk.offset(n, C, HW);
-      const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
-      float* dst = yp + chunk.offset(n, C, HW);
-      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-        const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
-        const float v = multiply_residual ? (s[q] * bj) * rs[j] : s[q] * bj;
-        dst[j] = (v * alpha[q] + beta[q]) + rs[j];
-      });
-    }
+    const float* s = gtp + n * C + chunk.c0;
+    const float* bs = bp + chunk.offset(n, C, HW);
+    const float* rs = rp + chunk.offset(n, C, HW);
+    const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
+    float* dst = yp + chunk.offset(n, C, HW);
+    for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+      const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+      const float v = multiply_residual ? (s[q] * bj) * rs[j] : s[q] * bj;
+      dst[j] = (v * alpha[q] + beta[q]) + rs[j];
+    });
   };
   two_passes(N, C, HW, sums, statistics, finish, output);
   return {y, affine.mean, affine.invstd};
@@ -722,7 +751,7 @@ std::vector<at::Tensor> gated_bn_backward_impl(const at::Tensor& grad_y, const a
   const float* invstd = save_invstd.data_ptr<float>();
   const float *ba = b_affine, *bsh = b_affine + C, *bw = b_affine + 2 * C;  // unused when b is stored
   ChannelSums sums(C, 2);
-  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, PositionSums& acc) {
+  const auto gradient_sums = [&](const Chunk& chunk, int64_t n, auto HW, auto& acc) {
     const float* m = mean + chunk.c0;
     float* sum_dy = acc.partial(0);
     float* dot = acc.partial(1);
@@ -748,41 +777,38 @@ std::vector<at::Tensor> gated_bn_backward_impl(const at::Tensor& grad_y, const a
   float* gbp = grad_b.data_ptr<float>();
   float* grp = multiply_residual ? grad_r.data_ptr<float>() : nullptr;
   float* ggp = grad_gate.data_ptr<float>();
-  const auto input_gradients = [&](const Chunk& chunk, auto HW) {
+  const auto input_gradients = [&](int64_t n, const Chunk& chunk, auto HW) {
     const float* a = alpha.data() + chunk.c0;
     const float* m = mean + chunk.c0;
     const float* md = mean_dy.data() + chunk.c0;
     const float* kc = k.data() + chunk.c0;
-    std::vector<float> share(chunk.length);  // each value's share of its plane's gate gradient
-    float* dgate = share.data();
+    float* dgate = scratch_buffer(chunk.length);  // each value's share of its plane's gate gradient
     const float *a1 = ba + chunk.c0, *s1 = bsh + chunk.c0, *w1 = bw + chunk.c0;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* s = gtp + n * C + chunk.c0;
-      const float* bs = bp + chunk.offset(n, C, HW);
-      const float* rs = rp + chunk.offset(n, C, HW);
-      const float* gy = gp + n * gy_stride + chunk.c0 * HW;
-      float* gb = gbp + chunk.offset(n, C, HW);
-      if (multiply_residual) {
-        float* gr = grp + chunk.offset(n, C, HW);
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
-          const float sb = s[q] * bj;
-          const float dv = (gy[j] - md[q] - (sb * rs[j] - m[q]) * kc[q]) * a[q];
-          const float dsb = dv * rs[j];  // gradient reaching s * b
-          gb[j] = dsb * s[q];
-          gr[j] = gy[j] + dv * sb;
-          dgate[j] = dsb * bj;
-        });
-      } else {
-        for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
-          const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
-          const float dv = (gy[j] - md[q] - (s[q] * bj - m[q]) * kc[q]) * a[q];
-          gb[j] = dv * s[q];
-          dgate[j] = dv * bj;
-        });
-      }
-      plane_sums(dgate, chunk.planes(), HW, 1.0, ggp + n * C + chunk.c0);
+    const float* s = gtp + n * C + chunk.c0;
+    const float* bs = bp + chunk.offset(n, C, HW);
+    const float* rs = rp + chunk.offset(n, C, HW);
+    const float* gy = gp + n * gy_stride + chunk.c0 * HW;
+    float* gb = gbp + chunk.offset(n, C, HW);
+    if (multiply_residual) {
+      float* gr = grp + chunk.offset(n, C, HW);
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+        const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+        const float sb = s[q] * bj;
+        const float dv = (gy[j] - md[q] - (sb * rs[j] - m[q]) * kc[q]) * a[q];
+        const float dsb = dv * rs[j];  // gradient reaching s * b
+        gb[j] = dsb * s[q];
+        gr[j] = gy[j] + dv * sb;
+        dgate[j] = dsb * bj;
+      });
+    } else {
+      for_each_value(chunk.planes(), HW, [=](int64_t j, int64_t q, int64_t) {
+        const float bj = b_value<Recompute>(bs, j, a1, s1, w1, q);
+        const float dv = (gy[j] - md[q] - (s[q] * bj - m[q]) * kc[q]) * a[q];
+        gb[j] = dv * s[q];
+        dgate[j] = dv * bj;
+      });
     }
+    plane_sums(dgate, chunk.planes(), HW, 1.0, ggp + n * C + chunk.c0);
   };
   two_passes(N, C, HW, sums, gradient_sums, finish, input_gradients);
   return {grad_b, grad_gate, grad_r, grad_gamma, grad_beta};
@@ -1282,6 +1308,15 @@ at::Tensor to_ternary_int8(const at::Tensor& t) {
   return ternary.load() ? out : at::empty({0}, out.options());
 }
 
+// Sets g_sample_split_values (for tests and benchmarks: either split gives the same bits)
+// and returns the previous value.
+int64_t set_sample_split_values(int64_t values) {
+  TORCH_CHECK(values >= 0, "the sample-split limit must be >= 0 values, got ", values);
+  const int64_t previous = g_sample_split_values;
+  g_sample_split_values = values;
+  return previous;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_prelu_forward", &bn_prelu_forward, "batch norm (training) + PReLU + spatial mean, forward");
   m.def("bn_prelu_backward", &bn_prelu_backward, "batch norm (training) + PReLU + spatial mean, backward");
@@ -1305,5 +1340,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");
   m.def("clamp_and_divide_clamp", &clamp_and_divide_clamp,
         "w.clamp_(-clip, clip) (writing only values out of range), then divide_clamp of the result");
+  m.def("set_sample_split_values", &set_sample_split_values,
+        "the largest activation (in values) that the two-pass kernels split by samples; returns the previous one");
   m.def("to_ternary_int8", &to_ternary_int8, "t as int8 if all its values are -1, 0 or +1, else an empty tensor");
 }

@@ -408,6 +408,38 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads(shape: tuple[int, i
         assert torch.equal(a, b), f"result {i} differs between 1 and 3 threads"
 
 
+@pytest.fixture
+def sample_split_values():
+    """Sets the largest activation the two-pass kernels split by samples; restores the default after the test."""
+    extension = fused_ops.load_extension()
+    default = extension.set_sample_split_values(0)
+    extension.set_sample_split_values(default)
+    yield extension.set_sample_split_values
+    extension.set_sample_split_values(default)
+
+
+# The batch-norm kernels split their work by samples (activations up to the limit) or by chunks of
+# channels (larger ones): either way each channel's sums add the same values in the same order.
+@pytest.mark.parametrize("shape", [(8, 64, 32, 32), (20, 96, 4, 4), (3, 5, 7, 9)])
+def test_kernels_give_the_same_bits_split_by_samples_or_by_channels(sample_split_values, shape) -> None:
+    sample_split_values(0)  # every activation by channel chunks
+    by_channels = _kernel_chain_results(3, shape)
+    sample_split_values(1 << 40)  # every activation by samples
+    by_samples = _kernel_chain_results(3, shape)
+    assert len(by_channels) == len(by_samples) > 10
+    for i, (a, b) in enumerate(zip(by_channels, by_samples)):
+        assert torch.equal(a, b), f"result {i} differs between the two splits"
+
+
+def test_sample_split_limit_is_validated_and_returns_the_previous_one(sample_split_values) -> None:
+    default = sample_split_values(5)
+    assert default == 1 << 23  # 32 MiB of float32: the development machine's last-level cache
+    assert sample_split_values(7) == 5
+    with pytest.raises(RuntimeError, match="must be >= 0 values"):
+        sample_split_values(-1)
+    assert sample_split_values(default) == 7
+
+
 def test_squeeze_excitation_gates_train_by_matrix_products(monkeypatch) -> None:
     torch.manual_seed(9)
     gate = models.SqueezeExcite(32)
