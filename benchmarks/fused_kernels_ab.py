@@ -17,7 +17,9 @@ kernels' own time on the 32x32 shapes).
 
 With ``--in-step`` it times the kernels inside whole eager training steps instead,
 alternating the two builds step by step (``models.fused_ops.load_extension`` swapped):
-each kernel's milliseconds per step with either build, and the steps' medians. A
+each kernel's milliseconds per step with either build, and the steps' medians, also per
+placement of the two CPU threads (:mod:`benchmarks.thread_placement`, measured before
+every pair), which moves a step by more than most kernel changes do. A
 kernel's time in a step depends on what the steps before it left in the caches (which
 core wrote its inputs, and when), which the per-shape calls on fresh tensors do not see.
 No bits are compared in this mode (the per-shape mode does that).
@@ -52,6 +54,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from benchmarks import thread_placement  # noqa: E402
 from benchmarks.fused_kernels import kernel_calls, norm_input_shapes, time_alternating  # noqa: E402
 from benchmarks.step_breakdown import TimedExtension, Timers  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
@@ -189,35 +192,54 @@ def compare_in_steps(
     this: ModuleType,
     steps: int,
     warmup: int,
-) -> tuple[dict[str, float], list[dict]]:
+    probe: Callable[[], float | None] | None = None,
+) -> tuple[dict[str, float], list[dict], list[dict]]:
     """Whole eager training steps of ``model``, the two builds alternating step by step.
 
-    Returns the steps' medians (``{"base": ms, "this": ms}``) and one row per kernel called:
-    ``base_ms`` and ``this_ms`` per step, and ``calls`` per step.
+    A first untimed step with this tree's build finds the functions a step calls; a
+    baseline lacking one is refused. Returns the steps' medians (``{"base": ms, "this":
+    ms}``), one row per kernel called (``base_ms`` and ``this_ms`` per step, and ``calls``
+    per step) and one dict per timed pair of steps: ``base_ms`` and ``this_ms`` (the
+    steps), ``base_kernels_ms`` and ``this_kernels_ms`` (their kernel calls) and
+    ``round_trip_ns``, what ``probe`` returned before the pair (None without one; see
+    :func:`benchmarks.thread_placement.round_trip_ns`).
     """
-    missing = sorted(name for name in dir(this) if not name.startswith("_") and not hasattr(base, name))
-    if missing:  # this tree's Python would call them on the baseline build in the middle of a step
-        raise SystemExit(
-            f"the baseline build lacks {', '.join(missing)}, which this tree's code may call in a step: --in-step "
-            "compares builds of the same functions; time such a change with benchmarks/train_step.py instead"
-        )
     builds = {"base": base, "this": this}
     timers = {label: Timers() for label in builds}
     step_ms: dict[str, list[float]] = {label: [] for label in builds}
+    pairs: list[dict] = []
     step = make_step(model, batch)
     original = fused_ops.load_extension
+
+    def timed_step(label: str) -> tuple[float, float]:
+        # The step's milliseconds, and those of its kernel calls.
+        extension = TimedExtension(builds[label], timers[label])
+        fused_ops.load_extension = lambda: extension
+        kernels_before = sum(timers[label].seconds.values())
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        return 1e3 * elapsed, 1e3 * (sum(timers[label].seconds.values()) - kernels_before)
+
     try:
+        timed_step("this")
+        missing = sorted(name.removeprefix("kernel ") for name in timers["this"].calls if not hasattr(base, name[7:]))
+        if missing:  # the step would call them on the baseline build and fail half-way
+            raise SystemExit(
+                f"the baseline build lacks {', '.join(missing)}, which this tree's code calls in a step: --in-step "
+                "compares builds of the same functions; time such a change with benchmarks/train_step.py instead"
+            )
         for i in range(warmup + steps):
             if i == warmup:
                 for timer in timers.values():
                     timer.clear()
+            pair: dict = {"round_trip_ns": probe() if probe is not None and i >= warmup else None}
             for label in ("base", "this") if i % 2 == 0 else ("this", "base"):
-                extension = TimedExtension(builds[label], timers[label])
-                fused_ops.load_extension = lambda extension=extension: extension
-                start = time.perf_counter()
-                step()
+                pair[f"{label}_ms"], pair[f"{label}_kernels_ms"] = timed_step(label)
                 if i >= warmup:
-                    step_ms[label].append((time.perf_counter() - start) * 1e3)
+                    step_ms[label].append(pair[f"{label}_ms"])
+            if i >= warmup:
+                pairs.append(pair)
     finally:
         fused_ops.load_extension = original
     names = sorted(set(timers["base"].seconds) | set(timers["this"].seconds))
@@ -231,11 +253,31 @@ def compare_in_steps(
         for name in names
     ]
     rows.sort(key=lambda row: -row["base_ms"])
-    return {label: statistics.median(ms) for label, ms in step_ms.items()}, rows
+    return {label: statistics.median(ms) for label, ms in step_ms.items()}, rows, pairs
 
 
-def print_in_steps(medians: dict[str, float], rows: list[dict]) -> None:
-    """The table of :func:`compare_in_steps`."""
+def placement_lines(pairs: list[dict]) -> list[str]:
+    """Per placement of the CPU threads (:mod:`benchmarks.thread_placement`), the medians of the pairs in it.
+
+    One line per group of :func:`benchmarks.thread_placement.group_by_round_trip`: its
+    round trips, pairs, the steps' medians and the kernel calls' medians, each as
+    ``base``, ``this`` and base/this. Nothing where no round trip was measured.
+    """
+    lines = []
+    for group in thread_placement.group_by_round_trip([pair["round_trip_ns"] for pair in pairs]):
+        mine = [pairs[i] for i in group.indices]
+        parts = []
+        for what, key in (("step", "ms"), ("kernels", "kernels_ms")):
+            base, this = (statistics.median(pair[f"{label}_{key}"] for pair in mine) for label in ("base", "this"))
+            parts.append(f"{what} {base:.2f} / {this:.2f} ms ({base / this:.2f})")
+        lines.append(
+            f"threads' round trip {group.low_ns:.0f} to {group.high_ns:.0f} ns, {len(mine)} pairs: " + ", ".join(parts)
+        )
+    return lines
+
+
+def print_in_steps(medians: dict[str, float], rows: list[dict], pairs: list[dict]) -> None:
+    """The table of :func:`compare_in_steps`, then the pairs' medians per placement of the threads."""
     print(f"{'kernel':<28} {'calls':>6} {'base ms':>9} {'this ms':>9} {'base/this':>10}   (per step)")
     for row in rows:
         ratio = row["base_ms"] / row["this_ms"] if row["this_ms"] else float("nan")
@@ -244,6 +286,10 @@ def print_in_steps(medians: dict[str, float], rows: list[dict]) -> None:
     print(f"{'all kernels':<35} {base_total:>9.2f} {this_total:>9.2f} {base_total / this_total:>10.2f}")
     ratio = medians["base"] / medians["this"]
     print(f"{'whole step (medians)':<35} {medians['base']:>9.2f} {medians['this']:>9.2f} {ratio:>10.2f}")
+    lines = placement_lines(pairs)
+    if len(lines) > 1:
+        print("base / this by placement (compare within a line: the placements differ by more than most changes):")
+    print(*lines, sep="\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size)
         batch = (images, torch.randint(0, 10, (args.batch,)))
-        print_in_steps(*compare_in_steps(model, batch, base, this, args.iters, warmup=3))
+        probe = thread_placement.round_trip_ns if thread_placement.unavailable_reason() is None else None
+        print_in_steps(*compare_in_steps(model, batch, base, this, args.iters, warmup=3, probe=probe))
         return
     if args.weights:
         layouts = weight_layouts(model, torch.randn(args.batch, 3, args.img_size, args.img_size))

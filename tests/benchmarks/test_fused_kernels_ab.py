@@ -136,7 +136,10 @@ def test_in_step_mode_times_every_kernel_of_both_builds_inside_whole_steps() -> 
     torch.manual_seed(0)
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
     batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
-    medians, rows = fused_kernels_ab.compare_in_steps(model, batch, base, this, steps=2, warmup=1)
+    round_trips = iter([70.0, 320.0])
+    medians, rows, pairs = fused_kernels_ab.compare_in_steps(
+        model, batch, base, this, steps=2, warmup=1, probe=lambda: next(round_trips)
+    )
     assert fused_ops.load_extension() is this  # restored
     by_kernel = {row["kernel"]: row for row in rows}
     # BNext-T: one sign kernel call per processor each way, every step; 3 steps ran on the baseline.
@@ -147,6 +150,32 @@ def test_in_step_mode_times_every_kernel_of_both_builds_inside_whole_steps() -> 
     assert {"bn_prelu_forward", "gated_bn_backward", "clamp_and_divide_clamp"} <= set(by_kernel)
     assert all(row["base_ms"] > 0 and row["this_ms"] > 0 for row in rows)
     assert medians["base"] > medians["this"] > 0
+    # One record per timed pair, with the round trip measured before it.
+    assert [pair["round_trip_ns"] for pair in pairs] == [70.0, 320.0]
+    for pair in pairs:
+        assert pair["base_ms"] > pair["base_kernels_ms"] > 31 * 2 > pair["this_kernels_ms"] > 0
+        assert pair["this_ms"] > pair["this_kernels_ms"]
+    assert medians["base"] == pytest.approx(sum(pair["base_ms"] for pair in pairs) / 2)
+
+
+def test_in_step_pairs_are_summarised_per_placement_of_the_threads() -> None:
+    def pair(round_trip: float | None, base: float, this: float) -> dict:
+        return {
+            "round_trip_ns": round_trip,
+            "base_ms": base,
+            "this_ms": this,
+            "base_kernels_ms": base / 10,
+            "this_kernels_ms": this / 20,
+        }
+
+    together = [pair(60.0, 800.0, 790.0), pair(80.0, 820.0, 800.0), pair(70.0, 900.0, 700.0)]
+    apart = [pair(320.0, 1000.0, 900.0), pair(340.0, 1000.0, 950.0)]
+    lines = fused_kernels_ab.placement_lines([together[0], apart[0], together[1], apart[1], together[2]])
+    assert lines == [
+        "threads' round trip 60 to 80 ns, 3 pairs: step 820.00 / 790.00 ms (1.04), kernels 82.00 / 39.50 ms (2.08)",
+        "threads' round trip 320 to 340 ns, 2 pairs: step 1000.00 / 925.00 ms (1.08), kernels 100.00 / 46.25 ms (2.16)",
+    ]
+    assert fused_kernels_ab.placement_lines([pair(None, 1.0, 1.0)]) == []  # not measured: no line
 
 
 def test_in_step_mode_refuses_a_baseline_without_a_kernel_this_tree_calls() -> None:
