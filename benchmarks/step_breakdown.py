@@ -23,6 +23,11 @@ milliseconds per step:
   accumulation, the Python of the modules and autograd's bookkeeping, and whatever the
   convolutions cost more inside the step than alone.
 
+Where the steps fell into two placements of the CPU threads (measured before every pair,
+:mod:`benchmarks.thread_placement`), a column per placement follows, each from its own
+steps: on the AMD EPYC development machine the kernels that read what the other thread
+wrote took up to twice as long with its two vCPUs on different core complexes.
+
 Usage::
 
     python benchmarks/step_breakdown.py --keep-freed-memory    # BNext-T, CIFAR stem, 32x32, batch 64
@@ -45,6 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from benchmarks import thread_placement  # noqa: E402
 from benchmarks.step_profile import add_model_arguments  # noqa: E402
 from benchmarks.train_step import collect_conv_shapes, host_memory_lines, make_floor, make_step, measure  # noqa: E402
 from ImageNet.optim import build_optimizer  # noqa: E402
@@ -93,6 +99,20 @@ class Timers:
     def clear(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+
+    def since(self, seconds: dict[str, float], calls: dict[str, int]) -> Timers:
+        """What was added since the snapshot ``(dict(self.seconds), dict(self.calls))``, as new timers."""
+        delta = Timers()
+        for name, value in self.seconds.items():
+            delta.seconds[name] = value - seconds.get(name, 0.0)
+            delta.calls[name] = self.calls[name] - calls.get(name, 0)
+        return delta
+
+    def add(self, other: Timers) -> None:
+        """Add ``other``'s seconds and calls to these."""
+        for name, value in other.seconds.items():
+            self.seconds[name] += value
+            self.calls[name] += other.calls[name]
 
 
 class TimedExtension:
@@ -170,6 +190,37 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def with_remainder(
+    rows: list[tuple[str, float, float]], step_ms: float, floor_ms: float
+) -> list[tuple[str, float, float]]:
+    """``rows`` and a last row: the step less the floor less every piece."""
+    return [*rows, ("remainder: step - floor - the pieces above", step_ms - floor_ms - sum(r[1] for r in rows), 0.0)]
+
+
+def placement_breakdowns(
+    per_step: list[Timers], timings: dict[str, Any]
+) -> list[tuple[thread_placement.Placement, list[tuple[str, float, float]], float, float]]:
+    """The breakdown of each placement of the threads, where the steps fell in two (else nothing).
+
+    ``per_step`` holds each timed step's timers, ``timings`` what
+    :func:`benchmarks.train_step.measure` returned for the same pairs (with round trips).
+    Per placement: the group, its rows (with the remainder, from its pairs' medians), and
+    those medians of the step and of the floor.
+    """
+    groups = thread_placement.group_by_round_trip(timings["round_trip_ns"])
+    if len(groups) < 2:
+        return []
+    result = []
+    for group in groups:
+        merged = Timers()
+        for index in group.indices:
+            merged.add(per_step[index])
+        step_ms, floor_ms = thread_placement.pair_medians(timings["step_ms"], timings["floor_ms"], group.indices)
+        rows = with_remainder(breakdown(merged, len(group.indices)), step_ms, floor_ms)
+        result.append((group, rows, step_ms, floor_ms))
+    return result
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     """Print the breakdown of one configuration; returns its rows (the remainder last)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -190,21 +241,42 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
     step = make_step(model, (images, targets), optimizer)
     timers = Timers()
+    per_step: list[Timers] = []
+
+    def recorded_step() -> None:
+        before = dict(timers.seconds), dict(timers.calls)
+        step()
+        per_step.append(timers.since(*before))
+
+    # Where the two threads ran, before every pair: the kernels' times depend on it (README, Thread placement).
+    probe = thread_placement.round_trip_ns if thread_placement.unavailable_reason() is None else None
     with timed_pieces(timers, optimizer):
         for _ in range(args.warmup):
             step()
             floor()
         timers.clear()
-        timings = measure(step, floor, warmup=0, iters=args.iters)
-    rows = breakdown(timers, args.iters)
+        timings = measure(recorded_step, floor, warmup=0, iters=args.iters, probe=probe)
+    # The steps' own timers: the floor calls some of the kernels too (the tap products' conversion).
+    in_steps = Timers()
+    for timed in per_step:
+        in_steps.add(timed)
     step_ms, floor_ms = timings["step_ms_median"], timings["floor_ms_median"]
-    rows.append(("remainder: step - floor - the pieces above", step_ms - floor_ms - sum(r[1] for r in rows), 0.0))
+    rows = with_remainder(breakdown(in_steps, args.iters), step_ms, floor_ms)
+    placements = placement_breakdowns(per_step, timings)
     print(f"{args.model} img {args.img_size} batch {args.batch}, eager, {torch.get_num_threads()} threads")
     gap = step_ms - floor_ms
     print(f"step {step_ms:.1f} ms, floor {floor_ms:.1f} ms (medians of {args.iters}), step - floor {gap:.1f} ms")
-    print(f"{'piece':<70} {'ms/step':>8} {'calls/step':>11}")
+    for group, _, group_step, group_floor in placements:
+        print(
+            f"threads' round trip {group.low_ns:.0f} to {group.high_ns:.0f} ns, {len(group.indices)} steps: "
+            f"step {group_step:.1f} ms, floor {group_floor:.1f} ms"
+        )
+    columns = [f"{group.low_ns:.0f}-{group.high_ns:.0f} ns" for group, *_ in placements]
+    print(f"{'piece':<70} {'ms/step':>8} {'calls/step':>11}" + "".join(f" {column:>12}" for column in columns))
+    by_placement = [{name: ms for name, ms, _ in group_rows} for _, group_rows, *_ in placements]
     for name, ms, calls in rows:
-        print(f"{name:<70} {ms:>8.2f} {calls:>11.0f}")
+        cells = "".join(f" {values.get(name, 0.0):>12.2f}" for values in by_placement)
+        print(f"{name:<70} {ms:>8.2f} {calls:>11.0f}" + cells)
     return rows
 
 

@@ -9,7 +9,7 @@ import torch
 
 import models
 from benchmarks import step_breakdown
-from models import blocks, bnext, fused_ops, kernel_ops
+from models import blocks, bnext, fused_ops, kernel_ops, tap_conv
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CI") != "true" and fused_ops.load_extension() is None,
@@ -17,7 +17,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_times_every_piece_once_per_call_and_restores_the_library(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two pairs, measured in two placements of the threads: a column for each.
+    round_trips = iter([70.0, 320.0])
+    monkeypatch.setattr(step_breakdown.thread_placement, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(step_breakdown.thread_placement, "round_trip_ns", lambda: next(round_trips))
     originals = (
         fused_ops.load_extension,
         models.apply_constraints,
@@ -42,6 +48,14 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     # The weights are binarized by the constraint pass after each optimizer step, for the next step.
     assert by_name["kernel clamp_and_divide_clamp"][1] == 31 and "kernel divide_clamp" not in by_name
     assert by_name["optimizer step"][1] == by_name["constraints, besides their kernel calls"][1] == 1
+    # The tap products check their operands once per call (float weights at T = 1: the weights only), in the
+    # steps; the floor's own calls are not counted.
+    products: list[int] = []
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    forward = tap_conv.forward
+    monkeypatch.setattr(tap_conv, "forward", lambda *args: products.append(1) or forward(*args))
+    model(torch.randn(2, 3, 16, 16))
+    assert by_name["kernel to_ternary_int8"][1] == len(products) > 0
     # Per processor the signs and the tail (both batch norms and the gate in one call); the stem's batch norm.
     assert by_name["Python and autograd around the processor kernels, forward"][1] == 31 + 31 + 1
     assert all(ms > 0 for name, (ms, _) in by_name.items() if not name.startswith("remainder"))
@@ -50,6 +64,17 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     step_line = next(line for line in out if line.startswith("step "))
     step_ms, floor_ms = (float(step_line.split()[i]) for i in (1, 4))
     assert sum(ms for _, ms, _ in rows) == pytest.approx(step_ms - floor_ms, abs=0.2)
+    assert [line.split(",")[0] for line in out if line.startswith("threads'")] == [
+        "threads' round trip 70 to 70 ns",
+        "threads' round trip 320 to 320 ns",
+    ]
+    header = next(line for line in out if line.startswith("piece"))
+    assert header.split()[-4:] == ["70-70", "ns", "320-320", "ns"]
+    # One step per placement: each column is that step's own pieces, whose mean over the two is the overall.
+    for name, ms, _ in rows[:-1]:
+        line = next(line for line in out if line.startswith(name))
+        first, second = (float(cell) for cell in line.split()[-2:])
+        assert (first + second) / 2 == pytest.approx(ms, abs=0.01), name
     assert originals == (
         fused_ops.load_extension,
         models.apply_constraints,
@@ -62,6 +87,44 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(capsys: p
     with step_breakdown.timed_pieces(timers, optimizer):
         assert "step" in vars(optimizer)
     assert "step" not in vars(optimizer)  # the class's method again
+
+
+def _timers(**milliseconds: float) -> step_breakdown.Timers:
+    timers = step_breakdown.Timers()
+    for name, ms in milliseconds.items():
+        timers.seconds[name.replace("_", " ")] = ms / 1e3
+        timers.calls[name.replace("_", " ")] = 1
+    return timers
+
+
+def test_placement_breakdowns_take_each_placements_own_steps_and_medians() -> None:
+    steps = [_timers(optimizer_step=10.0), _timers(optimizer_step=30.0), _timers(optimizer_step=12.0)]
+    timings = {"round_trip_ns": [60.0, 330.0, 80.0], "step_ms": [100.0, 150.0, 110.0], "floor_ms": [80.0, 90.0, 84.0]}
+    (together, near, near_step, near_floor), (apart, far, far_step, far_floor) = step_breakdown.placement_breakdowns(
+        steps, timings
+    )
+    assert together.indices == (0, 2) and apart.indices == (1,)
+    assert (near_step, near_floor, far_step, far_floor) == (105.0, 82.0, 150.0, 90.0)
+    near_rows, far_rows = ({name: ms for name, ms, _ in rows} for rows in (near, far))
+    assert near_rows["optimizer step"] == pytest.approx(11.0) and far_rows["optimizer step"] == pytest.approx(30.0)
+    assert near_rows["remainder: step - floor - the pieces above"] == pytest.approx(105.0 - 82.0 - 11.0)
+    # One placement, or none measured: no columns.
+    assert step_breakdown.placement_breakdowns(steps, {**timings, "round_trip_ns": [60.0, 70.0, 80.0]}) == []
+    assert step_breakdown.placement_breakdowns(steps, {**timings, "round_trip_ns": []}) == []
+
+
+def test_timers_subtract_a_snapshot_and_add_up() -> None:
+    timers = _timers(optimizer_step=5.0)
+    snapshot = dict(timers.seconds), dict(timers.calls)
+    timers.seconds["optimizer step"] += 0.002
+    timers.calls["optimizer step"] += 1
+    timers.seconds["constraints"] = 0.001
+    timers.calls["constraints"] = 1
+    delta = timers.since(*snapshot)
+    assert delta.seconds["optimizer step"] == pytest.approx(0.002) and delta.calls["optimizer step"] == 1
+    assert delta.seconds["constraints"] == pytest.approx(0.001) and delta.calls["constraints"] == 1
+    delta.add(delta)
+    assert delta.seconds["optimizer step"] == pytest.approx(0.004) and delta.calls["constraints"] == 2
 
 
 def test_the_python_around_the_kernels_excludes_every_kernel_they_call() -> None:
