@@ -1160,6 +1160,36 @@ std::vector<at::Tensor> recoupling_gate_backward(const at::Tensor& grad_gate, co
           at::mm(grad_z.t(), hidden).view_as(w2), grad_b2};
 }
 
+#if defined(__AVX512F__)
+// The 3x3 taps of 16 input channels: 16 rows of 9 floats, row i at src + 9 * i, written
+// as 9 rows of 16 floats, row t at dst + t * stride (a 16x16 transpose in registers of
+// the rows padded with zeros, of which only the first 9 columns are stored).
+inline void transpose_16_by_9(const float* src, float* dst, int64_t stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(0x1FF, src + 9 * i);
+  // Pairs of rows interleaved, then 4x4 blocks within each 128-bit lane...
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // ...then the 128-bit lanes across groups of four rows, and of eight.
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm512_storeu_ps(dst + j * stride, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+  _mm512_storeu_ps(dst + 8 * stride, _mm512_shuffle_f32x4(t[0], t[8], 0xDD));
+}
+#endif
+
 // Writes binarize(value(i)) for every value i of w into out: in w's layout, or with
 // tap_major in the channels-last layout of the Cout x Cin x k x k weight, Cout x (k*k) x
 // Cin in memory (the tap matrices of models/tap_conv.py, which then need no transposing
@@ -1192,8 +1222,14 @@ void write_binarized(const at::Tensor& w, at::Tensor& out, bool tap_major, const
 #pragma omp simd
       for (int64_t i = 0; i < per_out; ++i) values[i] = binarize(value(base + i));
       float* row = dst + base;
+      int64_t first = 0;  // the channels below it are written
+#if defined(__AVX512F__)
+      if (taps == 9) {
+        for (; first + 16 <= cin; first += 16) transpose_16_by_9(values + first * taps, row + first, cin);
+      }
+#endif
       for (int64_t t = 0; t < taps; ++t, row += cin) {
-        int64_t c = 0;
+        int64_t c = first;
 #if defined(__AVX512F__)
         // 16 channels of tap t per gather instruction (GCC's own vectorization of the loop below
         // took 2 values at a time): about a tenth off the pass on the AMD EPYC machine.

@@ -89,17 +89,19 @@ def test_kernel_and_operators_pick_the_same_regime_at_the_threshold(threshold: f
     assert torch.equal(by_kernel, torch.sign(weight)) == (step < 0)
 
 
+# 37 input channels: two blocks of 16 that the kernel transposes in registers, and a rest of 5.
+@pytest.mark.parametrize("in_channels", [5, 37])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 5e-9])
-def test_tap_major_binarization_has_the_same_values(temperature: float) -> None:
+def test_tap_major_binarization_has_the_same_values(temperature: float, in_channels: int) -> None:
     torch.manual_seed(8)
-    weight = (torch.randn(6, 5, 3, 3) * 0.8).requires_grad_(True)
+    weight = (torch.randn(6, in_channels, 3, 3) * 0.8).requires_grad_(True)
     t = torch.tensor([temperature])
     plain = progressive_binarize(weight, t, 1e-7)
     tap_major = progressive_binarize(weight, t, 1e-7, tap_major=True)
     assert torch.equal(tap_major, plain) and plain.is_contiguous()
     # The one-pass kernel (where it is built) writes channels-last; the operators keep the weight's layout.
     assert tap_major.is_contiguous(memory_format=torch.channels_last) == (fused_ops.backend() == "cpp")
-    grad = torch.randn(6, 5, 3, 3)
+    grad = torch.randn(6, in_channels, 3, 3)
     (tap_major * grad).sum().backward()
     assert torch.equal(weight.grad, grad)
 
