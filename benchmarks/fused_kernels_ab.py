@@ -223,7 +223,8 @@ def compare_in_steps(
 
     try:
         timed_step("this")
-        missing = sorted(name.removeprefix("kernel ") for name in timers["this"].calls if not hasattr(base, name[7:]))
+        called = [name.removeprefix("kernel ") for name in timers["this"].calls]
+        missing = sorted(name for name in called if not hasattr(base, name))
         if missing:  # the step would call them on the baseline build and fail half-way
             raise SystemExit(
                 f"the baseline build lacks {', '.join(missing)}, which this tree's code calls in a step: --in-step "
