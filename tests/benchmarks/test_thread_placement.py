@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,13 +20,9 @@ needs_two_cpus = pytest.mark.skipif(thread_placement.usable_cpus() < 2, reason="
 
 
 @pytest.fixture
-def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
+def two_threads() -> None:
+    # tests/conftest.py restores the thread count after every test.
     torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_probe
@@ -42,13 +37,9 @@ def test_round_trip_between_two_threads_is_measured(two_threads: None) -> None:
 
 @needs_probe
 def test_one_thread_has_no_round_trip_to_measure() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert "1 thread" in thread_placement.unavailable_reason()
-        assert thread_placement.round_trip_ns() is None
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(1)  # restored after the test by tests/conftest.py
+    assert "1 thread" in thread_placement.unavailable_reason()
+    assert thread_placement.round_trip_ns() is None
     with pytest.raises(ValueError, match="bursts"):
         thread_placement.round_trip_ns(bursts=0)
 
