@@ -26,6 +26,7 @@ Usage::
     python benchmarks/train_step.py --model bnext_tiny --width-mult 0.25 --batch 16 --mode eager --mode channels_last
     python benchmarks/train_step.py --mode eager --mode eager_unfused   # the fused CPU training kernels on and off
     python -m benchmarks.train_step --device cuda --img-size 224 --stem imagenet --batch 128 --mode all --json out.json
+    python benchmarks/train_step.py --mode eager --mode compile --interleave --iters 40   # round by round
 
 The functions (:func:`collect_conv_shapes`, :func:`make_floor`, :func:`make_step`,
 :func:`measure`) are importable for tests and notebooks.
@@ -366,6 +367,51 @@ def _synchronize(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_pair(
+    step: Callable[[], None], floor: Callable[[], None], device: torch.device | None, timings: dict[str, list]
+) -> None:
+    """Time one ``step`` then one ``floor`` call, appending to ``timings``' lists (see :func:`measure`)."""
+    on_cuda = device is not None and device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for name, call in (("step", step), ("floor", floor)):
+        faults = minor_page_faults()
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        timings[f"{name}_ms"].append((time.perf_counter() - start) * 1e3)
+        if faults is not None:
+            timings[f"{name}_faults"].append(minor_page_faults() - faults)
+        if on_cuda and name == "step":
+            timings["step_peaks"].append(torch.cuda.max_memory_allocated(device))
+
+
+def _new_timings() -> dict[str, list]:
+    return {"step_ms": [], "floor_ms": [], "step_faults": [], "floor_faults": [], "step_peaks": [], "round_trip_ns": []}
+
+
+def _summary(timings: dict[str, list], device: torch.device | None) -> dict[str, Any]:
+    """What :func:`measure` returns, from the lists :func:`_time_pair` filled."""
+    step_ms, floor_ms = timings["step_ms"], timings["floor_ms"]
+    step_faults, floor_faults = timings["step_faults"], timings["floor_faults"]
+    step_median = statistics.median(step_ms)
+    floor_median = statistics.median(floor_ms)
+    pair_ratios = [step / floor for step, floor in zip(step_ms, floor_ms, strict=True) if floor > 0]
+    on_cuda = device is not None and device.type == "cuda"
+    return {
+        "step_ms": step_ms,
+        "floor_ms": floor_ms,
+        "step_ms_median": step_median,
+        "floor_ms_median": floor_median,
+        "ratio": step_median / floor_median if floor_median > 0 else float("inf"),
+        "pair_ratio_quartiles": _quartiles(pair_ratios),
+        "step_page_faults_median": statistics.median(step_faults) if step_faults else None,
+        "floor_page_faults_median": statistics.median(floor_faults) if floor_faults else None,
+        "step_peak_bytes": max(timings["step_peaks"], default=0) if on_cuda else None,
+        "round_trip_ns": timings["round_trip_ns"],
+    }
+
+
 def measure(
     step: Callable[[], None],
     floor: Callable[[], None],
@@ -391,56 +437,56 @@ def measure(
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
     device = torch.device(device) if device is not None else None
-    on_cuda = device is not None and device.type == "cuda"
     for _ in range(warmup):
         step()
         floor()
     _synchronize(device)
-
-    step_ms: list[float] = []
-    floor_ms: list[float] = []
-    step_faults: list[int] = []
-    floor_faults: list[int] = []
-    step_peak = 0
-    round_trips: list[float | None] = []
+    timings = _new_timings()
     for _ in range(iters):
         if probe is not None:
-            round_trips.append(probe())
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        faults = minor_page_faults()
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        step_ms.append((time.perf_counter() - start) * 1e3)
-        if faults is not None:
-            step_faults.append(minor_page_faults() - faults)
-        if on_cuda:
-            step_peak = max(step_peak, torch.cuda.max_memory_allocated(device))
+            timings["round_trip_ns"].append(probe())
+        _time_pair(step, floor, device, timings)
+    return _summary(timings, device)
 
-        faults = minor_page_faults()
-        start = time.perf_counter()
-        floor()
-        _synchronize(device)
-        floor_ms.append((time.perf_counter() - start) * 1e3)
-        if faults is not None:
-            floor_faults.append(minor_page_faults() - faults)
 
-    step_median = statistics.median(step_ms)
-    floor_median = statistics.median(floor_ms)
-    pair_ratios = [step / floor for step, floor in zip(step_ms, floor_ms, strict=True) if floor > 0]
-    return {
-        "step_ms": step_ms,
-        "floor_ms": floor_ms,
-        "step_ms_median": step_median,
-        "floor_ms_median": floor_median,
-        "ratio": step_median / floor_median if floor_median > 0 else float("inf"),
-        "pair_ratio_quartiles": _quartiles(pair_ratios),
-        "step_page_faults_median": statistics.median(step_faults) if step_faults else None,
-        "floor_page_faults_median": statistics.median(floor_faults) if floor_faults else None,
-        "step_peak_bytes": step_peak if on_cuda else None,
-        "round_trip_ns": round_trips,
-    }
+def measure_interleaved(
+    runs: Sequence[tuple[Callable[[], None], Callable[[], None], Callable[[], contextlib.AbstractContextManager]]],
+    warmup: int = 3,
+    iters: int = 10,
+    device: torch.device | str | None = None,
+    probe: Callable[[], float | None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`measure` for several ``(step, floor, context)`` runs at once, interleaved round by round.
+
+    Each round times one step and one floor of every run, the runs in their order in
+    even rounds and in reverse in odd ones (so that none always follows the same
+    other), each pair inside a fresh ``context()``. ``probe`` is called once per round
+    and its value is every run's ``round_trip_ns`` for that round. Returns one
+    :func:`measure` result per run; index ``i`` of every run's ``step_ms`` is round
+    ``i``, so runs compare round by round, in the same state of the machine.
+    """
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    if not runs:
+        raise ValueError("measure_interleaved needs at least one run")
+    device = torch.device(device) if device is not None else None
+    for _ in range(warmup):
+        for step, floor, context in runs:
+            with context():
+                step()
+                floor()
+    _synchronize(device)
+    timings = [_new_timings() for _ in runs]
+    for round_index in range(iters):
+        round_trip = probe() if probe is not None else None
+        order = range(len(runs)) if round_index % 2 == 0 else reversed(range(len(runs)))
+        for index in order:
+            step, floor, context = runs[index]
+            if probe is not None:
+                timings[index]["round_trip_ns"].append(round_trip)
+            with context():
+                _time_pair(step, floor, device, timings[index])
+    return [_summary(run_timings, device) for run_timings in timings]
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float] | None:
@@ -616,8 +662,22 @@ def _default_num_classes(stem: str) -> int:
     return 10 if stem == "cifar" else 1000
 
 
-def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Build a fresh model for ``mode``, its step and floor, and measure them side by side."""
+@dataclass
+class PreparedMode:
+    """A mode's step and floor, built and ready to time."""
+
+    mode: Mode
+    step: Callable[[], torch.Tensor]
+    floor: ConvFloor
+    shapes: list[ConvShape]
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """What the mode's calls run inside: the fused kernels off for ``eager_unfused``."""
+        return fused_ops.disabled() if self.mode.unfused else contextlib.nullcontext()
+
+
+def prepare_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> PreparedMode:
+    """Build a fresh model for ``mode`` (seed 0), its training step and its convolution floor."""
     torch.manual_seed(0)
     num_classes = args.num_classes or _default_num_classes(args.stem)
     model = models.create_model(args.model, num_classes=num_classes, stem=args.stem, width_mult=args.width_mult)
@@ -637,27 +697,35 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
     step = make_step(model, (images, targets), forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
+    return PreparedMode(mode, step, floor, shapes)
 
-    rss_before = process_max_rss_mb()
-    fused = fused_ops.disabled() if mode.unfused else contextlib.nullcontext()
-    # Where the CPU threads ran, before every pair (a fraction of a millisecond, untimed).
-    probe = (
-        thread_placement.round_trip_ns
-        if device.type == "cpu" and thread_placement.unavailable_reason() is None
-        else None
-    )
-    with fused:
-        timings = measure(step, floor, args.warmup, args.iters, device, probe)
+
+def _placement_probe(device: torch.device) -> Callable[[], float | None] | None:
+    # Where the CPU threads ran, before every pair or round (a fraction of a millisecond, untimed).
+    if device.type == "cpu" and thread_placement.unavailable_reason() is None:
+        return thread_placement.round_trip_ns
+    return None
+
+
+def mode_result(
+    prepared: PreparedMode,
+    timings: dict[str, Any],
+    args: argparse.Namespace,
+    device: torch.device,
+    rss_before: float | None,
+) -> dict[str, Any]:
+    """The result row of a mode from its :func:`measure` timings (``rss_before``: max RSS before timing)."""
     if device.type == "cuda":
         # The floor's preallocated tensors stay allocated while the step runs: take them out.
-        peak_mb = (timings["step_peak_bytes"] - floor.resident_bytes()) / 2**20
+        peak_mb = (timings["step_peak_bytes"] - prepared.floor.resident_bytes()) / 2**20
         peak_kind = "CUDA max_memory_allocated during the step, floor tensors excluded"
     else:
         peak_mb = process_max_rss_mb()
         peak_kind = "process max RSS (ru_maxrss), cumulative over the run's modes, floor tensors included"
+    shapes = prepared.shapes
     floor_gmac = sum(shape.training_macs for shape in shapes) / 1e9
     result = {
-        "mode": mode.name,
+        "mode": prepared.mode.name,
         "step_ms_median": timings["step_ms_median"],
         "floor_ms_median": timings["floor_ms_median"],
         "ratio": timings["ratio"],
@@ -677,12 +745,30 @@ def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict
         "placements": thread_placement.placement_timings(
             timings["round_trip_ns"], timings["step_ms"], timings["floor_ms"]
         )
-        if probe is not None
+        if timings["round_trip_ns"]
         else [],
     }
     if device.type == "cpu" and rss_before is not None and peak_mb is not None:
         result["max_rss_growth_mb"] = peak_mb - rss_before
     return result
+
+
+def run_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Build a fresh model for ``mode``, its step and floor, and measure them side by side."""
+    prepared = prepare_mode(mode, args, device)
+    rss_before = process_max_rss_mb()
+    with prepared.context():
+        timings = measure(prepared.step, prepared.floor, args.warmup, args.iters, device, _placement_probe(device))
+    return mode_result(prepared, timings, args, device, rss_before)
+
+
+def run_interleaved(modes: Sequence[Mode], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Build every mode first, then time them round by round (:func:`measure_interleaved`): one row each."""
+    prepared = [prepare_mode(mode, args, device) for mode in modes]
+    rss_before = process_max_rss_mb()
+    runs = [(p.step, p.floor, p.context) for p in prepared]
+    timings = measure_interleaved(runs, args.warmup, args.iters, device, _placement_probe(device))
+    return [mode_result(p, t, args, device, rss_before) for p, t in zip(prepared, timings, strict=True)]
 
 
 def _release(device: torch.device) -> None:
@@ -788,6 +874,36 @@ def modes_by_placement(results: Sequence[dict[str, Any]]) -> list[str]:
     return [*lines, "the modes ran in two placements: compare them within a placement line, not by 'vs eager'"]
 
 
+def _ratio_summary(ratios: Sequence[float]) -> str:
+    quartiles = _quartiles(ratios)
+    spread = f", quartiles {quartiles[0]:.3f} to {quartiles[1]:.3f}" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.3f}{spread}, {len(ratios)} round{'s' if len(ratios) > 1 else ''}"
+
+
+def interleaved_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """For modes timed round by round (``--interleave``): each later mode's step over the first mode's, per round.
+
+    Both steps of a round ran within a second or two of each other, in the same state
+    of the machine, so the median of these ratios compares the modes more closely than
+    the medians of separate runs do (<1: the later mode is faster). Where the rounds
+    fell in two placements of the threads, a line per placement follows.
+    """
+    if len(results) < 2:
+        return []
+    first = results[0]
+    groups = thread_placement.group_by_round_trip(first.get("round_trip_ns") or [])
+    lines = []
+    for result in results[1:]:
+        ratios = [mine / theirs for mine, theirs in zip(result["step_ms"], first["step_ms"], strict=True)]
+        line = f"interleaved: {result['mode']} step / {first['mode']} step per round: {_ratio_summary(ratios)}"
+        lines.append(line)
+        if len(groups) > 1:
+            for group in groups:
+                part = _ratio_summary([ratios[i] for i in group.indices])
+                lines.append(f"  threads' round trip {group.low_ns:.0f} to {group.high_ns:.0f} ns: {part}")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     parser = argparse.ArgumentParser(
@@ -817,6 +933,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=3, help="untimed step+floor pairs, >= 1 for compile modes (default: %(default)s)"
     )
     parser.add_argument("--iters", type=int, default=10, help="timed step+floor pairs (default: %(default)s)")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build every mode first, then time them round by round (one step+floor pair of each per round, "
+        "the order reversed every other round) and print each mode's step over the first mode's per round; "
+        "needs two modes or more, and the memory of all of them at once",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument(
@@ -879,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []
     notes: list[str] = []
+    runnable: list[Mode] = []
     for name in expand_modes(args.mode):
         mode = MODES[name]
         reason = unsupported_reason(mode, device)
@@ -889,12 +1013,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mode.compile and args.warmup < 1:
             notes.append(f"{name}: --warmup 0, so the first timed step includes compilation")
         notes.extend(mode_notes(mode, device))
-        print(f"running {name} ...", file=sys.stderr, flush=True)
+        runnable.append(mode)
+    if args.interleave:
+        if len(runnable) < 2:
+            parser.error(f"--interleave needs two runnable modes or more, got {[m.name for m in runnable]}")
+        print(f"running {', '.join(m.name for m in runnable)} interleaved ...", file=sys.stderr, flush=True)
+        try:
+            results = run_interleaved(runnable, args, device)
+        except Exception as error:  # one broken mode spoils the rounds of all
+            for mode in runnable:
+                failed.append({"mode": mode.name, "error": f"{type(error).__name__}: {error}"})
+            print(f"FAILED interleaved run: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        finally:
+            _release(device)
+    for mode in runnable if not args.interleave else []:
+        print(f"running {mode.name} ...", file=sys.stderr, flush=True)
         try:
             results.append(run_mode(mode, args, device))
         except Exception as error:  # report and go on: one broken mode should not hide the others
-            failed.append({"mode": name, "error": f"{type(error).__name__}: {error}"})
-            print(f"FAILED {name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            failed.append({"mode": mode.name, "error": f"{type(error).__name__}: {error}"})
+            print(f"FAILED {mode.name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         finally:
             _release(device)
 
@@ -905,6 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"peak mem = {results[0]['peak_mem_kind']}"
         )
         print(*placement_lines(results, device), *modes_by_placement(results), sep="\n")
+        if args.interleave:
+            print(*interleaved_lines(results), sep="\n")
     for entry in skipped:
         print(f"skipped {entry['mode']}: {entry['reason']}")
     for entry in failed:
@@ -933,6 +1073,9 @@ __all__ = [
     "make_floor",
     "make_step",
     "measure",
+    "measure_interleaved",
+    "prepare_mode",
+    "run_interleaved",
     "run_mode",
     "unsupported_reason",
 ]

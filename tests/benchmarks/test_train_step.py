@@ -5,6 +5,7 @@ Behaviour only: no test here depends on how fast anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import statistics
@@ -221,6 +222,59 @@ def test_measure_alternates_and_takes_medians() -> None:
     assert result["step_peak_bytes"] is None
     with pytest.raises(ValueError, match="iters"):
         train_step.measure(lambda: None, lambda: None, warmup=0, iters=0)
+
+
+def test_interleaved_runs_alternate_their_order_round_by_round() -> None:
+    log: list[str] = []
+
+    def run(name: str):
+        @contextlib.contextmanager
+        def context():
+            log.append(f"enter {name}")
+            yield
+            log.append(f"exit {name}")
+
+        return (lambda: log.append(f"step {name}"), lambda: log.append(f"floor {name}"), context)
+
+    round_trips = iter([60.0, 300.0, 70.0])
+    results = train_step.measure_interleaved([run("a"), run("b")], warmup=1, iters=3, probe=lambda: next(round_trips))
+    pair = ["enter {0}", "step {0}", "floor {0}", "exit {0}"]
+    a, b = ([entry.format(name) for entry in pair] for name in "ab")
+    # The warm-up in order, then rounds in order, reversed, in order: each pair in its own context.
+    assert log == a + b + a + b + b + a + a + b
+    for result in results:
+        assert len(result["step_ms"]) == len(result["floor_ms"]) == 3
+        assert result["step_ms_median"] == statistics.median(result["step_ms"])
+        assert result["round_trip_ns"] == [60.0, 300.0, 70.0]  # one probe per round, for every run
+    with pytest.raises(ValueError, match="at least one run"):
+        train_step.measure_interleaved([], warmup=0, iters=1)
+    with pytest.raises(ValueError, match="iters"):
+        train_step.measure_interleaved([run("a")], warmup=0, iters=0)
+
+
+def test_interleaved_lines_compare_each_mode_with_the_first_round_by_round() -> None:
+    eager = {"mode": "eager", "step_ms": [100.0, 200.0, 100.0, 200.0], "round_trip_ns": [60, 300, 70, 310]}
+    compiled = {"mode": "compile", "step_ms": [50.0, 300.0, 75.0, 250.0], "round_trip_ns": [60, 300, 70, 310]}
+    lines = train_step.interleaved_lines([eager, compiled])
+    # Per round 0.5, 1.5, 0.75 and 1.25: the median of the ratios (1.0), not the ratio of the medians (162.5 / 150).
+    assert lines[0] == "interleaved: compile step / eager step per round: 1.000, quartiles 0.688 to 1.312, 4 rounds"
+    assert lines[1] == "  threads' round trip 60 to 70 ns: 0.625, quartiles 0.562 to 0.688, 2 rounds"
+    assert lines[2] == "  threads' round trip 300 to 310 ns: 1.375, quartiles 1.312 to 1.438, 2 rounds"
+    assert train_step.interleaved_lines([eager]) == []
+
+
+def test_main_interleaves_the_modes_and_needs_two(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--device", "cpu", "--iters", "2", "--warmup", "0", "--batch", "2", "--img-size", "16"]
+    argv += ["--width-mult", "0.125", "--interleave"]
+    assert train_step.main([*argv, "--mode", "eager", "--mode", "eager_unfused"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("eager ") for line in printed)
+    assert any(line.startswith("eager_unfused ") for line in printed)
+    assert any(line.startswith("interleaved: eager_unfused step / eager step per round: ") for line in printed)
+    with pytest.raises(SystemExit) as refused:  # fp16 needs CUDA: one runnable mode left
+        train_step.main([*argv, "--mode", "eager", "--mode", "fp16"])
+    assert refused.value.code == 2
+    assert "--interleave needs two runnable modes" in capsys.readouterr().err
 
 
 def _write_a_fresh_mapping() -> None:
