@@ -89,8 +89,9 @@ def test_kernel_and_operators_pick_the_same_regime_at_the_threshold(threshold: f
     assert torch.equal(by_kernel, torch.sign(weight)) == (step < 0)
 
 
-# 37 input channels: two blocks of 16 that the kernel transposes in registers, and a rest of 5.
-@pytest.mark.parametrize("in_channels", [5, 37])
+# 37 input channels: two blocks of 16 that the kernel transposes in registers, and a rest of 5; 32:
+# rows whose 16-channel blocks start cache lines, which the kernel streams past the caches.
+@pytest.mark.parametrize("in_channels", [5, 32, 37])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 5e-9])
 def test_tap_major_binarization_has_the_same_values(temperature: float, in_channels: int) -> None:
     torch.manual_seed(8)
