@@ -112,7 +112,8 @@ def format_report(rates: dict[str, float], batch: int, target: float | None) -> 
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=96, help="JPEG files written and timed (default 96)")
     parser.add_argument("--size", type=int, nargs=2, default=[375, 500], help="file height width (default 375 500)")
@@ -126,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: see the module docstring."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.images < 1 or args.rounds < 1 or min(args.size) < 8:
         raise SystemExit("--images and --rounds must be >= 1 and --size at least 8 8")
     if not args.config.is_file():

@@ -28,15 +28,22 @@ def write_folder(root: Path, classes: int, per_class: dict[str, int], size: tupl
     return root
 
 
-def main() -> None:
-    """Command line: see the module docstring."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train", type=int, default=64, help="images per class in train/")
-    parser.add_argument("--val", type=int, default=16, help="images per class in val/")
-    parser.add_argument("--size", type=int, nargs=2, default=[375, 500], help="height width (ImageNet's typical)")
-    args = parser.parse_args()
+    parser.add_argument("--output", required=True, help="the folder to write (train/ and val/ inside)")
+    parser.add_argument("--classes", type=int, default=10, help="class folders per split (default: %(default)s)")
+    parser.add_argument("--train", type=int, default=64, help="images per class in train/ (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=16, help="images per class in val/ (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, nargs=2, default=[375, 500], help="height width (default: %(default)s, ImageNet's typical)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    args = build_parser().parse_args(argv)
     write_folder(Path(args.output), args.classes, {"train": args.train, "val": args.val}, tuple(args.size))
     print(args.output)
 
