@@ -42,10 +42,11 @@ budget 100 "$python" benchmarks/train_step.py --model bnext_tiny --stem imagenet
 budget 100 "$python" benchmarks/train_step.py --model bnext_large --stem imagenet --img-size 224 --batch 32 \
     --mode eager --mode bf16 --warmup 2 --iters 5
 # Compilation takes minutes; each model gets its own budget so one slow compile loses one number.
+# --interleave: both modes built first, then timed round by round (each round's compiled step over the eager one).
 budget 180 "$python" benchmarks/train_step.py --model bnext_tiny --stem imagenet --img-size 224 --batch 64 \
-    --mode eager --mode bf16_compile_cl --warmup 2 --iters 5
+    --mode eager --mode bf16_compile_cl --interleave --warmup 2 --iters 5
 budget 180 "$python" benchmarks/train_step.py --model bnext_large --stem imagenet --img-size 224 --batch 32 \
-    --mode eager --mode bf16_compile_cl --warmup 2 --iters 5
+    --mode eager --mode bf16_compile_cl --interleave --warmup 2 --iters 5
 fi
 
 if want 4; then
