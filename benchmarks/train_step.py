@@ -1026,15 +1026,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED interleaved run: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         finally:
             _release(device)
-    for mode in runnable if not args.interleave else []:
-        print(f"running {mode.name} ...", file=sys.stderr, flush=True)
-        try:
-            results.append(run_mode(mode, args, device))
-        except Exception as error:  # report and go on: one broken mode should not hide the others
-            failed.append({"mode": mode.name, "error": f"{type(error).__name__}: {error}"})
-            print(f"FAILED {mode.name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        finally:
-            _release(device)
+    else:
+        for mode in runnable:
+            print(f"running {mode.name} ...", file=sys.stderr, flush=True)
+            try:
+                results.append(run_mode(mode, args, device))
+            except Exception as error:  # report and go on: one broken mode should not hide the others
+                failed.append({"mode": mode.name, "error": f"{type(error).__name__}: {error}"})
+                print(f"FAILED {mode.name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            finally:
+                _release(device)
 
     if results:
         print(format_table(results))
