@@ -164,12 +164,19 @@ def _update_statistics(bn: nn.BatchNorm2d, new_mean: torch.Tensor, new_var: torc
     # What nn.BatchNorm2d.forward does besides the kernel call. Eagerly the kernel updated the
     # buffers themselves; a compiled graph's operator computed the new statistics on copies
     # (custom operators with a backward may not mutate their inputs), written back here.
-    with torch.no_grad():
-        if new_mean is not bn.running_mean:
+    if new_mean is not bn.running_mean:
+        with torch.no_grad():
             bn.running_mean.copy_(new_mean)
             bn.running_var.copy_(new_var)
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+    _count_batch(bn)
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> None:
+    # nn.BatchNorm2d.forward's count of training batches. An integer buffer: nothing for autograd to
+    # record, so no no_grad() (whose entry and exit cost more than the addition on small tensors).
+    counter = bn.num_batches_tracked
+    if counter is not None:
+        counter.add_(1)
 
 
 def _slope(prelu: nn.PReLU, channels: int) -> torch.Tensor:
@@ -517,7 +524,7 @@ def _gate_node_layers(
     # training step (training mode, gradient recorded, eager unless in_graph, no autocast) and the
     # plain, hook-free layers SqueezeExcite builds, on means of the shape N x C x 1 x 1. None elsewhere.
     layers = getattr(se, "se", None)
-    if (
+    if not (
         switched_on()
         and se.training
         and torch.is_grad_enabled()
@@ -525,15 +532,15 @@ def _gate_node_layers(
         and not torch.is_autocast_enabled(mix_mean.device.type)
         and isinstance(layers, nn.Sequential)
         and len(layers) == 4
-        and type(layers[2]) is nn.ReLU
-        and _plain_points_conv(layers[1])
-        and _plain_points_conv(layers[3])
-        and hook_free(*layers)
         and len(means_shape) == 4
         and tuple(means_shape[-2:]) == (1, 1)
         and mix_mean.shape == means_shape
     ):
-        return layers[1], layers[3]
+        return None
+    # Unpacked: indexing a Sequential walks its modules on every call.
+    _, reduce, relu, expand = layers
+    if type(relu) is nn.ReLU and _plain_points_conv(reduce) and _plain_points_conv(expand) and hook_free(*layers):
+        return reduce, expand
     return None
 
 
@@ -688,8 +695,8 @@ def processor_tail(
             return out
         out = _ProcessorTail.apply(*args, statistics, multiply_residual)
         # The kernels updated the running statistics in place.
-        _update_statistics(norm1, norm1.running_mean, norm1.running_var)
-        _update_statistics(norm2, norm2.running_mean, norm2.running_var)
+        _count_batch(norm1)
+        _count_batch(norm2)
         return out
     b, b_mean = batch_norm_prelu(y, norm1, prelu, pooled=True)
     gate = recoupling_gate(scale, mix_mean, b_mean, se)
