@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size)
         batch = (images, torch.randint(0, 10, (args.batch,)))
-        probe = thread_placement.round_trip_ns if thread_placement.unavailable_reason() is None else None
+        probe = thread_placement.probe_if_available()
         print_in_steps(*compare_in_steps(model, batch, base, this, args.iters, warmup=3, probe=probe))
         return
     if args.weights:

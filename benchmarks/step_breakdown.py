@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         per_step.append(timers.since(*before))
 
     # Where the two threads ran, before every pair: the kernels' times depend on it (README, Thread placement).
-    probe = thread_placement.round_trip_ns if thread_placement.unavailable_reason() is None else None
+    probe = thread_placement.probe_if_available()
     with timed_pieces(timers, optimizer):
         for _ in range(args.warmup):
             step()

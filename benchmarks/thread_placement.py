@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -90,6 +90,11 @@ def round_trip_ns(rounds: int = ROUNDS, bursts: int = BURSTS, budget_ms: float =
         return None
     means = _probe().thread_round_trips_ns(rounds, bursts, budget_ms)
     return statistics.median(means) if means else None
+
+
+def probe_if_available() -> Callable[[], float | None] | None:
+    """:func:`round_trip_ns`, for a benchmark to call before each timed pair, where it can measure here; else None."""
+    return round_trip_ns if unavailable_reason() is None else None
 
 
 @dataclass(frozen=True)

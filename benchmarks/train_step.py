@@ -702,9 +702,7 @@ def prepare_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> 
 
 def _placement_probe(device: torch.device) -> Callable[[], float | None] | None:
     # Where the CPU threads ran, before every pair or round (a fraction of a millisecond, untimed).
-    if device.type == "cpu" and thread_placement.unavailable_reason() is None:
-        return thread_placement.round_trip_ns
-    return None
+    return thread_placement.probe_if_available() if device.type == "cpu" else None
 
 
 def mode_result(

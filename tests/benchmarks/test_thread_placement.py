@@ -114,6 +114,16 @@ def test_watching_prints_a_round_trip_per_measurement(capsys: pytest.CaptureFixt
     assert not any(math.isnan(float(line.split()[-2])) for line in measured)
 
 
+def test_benchmarks_get_the_probe_only_where_it_can_measure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thread_placement, "unavailable_reason", lambda: None)
+    assert thread_placement.probe_if_available() is thread_placement.round_trip_ns
+    assert train_step._placement_probe(torch.device("cpu")) is thread_placement.round_trip_ns
+    assert train_step._placement_probe(torch.device("meta")) is None  # not the CPU's threads
+    monkeypatch.setattr(thread_placement, "unavailable_reason", lambda: "one usable CPU")
+    assert thread_placement.probe_if_available() is None
+    assert train_step._placement_probe(torch.device("cpu")) is None
+
+
 def test_one_cpu_has_no_placement_to_measure(monkeypatch: pytest.MonkeyPatch, two_threads: None) -> None:
     monkeypatch.setattr(thread_placement, "usable_cpus", lambda: 1)
     if isinstance(thread_placement._probe(), str):  # no build: that reason comes first
