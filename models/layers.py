@@ -102,10 +102,10 @@ class BinaryConv2d(nn.Module):
         weight for the next step, at the current temperature and in the layout of the last
         step (:func:`models.fused_ops.clamp_and_binarize_weight`): the clip writes only the
         values out of range, and the next step does not read the latent weight again. The
-        prepared weight is used only if the weight and the temperature are still the
-        tensors it was made from, unchanged since (their version counters), and it is held
-        until the next call: between steps the layer keeps its binarized weight, as it
-        does during a step.
+        prepared weight is used by the next training forward only, and only if the weight
+        and the temperature are still the tensors it was made from, unchanged since (their
+        version counters): torch's fused AdamW changes weights without counting a version,
+        so a second forward after an optimizer step that skipped this call binarizes anew.
         """
         self._prepared = None  # freed before the next one is made
         # In training mode only: a model clamped for evaluation (or an EMA copy) holds no weight for a step.
@@ -124,9 +124,11 @@ class BinaryConv2d(nn.Module):
         return (weight.data_ptr(), weight._version, temperature.data_ptr(), temperature._version, tap_major)
 
     def _take_prepared(self, tap_major: bool) -> torch.Tensor | None:
+        # The prepared weight where it is still current, released: it serves one forward.
         if self._prepared is None:
             return None
         binarized, key = self._prepared
+        self._prepared = None
         return binarized if key == self._prepared_key(tap_major) else None
 
     def __getstate__(self) -> dict:
