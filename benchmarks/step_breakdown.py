@@ -16,7 +16,9 @@ milliseconds per step:
   calls inside;
 * the recoupling gates inside the tail, forward and backward (their C++ calls included):
   their 1x1 products are part of the floor as well, so the remainder is that much smaller;
-* the optimizer step and :func:`models.apply_constraints` (less its kernel calls);
+* the optimizer step and :func:`models.apply_constraints` (each less its kernel calls: with
+  :class:`ImageNet.optim.LayerConstrainedAdamW` the binary weights' update, clamp and next
+  binarization are one kernel call inside the optimizer step);
 * the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
   (timed alternately with the steps, medians) less the pieces above (means). It holds the
   element-wise work outside the kernels (gates, mixes, concatenations), gradient
@@ -181,7 +183,11 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     for direction in ("forward", "backward"):
         ms, calls = per_step.get(f"gate {direction}", (0.0, 0.0))
         rows.append((f"recoupling gates, {direction} (their 1x1 products are in the floor too)", ms, calls))
-    rows.append(("optimizer step", *per_step.get("optimizer step", (0.0, 0.0))))
+    # With ImageNet.optim.LayerConstrainedAdamW the binary weights' update is a kernel call of
+    # the layers' constraint pass (AdamW, the clamp and the next step's binarization), in its own row.
+    optimizer_ms, optimizer_calls = per_step.get("optimizer step", (0.0, 0.0))
+    inside = per_step.get("kernel adamw_clamp_and_divide_clamp", (0.0, 0.0))[0]
+    rows.append(("optimizer step, besides the binary layers' kernel calls", optimizer_ms - inside, optimizer_calls))
     # The binary layers' constraint pass calls a kernel (the clamp and the next step's binarization),
     # which has its own row: the constraints' row holds the rest.
     constraints_ms, constraints_calls = per_step.get("constraints", (0.0, 0.0))

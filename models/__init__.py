@@ -10,12 +10,13 @@ Importing the package also registers the model names with timm
 from .bnext import BNext, BNext18
 from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, read_state_dict
 from .factory import MODEL_NAMES, create_model, list_models, register_with_timm
-from .fused_ops import compile_options
+from .fused_ops import AdamWUpdate, compile_options
 from .layers import BinaryConv2d, QuantConv2d, QuantLinear, SqueezeExcite
 from .precision import (
     LayerPrecision,
     apply_constraints,
     binarizers,
+    constrained_binary_weights,
     get_temperature,
     latent_binary_parameters,
     layer_precision,
@@ -29,6 +30,7 @@ register_with_timm()
 
 __all__ = [
     "MODEL_NAMES",
+    "AdamWUpdate",
     "BNext",
     "BNext18",
     "BinaryConv2d",
@@ -43,6 +45,7 @@ __all__ = [
     "binarizers",
     "check_state_dict",
     "compile_options",
+    "constrained_binary_weights",
     "create_model",
     "fake_quantize",
     "get_temperature",

@@ -50,7 +50,9 @@ def compile_source(name: str, path: Path) -> ModuleType:
 
     # -ffp-contract=off: float arithmetic must round exactly like PyTorch's kernels
     # (explicit fma where they use one, nothing fused behind our back).
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -fno-math-errno: sqrt need not set errno, so that loops taking square roots vectorize
+    # (the results are the same IEEE square roots).
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         # -march=native turns on AVX2/AVX-512 (and VPOPCNTDQ) where the CPU has them.
         flags.append("-march=native")

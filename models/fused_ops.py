@@ -18,7 +18,8 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
   (the downsampling blocks' shortcut), the same bits as ``F.avg_pool2d``;
 * :func:`binarize_weight`: the progressive weight binarization in one pass, the same bits;
   :func:`clamp_and_binarize_weight`: the latent weight's constraint and the next step's
-  binarization in one pass;
+  binarization in one pass; :func:`adamw_clamp_and_binarize_weight`: the optimizer's AdamW
+  update too;
 * :func:`training_conv2d`: the binary convolutions of a training step, by one matrix
   product per kernel tap on small planes (:mod:`models.tap_conv`, plain PyTorch, no
   extension), where that is faster than oneDNN.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
@@ -386,6 +388,119 @@ def clamp_and_binarize_weight(
     # that saved the weight before, and a binarization prepared earlier no longer matches.
     torch.autograd.graph.increment_version(weight)
     return binarized
+
+
+class AdamWUpdate(NamedTuple):
+    """One AdamW step of a tensor, as ``torch.optim.AdamW(fused=True)`` makes it (no amsgrad, not maximizing).
+
+    ``exp_avg`` and ``exp_avg_sq`` are the optimizer's moments, updated in place;
+    ``step`` is the step count after this update.
+    """
+
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: float
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    eps: float
+
+
+def adamw_clamp_and_binarize_weight(
+    weight: torch.Tensor,
+    update: AdamWUpdate,
+    clip: float,
+    temperature: torch.Tensor,
+    threshold: float,
+    tap_major: bool,
+) -> torch.Tensor | None:
+    """``update`` applied to ``weight``, then :func:`clamp_and_binarize_weight`, in one pass.
+
+    The weight and the moments come out bit for bit as torch's fused AdamW kernel and
+    the clamp leave them (checked against torch once per process, see
+    :func:`adamw_kernel_matches_torch`), and the result is the next step's binarized
+    weight: the optimizer and the constraint do not each read the weight. None, with
+    nothing touched, where the kernel does not apply: where :func:`clamp_and_binarize_weight`
+    does not, where the gradient or a moment is not a contiguous CPU float32 tensor of
+    the weight's shape, for a weight whose size is not a multiple of 16 values (torch
+    takes a tensor's last values in other roundings), for ``beta1 <= 0.5``, and on a
+    machine where the check failed.
+    """
+    divisors = _divisors(temperature, threshold) if _fusable_in_eager(weight) else None
+    if (
+        divisors is None
+        or weight.numel() % 16
+        or not 0.5 < update.beta1 < 1.5
+        or not all(_same_layout(t, weight) for t in update[:3])
+    ):
+        return None
+    kernel = _adamw_kernel()
+    if kernel is None:
+        return None
+    binarized = kernel(weight.detach(), *update[:3], *(float(v) for v in update[3:]), clip, *divisors, tap_major)
+    torch.autograd.graph.increment_version(weight)  # as the optimizer's in-place update would
+    return binarized
+
+
+def _same_layout(t: torch.Tensor, weight: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == weight.shape
+
+
+#: Whether the one-pass AdamW kernel gave torch's bits (None: not checked yet in this process).
+_adamw_matches: bool | None = None
+
+
+def adamw_kernel_matches_torch() -> bool:
+    """Whether the one-pass AdamW kernel gives torch's fused AdamW bits on this machine (checked once).
+
+    torch picks its kernel by the CPU's vector instructions, and its compiler chose which
+    multiply-adds to fuse; the one-pass kernel follows the AVX-512 and AVX2 builds of
+    torch 2.14. Three steps of 4096 values with weight decay are compared bit for bit;
+    on a mismatch a warning says so and :func:`adamw_clamp_and_binarize_weight` is off.
+    False also without the extension, or with a build from before the kernel.
+    """
+    return _adamw_kernel() is not None
+
+
+def _adamw_kernel() -> Any:
+    # The extension's one-pass AdamW function where it exists and passed the check, else None.
+    global _adamw_matches
+    kernel = getattr(load_extension(), "adamw_clamp_and_divide_clamp", None)  # a baseline build may predate it
+    if kernel is None:
+        return None
+    if _adamw_matches is None:
+        _adamw_matches = _gives_torchs_bits(kernel)
+    return kernel if _adamw_matches else None
+
+
+def _gives_torchs_bits(kernel: Any) -> bool:
+    generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
+    start = torch.randn(4096, generator=generator)
+    reference = nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
+    weight, exp_avg, exp_avg_sq = start.clone(), torch.zeros(4096), torch.zeros(4096)
+    for step in (1, 2, 3):
+        grad = torch.randn(4096, generator=generator) * 1e-2
+        reference.grad = grad.clone()
+        optimizer.step()
+        kernel(
+            weight, grad, exp_avg, exp_avg_sq, float(step), 1e-2, 0.9, 0.999, 0.1, 1e-8, float("inf"), 1.0, 1.0, False
+        )
+    state = optimizer.state[reference]
+    matches = all(
+        torch.equal(a, b)
+        for a, b in ((reference.detach(), weight), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq))
+    )
+    if not matches:
+        warnings.warn(
+            f"the one-pass AdamW kernel does not reproduce torch's fused AdamW on this CPU (torch's kernel: "
+            f"{torch.backends.cpu.get_cpu_capability()}); binary weights are updated by torch's kernel and then "
+            "constrained in a pass of their own, the same results one pass slower",
+            stacklevel=3,
+        )
+    return matches
 
 
 def takes_tap_products(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> bool:

@@ -38,6 +38,7 @@ class BinaryConv2d(nn.Module):
     # Defaults on the class too, so that a layer pickled whole before these existed still works.
     _step_layout: bool | None = None
     _prepared: tuple[torch.Tensor, tuple] | None = None
+    _constrained_by_update = False
 
     def __init__(
         self,
@@ -67,6 +68,8 @@ class BinaryConv2d(nn.Module):
         # and the next step's binarized weight made by the constraint pass, with what it was made from.
         self._step_layout: bool | None = None
         self._prepared: tuple[torch.Tensor, tuple] | None = None
+        # Whether update_and_constrain_ made the constraint's pass since the last apply_constraints_.
+        self._constrained_by_update = False
 
     def binary_weight(self, tap_major: bool = False) -> torch.Tensor:
         """The weight the convolution uses at the current temperature.
@@ -74,8 +77,8 @@ class BinaryConv2d(nn.Module):
         ``tap_major``: where a training step's kernel binarizes, write it channels-last,
         the layout of the tap products (the same values; see
         :func:`models.quantizers.progressive_binarize`). A training step takes the weight
-        that :meth:`apply_constraints_` binarized after the last optimizer step, where
-        neither the weight nor the temperature changed since.
+        that :meth:`apply_constraints_` (or :meth:`update_and_constrain_`) binarized after
+        the last optimizer step, where neither the weight nor the temperature changed since.
         """
         eager_step = torch.is_grad_enabled() and self.weight.requires_grad and not torch.compiler.is_compiling()
         if eager_step and fused_ops.switched_on():
@@ -106,7 +109,12 @@ class BinaryConv2d(nn.Module):
         and the temperature are still the tensors it was made from, unchanged since (their
         version counters): torch's fused AdamW changes weights without counting a version,
         so a second forward after an optimizer step that skipped this call binarizes anew.
+        Right after :meth:`update_and_constrain_` made the pass, nothing is left to do.
         """
+        done = self._constrained_by_update and self._take_prepared(self._step_layout, release=False) is not None
+        self._constrained_by_update = False
+        if done:
+            return
         self._prepared = None  # freed before the next one is made
         # In training mode only: a model clamped for evaluation (or an EMA copy) holds no weight for a step.
         if self.training and self._step_layout is not None and fused_ops.switched_on():
@@ -118,17 +126,40 @@ class BinaryConv2d(nn.Module):
                 return
         self.weight.clamp_(-self.clip, self.clip)
 
-    def _prepared_key(self, tap_major: bool) -> tuple:
-        # What a prepared binarization was made from: the tensors and their in-place versions.
-        weight, temperature = self.weight, self.temperature
-        return (weight.data_ptr(), weight._version, temperature.data_ptr(), temperature._version, tap_major)
+    def update_and_constrain_(self, update: fused_ops.AdamWUpdate) -> bool:
+        """Apply an optimizer's AdamW ``update`` to the latent weight in the pass of :meth:`apply_constraints_`.
 
-    def _take_prepared(self, tap_major: bool) -> torch.Tensor | None:
-        # The prepared weight where it is still current, released: it serves one forward.
+        Where that pass runs (see there) and the kernel takes the update
+        (:func:`models.fused_ops.adamw_clamp_and_binarize_weight`): the weight and the
+        update's moments are written, bit for bit as torch's fused AdamW and the clip
+        would leave them, and the next step's binarized weight is prepared, so
+        :meth:`apply_constraints_` has nothing left to do. Returns False, with nothing
+        changed, elsewhere: the caller then applies the update itself.
+        """
+        if not (self.training and self._step_layout is not None and fused_ops.switched_on()):
+            return False
+        self._prepared = None  # stale once the weight changes: freed before the next one is made
+        binarized = fused_ops.adamw_clamp_and_binarize_weight(
+            self.weight, update, self.clip, self.temperature, self.sign_threshold, self._step_layout
+        )
+        if binarized is None:
+            return False
+        self._prepared = (binarized, self._prepared_key(self._step_layout))
+        self._constrained_by_update = True
+        return True
+
+    def _prepared_key(self, tap_major: bool) -> tuple:
+        # What a prepared binarization was made from: the tensors, their in-place versions, the clip.
+        weight, temperature = self.weight, self.temperature
+        return (weight.data_ptr(), weight._version, temperature.data_ptr(), temperature._version, tap_major, self.clip)
+
+    def _take_prepared(self, tap_major: bool, release: bool = True) -> torch.Tensor | None:
+        # The prepared weight where it is still current; released (used once) unless told not to.
         if self._prepared is None:
             return None
         binarized, key = self._prepared
-        self._prepared = None
+        if release:
+            self._prepared = None
         return binarized if key == self._prepared_key(tap_major) else None
 
     def __getstate__(self) -> dict:
@@ -136,6 +167,7 @@ class BinaryConv2d(nn.Module):
         # cache of the original's step, and a copy prepares one only once it trains itself.
         state = self.__dict__.copy()
         state["_prepared"] = state["_step_layout"] = None
+        state["_constrained_by_update"] = False
         return state
 
     def extra_repr(self) -> str:

@@ -65,6 +65,17 @@ def latent_binary_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             yield name, param
 
 
+def constrained_binary_weights(model: nn.Module) -> Iterator[tuple[nn.Parameter, BinaryConv2d]]:
+    """The latent binary weights with the layer that constrains each one.
+
+    The layer's ``update_and_constrain_`` takes an optimizer's AdamW update of that
+    weight into its constraint pass (:meth:`~models.layers.BinaryConv2d.update_and_constrain_`).
+    """
+    for module in model.modules():
+        if isinstance(module, BinaryConv2d) and module.weight_bits == 1:
+            yield module.weight, module
+
+
 def binarizers(model: nn.Module) -> Iterator[nn.Module]:
     """Every module whose output is binarized at a temperature (activation signs, binary convs)."""
     for module in model.modules():

@@ -1336,6 +1336,56 @@ at::Tensor clamp_and_divide_clamp(at::Tensor& w, double clip, double first, doub
   return out;
 }
 
+// One AdamW step of a latent binary weight, then clamp_and_divide_clamp of the updated
+// weight, in one pass: the optimizer step and the constraint would each read the weight
+// (and the step write it), here its new value goes from registers to the clamp and the
+// binarization. The update is the arithmetic of torch's fused CPU AdamW (decoupled weight
+// decay, no amsgrad), operation for operation in the same float32 roundings, so the weight
+// and both moments come out bit for bit as torch.optim.AdamW(fused=True) and the clamp
+// leave them (models/fused_ops.py checks that against torch before it uses this). torch's
+// kernel takes 16 values (AVX-512) or 8 (AVX2) per vector instruction, and the last few of a
+// tensor whose size is not a multiple of that one at a time, in roundings of their own: so
+// the weight must hold a multiple of 16 values. step is the step count after this update.
+at::Tensor adamw_clamp_and_divide_clamp(at::Tensor& w, const at::Tensor& grad, at::Tensor& exp_avg,
+                                        at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2,
+                                        double weight_decay, double eps, double clip, double first, double second,
+                                        bool tap_major) {
+  check_weight(w, tap_major);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad, &exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->sizes() == w.sizes(),
+                "the gradient and the moments must be contiguous float32 CPU tensors of the weight's shape");
+  }
+  TORCH_CHECK(w.numel() % 16 == 0, "the weight must hold a multiple of 16 values, got ", w.numel());
+  TORCH_CHECK(beta1 > 0.5 && beta1 < 1.5, "beta1 must lie in (0.5, 1.5): torch's lerp takes another form elsewhere");
+  auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
+  // The scalars as torch makes them: in double, each rounded to float once.
+  const double bias_correction1 = 1 - std::pow(beta1, step);
+  const float decay = static_cast<float>(1 - lr * weight_decay);
+  const float lerp_weight = static_cast<float>(1 - beta1);  // exp_avg.lerp_(grad, 1 - beta1)
+  const float f_beta2 = static_cast<float>(beta2), grad_sq_weight = static_cast<float>(1 - beta2);
+  const float neg_step_size = static_cast<float>(-(lr / bias_correction1));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, step)));
+  const float f_eps = static_cast<float>(eps), lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
+  float* wp = w.data_ptr<float>();
+  float* mp = exp_avg.data_ptr<float>();
+  float* vp = exp_avg_sq.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const auto updated = [=](int64_t i) {
+    const float g = gp[i];
+    const float m = std::fma(lerp_weight, g - mp[i], mp[i]);
+    const float v = std::fma(grad_sq_weight * g, g, vp[i] * f_beta2);  // torch's compiler fused this one
+    mp[i] = m;
+    vp[i] = v;
+    const float x = wp[i] * decay + neg_step_size * m / (std::sqrt(v) / bc2_sqrt + f_eps);
+    const float c = x < lo ? lo : (x > hi ? hi : x);
+    wp[i] = c;
+    return c;
+  };
+  with_binarizer(first, second, [&](const auto& binarize) { write_binarized(w, out, tap_major, updated, binarize); });
+  return out;
+}
+
 // t as int8 when every value is exactly -1, 0 or +1 (-0.0 counts as 0; NaN and the
 // rest do not), else an empty tensor: the operands of the tap products' integer path
 // (models/tap_conv.py), whose int32 sums of such products equal the float32 ones. One
@@ -1402,6 +1452,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divide_clamp", &divide_clamp, "clamp(w / first / second, -1, 1), optionally in the tap-major layout");
   m.def("clamp_and_divide_clamp", &clamp_and_divide_clamp,
         "w.clamp_(-clip, clip) (writing only values out of range), then divide_clamp of the result");
+  m.def("adamw_clamp_and_divide_clamp", &adamw_clamp_and_divide_clamp,
+        "one AdamW step of w (torch's fused CPU arithmetic), then clamp_and_divide_clamp of the result");
   m.def("set_sample_split_values", &set_sample_split_values,
         "the largest activation (in values) that the two-pass kernels split by samples; returns the previous one");
   m.def("to_ternary_int8", &to_ternary_int8, "t as int8 if all its values are -1, 0 or +1, else an empty tensor");

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import types
+import warnings
 
 import pytest
 import torch
@@ -645,3 +647,81 @@ def test_gated_kernels_check_the_coefficients_they_recompute_b_with() -> None:
     args = (y, gate, y, True, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="b_affine must be a contiguous float32 CPU tensor of 3 x 3"):
         ext.gated_bn_forward(*args, torch.ones(2, 3))
+
+
+def _adamw_case(shape: tuple[int, ...]) -> tuple[torch.Tensor, models.AdamWUpdate]:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=generator)
+    grad = torch.randn(shape, generator=generator) * 1e-2
+    return weight, models.AdamWUpdate(grad, torch.zeros(shape), torch.zeros(shape), 1.0, 1e-2, 0.9, 0.999, 0.1, 1e-8)
+
+
+@pytest.mark.parametrize("tap_major", [False, True])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1e-9], ids=["progressive", "one", "signs"])
+def test_the_one_pass_adamw_kernel_gives_torchs_adamw_and_constraint_bits(tap_major: bool, temperature: float) -> None:
+    weight, update = _adamw_case((32, 48, 3, 3))
+    reference = nn.Parameter(weight.clone())
+    optimizer = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
+    t = torch.tensor([temperature])
+    for step in (1, 2, 3):
+        reference.grad = update.grad.clone()
+        optimizer.step()
+        reference.data.clamp_(-1.5, 1.5)
+        got = fused_ops.adamw_clamp_and_binarize_weight(
+            weight, update._replace(step=float(step)), 1.5, t, 1e-7, tap_major
+        )
+        state = optimizer.state[reference]
+        assert torch.equal(weight, reference.detach()) and weight.abs().max() == 1.5
+        assert torch.equal(update.exp_avg, state["exp_avg"]) and torch.equal(update.exp_avg_sq, state["exp_avg_sq"])
+        expected = fused_ops.binarize_weight(reference.detach(), t, 1e-7, tap_major)
+        assert torch.equal(got, expected) and got.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("case", ["size", "beta1", "gradient layout", "float64"])
+def test_the_one_pass_adamw_kernel_declines_what_it_would_not_compute_with_torchs_bits(case: str) -> None:
+    weight, update = _adamw_case((3, 5, 3, 3) if case == "size" else (16, 8, 3, 3))  # 135 values: not a multiple of 16
+    if case == "beta1":
+        update = update._replace(beta1=0.5)
+    elif case == "gradient layout":
+        update = update._replace(grad=update.grad.contiguous(memory_format=torch.channels_last))
+    elif case == "float64":
+        weight = weight.double()
+    before = weight.clone()
+    assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None
+    assert torch.equal(weight, before) and not update.exp_avg.any() and not update.exp_avg_sq.any()
+
+
+def test_a_cpu_whose_torch_rounds_otherwise_switches_the_one_pass_adamw_off(monkeypatch) -> None:
+    real = fused_ops.load_extension()
+
+    class OtherRounding:  # the kernel's update one float32 step away from torch's
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def adamw_clamp_and_divide_clamp(self, weight, *args):
+            out = real.adamw_clamp_and_divide_clamp(weight, *args)
+            weight.copy_(torch.nextafter(weight, torch.full_like(weight, 2.0)))
+            return out
+
+    other = OtherRounding()
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: other)
+    monkeypatch.setattr(fused_ops, "_adamw_matches", None)  # not checked yet
+    with pytest.warns(UserWarning, match="does not reproduce torch's fused AdamW"):
+        assert not fused_ops.adamw_kernel_matches_torch()
+    weight, update = _adamw_case((16, 8, 3, 3))
+    assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None
+    assert not update.exp_avg.any()
+    monkeypatch.undo()  # the real kernel and its check's result again
+    assert fused_ops.adamw_kernel_matches_torch()
+
+
+def test_a_build_from_before_the_one_pass_adamw_leaves_the_update_to_torch(monkeypatch) -> None:
+    real = fused_ops.load_extension()
+    older = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("_")})
+    del older.adamw_clamp_and_divide_clamp  # e.g. a baseline build of benchmarks/fused_kernels_ab.py
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: older)
+    weight, update = _adamw_case((16, 8, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fused_ops.adamw_kernel_matches_torch()
+        assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None

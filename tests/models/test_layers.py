@@ -3,6 +3,7 @@ conv's constraint pass prepares the next step's weight only where that gives the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -177,6 +178,63 @@ def test_a_layer_pickled_before_the_constraint_pass_existed_still_trains() -> No
     _train_step(old, torch.randn(4, 16, 2, 2))
     old.apply_constraints_()
     assert old.weight.abs().max() <= 1.5
+
+
+def _adamw_update(layer: BinaryConv2d, moments: tuple[torch.Tensor, torch.Tensor], step: int) -> models.AdamWUpdate:
+    return models.AdamWUpdate(layer.weight.grad, *moments, float(step), 0.05, 0.9, 0.999, 1e-3, 1e-8)
+
+
+@_needs_kernels
+@pytest.mark.parametrize("size", [2, 8], ids=["taps", "oneDNN"])
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_an_adamw_update_in_the_constraint_pass_gives_torchs_bits(
+    extension_calls: list[str], kernel_size: int, size: int
+) -> None:
+    fused, reference = _binary_layer(kernel_size), _binary_layer(kernel_size)
+    optimizer = torch.optim.AdamW([reference.weight], lr=0.05, betas=(0.9, 0.999), weight_decay=1e-3, fused=True)
+    moments = (torch.zeros_like(fused.weight), torch.zeros_like(fused.weight))
+    x = torch.randn(4, 16, size, size)
+    assert fused_ops.adamw_kernel_matches_torch()  # checked once per process, with calls of its own
+    for step in (1, 2, 3):
+        got, expected = _train_step(fused, x), _train_step(reference, x)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        extension_calls.clear()
+        assert fused.update_and_constrain_(_adamw_update(fused, moments, step))
+        fused.apply_constraints_()
+        assert extension_calls == ["adamw_clamp_and_divide_clamp"]  # one pass: nothing left for the constraint
+        optimizer.step()
+        reference.apply_constraints_()
+        state = optimizer.state[reference.weight]
+        assert torch.equal(fused.weight, reference.weight) and fused.weight.abs().max() == 1.5
+        assert torch.equal(moments[0], state["exp_avg"]) and torch.equal(moments[1], state["exp_avg_sq"])
+    extension_calls.clear()
+    got, expected = _train_step(fused, x), _train_step(reference, x)
+    assert "divide_clamp" not in extension_calls  # both steps took the weight their constraint pass prepared
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@_needs_kernels
+@pytest.mark.parametrize("case", ["no step yet", "evaluation", "disabled", "size", "beta1", "strided moment"])
+def test_an_adamw_update_is_declined_with_nothing_changed_where_the_pass_does_not_take_it(case: str) -> None:
+    layer = BinaryConv2d(3, 5, 1).train() if case == "size" else _binary_layer(3)  # 15 values: not a multiple of 16
+    if case != "no step yet":
+        _train_step(layer, torch.randn(4, layer.in_channels, 2, 2))
+    else:
+        layer.weight.grad = torch.randn_like(layer.weight)
+    moments = (torch.zeros_like(layer.weight), torch.ones_like(layer.weight))
+    update = _adamw_update(layer, moments, 1)
+    if case == "evaluation":
+        layer.eval()
+    elif case == "beta1":
+        update = update._replace(beta1=0.4)  # torch's lerp takes its other form there
+    elif case == "strided moment":
+        update = update._replace(exp_avg=torch.zeros(layer.weight.shape[::-1]).permute(3, 2, 1, 0))
+    before = (layer.weight.detach().clone(), moments[0].clone(), moments[1].clone(), layer.weight._version)
+    context = fused_ops.disabled() if case == "disabled" else contextlib.nullcontext()
+    with context:
+        assert not layer.update_and_constrain_(update)
+    after = (layer.weight.detach(), *moments)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], after)) and layer.weight._version == before[3]
 
 
 @_needs_kernels
