@@ -27,6 +27,7 @@ Usage::
     python benchmarks/train_step.py --mode eager --mode eager_unfused   # the fused CPU training kernels on and off
     python -m benchmarks.train_step --device cuda --img-size 224 --stem imagenet --batch 128 --mode all --json out.json
     python benchmarks/train_step.py --mode eager --mode compile --interleave --iters 40   # round by round
+    python benchmarks/train_step.py --mode eager --mode eager_torch_adamw --interleave   # the one-pass binary update
 
 The functions (:func:`collect_conv_shapes`, :func:`make_floor`, :func:`make_step`,
 :func:`measure`) are importable for tests and notebooks.
@@ -512,6 +513,7 @@ class Mode:
     compile: bool = False
     grad_scaler: bool = False
     unfused: bool = False  # models.fused_ops.disabled(): the processor's modules one by one
+    torch_adamw: bool = False  # torch's fused AdamW, the binary weights constrained in a pass of their own
 
 
 MODES: dict[str, Mode] = {
@@ -519,6 +521,7 @@ MODES: dict[str, Mode] = {
     for mode in (
         Mode("eager"),
         Mode("eager_unfused", unfused=True),
+        Mode("eager_torch_adamw", torch_adamw=True),
         Mode("channels_last", channels_last=True),
         Mode("compile", compile=True),
         Mode("bf16", amp_dtype=torch.bfloat16),
@@ -568,6 +571,8 @@ def _cpp_compiler() -> str | None:
 
 def unsupported_reason(mode: Mode, device: torch.device) -> str | None:
     """Why ``mode`` cannot run on ``device``, or None when it can."""
+    if mode.torch_adamw and device.type != "cpu":
+        return "the binary weights' one-pass update is CPU-only: elsewhere this mode is eager again"
     if mode.grad_scaler and device.type != "cuda":
         return "fp16 autocast with GradScaler is benchmarked on CUDA only (bf16 is the CPU's mixed precision)"
     if mode.amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -696,7 +701,10 @@ def prepare_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> 
 
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
-    step = make_step(model, (images, targets), forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
+    optimizer = build_optimizer(
+        model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8, updates_in_layers=not mode.torch_adamw
+    )
+    step = make_step(model, (images, targets), optimizer, forward=forward, amp_dtype=mode.amp_dtype, scaler=scaler)
     return PreparedMode(mode, step, floor, shapes)
 
 
@@ -784,12 +792,13 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     """The plain-text table: one row per measured mode.
 
     ``vs eager`` is eager's step/floor over the mode's, for the modes timed against
-    the same float32, contiguous floor as eager (``compile``, ``eager_unfused``): it compares their steps
-    while cancelling a machine that gets busier or quieter between modes (>1: faster
-    than eager). Modes with another floor (bf16, channels_last) show ``-``.
+    the same float32, contiguous floor as eager (``compile``, ``eager_unfused``,
+    ``eager_torch_adamw``): it compares their steps while cancelling a machine that gets
+    busier or quieter between modes (>1: faster than eager). Modes with another floor
+    (bf16, channels_last) show ``-``.
     """
     header = (
-        f"{'mode':<16} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'pairs q1-q3':>12} {'vs eager':>9} "
+        f"{'mode':<18} {'step ms':>10} {'floor ms':>10} {'step/floor':>10} {'pairs q1-q3':>12} {'vs eager':>9} "
         f"{'img/s':>10} {'peak mem MB':>12} {'page faults step/floor':>23}"
     )
     eager = next((r["ratio"] for r in results if r["mode"] == "eager"), None)
@@ -804,7 +813,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         step_faults, floor_faults = r.get("step_page_faults_median"), r.get("floor_page_faults_median")
         faults = f"{step_faults:.0f}/{floor_faults:.0f}" if step_faults is not None else "n/a"
         lines.append(
-            f"{r['mode']:<16} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
+            f"{r['mode']:<18} {r['step_ms_median']:>10.2f} {r['floor_ms_median']:>10.2f} {r['ratio']:>10.2f} "
             f"{spread:>12} {versus:>9} {r['images_per_second']:>10.1f} {peak:>12} {faults:>23}"
         )
     return "\n".join(lines)

@@ -382,3 +382,20 @@ def test_a_step_returns_its_loss() -> None:
     step = train_step.make_step(model, (torch.randn(IMAGE), torch.tensor([0, 3])))
     loss = step()
     assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss)
+
+
+def test_the_torch_adamw_mode_steps_with_torchs_optimizer_and_the_eager_one_with_the_layers(monkeypatch) -> None:
+    built: list[str] = []
+    real = train_step.make_step
+
+    def spy(model, batch, optimizer=None, **kwargs):
+        built.append(type(optimizer).__name__)
+        return real(model, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_step, "make_step", spy)
+    args = train_step.build_parser().parse_args(["--width-mult", "0.125", "--img-size", "16", "--batch", "2"])
+    cpu = torch.device("cpu")
+    for name in ("eager", "eager_torch_adamw"):
+        train_step.prepare_mode(train_step.MODES[name], args, cpu)
+    assert built == ["LayerConstrainedAdamW", "AdamW"]
+    assert "CPU-only" in train_step.unsupported_reason(train_step.MODES["eager_torch_adamw"], torch.device("cuda"))
