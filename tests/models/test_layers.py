@@ -21,7 +21,7 @@ from models.layers import AvgPool2x2, BinaryConv2d, PReLU, avg_pool_2x2
 
 @pytest.mark.parametrize("upstream_layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("path", ["kernel", "slices"])
-@pytest.mark.parametrize("size", [(8, 8), (7, 9), (2, 3), (32, 32)])
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (2, 3), (32, 32), (4, 4), (6, 4), (10, 8), (6, 48), (8, 24)])
 def test_avg_pool_2x2_equals_avg_pool2d_forward_and_backward(
     monkeypatch, size: tuple[int, int], path: str, upstream_layout: str
 ) -> None:
