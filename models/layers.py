@@ -80,7 +80,15 @@ class BinaryConv2d(nn.Module):
         that :meth:`apply_constraints_` (or :meth:`update_and_constrain_`) binarized after
         the last optimizer step, where neither the weight nor the temperature changed since.
         """
-        eager_step = torch.is_grad_enabled() and self.weight.requires_grad and not torch.compiler.is_compiling()
+        # A training step: not an evaluation forward that records gradients (a loss landscape,
+        # the benchmark's shape survey), whose layout would make the constraint pass prepare
+        # weights for a compiled step that never takes them.
+        eager_step = (
+            self.training
+            and torch.is_grad_enabled()
+            and self.weight.requires_grad
+            and not torch.compiler.is_compiling()
+        )
         if eager_step and fused_ops.switched_on():
             if self._step_layout != tap_major:  # nn.Module.__setattr__ costs more than the comparison
                 self._step_layout = tap_major

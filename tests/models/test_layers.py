@@ -251,3 +251,17 @@ def test_a_prepared_weight_serves_one_forward_even_after_an_update_that_counts_n
     expected = _train_step(reference, x)  # binarizes in its step: it holds no prepared weight
     got = _train_step(layer, x)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@_needs_kernels
+def test_an_evaluation_forward_with_gradients_prepares_nothing_for_a_step(extension_calls: list[str]) -> None:
+    layer = _binary_layer(3).eval()
+    with torch.enable_grad():
+        layer(torch.randn(4, 16, 2, 2)).sum().backward()  # e.g. a loss landscape, or a survey of shapes
+    layer.train()
+    layer.weight.grad = torch.randn_like(layer.weight)
+    moments = (torch.zeros_like(layer.weight), torch.zeros_like(layer.weight))
+    assert not layer.update_and_constrain_(_adamw_update(layer, moments, 1))
+    extension_calls.clear()
+    layer.apply_constraints_()  # a plain clamp: no step told the layer the layout to prepare
+    assert extension_calls == [] and layer._prepared is None and layer.weight.abs().max() == 1.5
