@@ -94,8 +94,9 @@ class LayerConstrainedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimizer step (see the class docstring)."""
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            return super().step(closure)
+        scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+        if scaled or any(group["differentiable"] for group in self.param_groups):
+            return super().step(closure)  # torch's own grad mode and scaling
         loss = None
         if closure is not None:
             with torch.enable_grad():

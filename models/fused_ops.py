@@ -425,8 +425,8 @@ def adamw_clamp_and_binarize_weight(
     nothing touched, where the kernel does not apply: where :func:`clamp_and_binarize_weight`
     does not, where the gradient or a moment is not a contiguous CPU float32 tensor of
     the weight's shape, for a weight whose size is not a multiple of 16 values (torch
-    takes a tensor's last values in other roundings), for ``beta1 <= 0.5``, and on a
-    machine where the check failed.
+    takes a tensor's last values in other roundings), for ``beta1`` outside ``(0.5, 1.5)``
+    (torch's lerp takes another form there), and on a machine where the check failed.
     """
     divisors = _divisors(temperature, threshold) if _fusable_in_eager(weight) else None
     if (
@@ -456,9 +456,10 @@ def adamw_kernel_matches_torch() -> bool:
     """Whether the one-pass AdamW kernel gives torch's fused AdamW bits on this machine (checked once).
 
     torch picks its kernel by the CPU's vector instructions, and its compiler chose which
-    multiply-adds to fuse; the one-pass kernel follows the AVX-512 and AVX2 builds of
-    torch 2.14. Three steps of 4096 values with weight decay are compared bit for bit;
-    on a mismatch a warning says so and :func:`adamw_clamp_and_binarize_weight` is off.
+    multiply-adds to fuse; the one-pass kernel follows torch 2.14.1's AVX-512 kernel (the
+    one the development machine runs). Three steps of 4096 values with weight decay are
+    compared bit for bit; on a mismatch a warning says so and
+    :func:`adamw_clamp_and_binarize_weight` is off.
     False also without the extension, or with a build from before the kernel.
     """
     return _adamw_kernel() is not None

@@ -1028,7 +1028,7 @@ at::Tensor pool_2x2_forward(const at::Tensor& x) {
 // input's gradient come from one vector of pooled values, spread by one permutation: W = 4
 // (two pairs of rows from 4 values), W = 8 (a pair of rows from 4) or a multiple of 16 (16
 // values of a row from 8). Returns false, writing nothing, for other sizes. GCC's own code
-// for the plain loop's interleaved stores was 1.5 times slower in training steps. Streamed
+// for the plain loop's interleaved stores was 1.4 to 1.5 times slower in training steps. Streamed
 // stores (store_line) made this kernel faster still, but the sign kernel's backward, which
 // reads the result next, slower by as much.
 bool spread_2x2_by_permutations(const float* gp, float* gxp, int64_t planes, int64_t H, int64_t W) {
