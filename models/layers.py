@@ -119,10 +119,10 @@ class BinaryConv2d(nn.Module):
         so a second forward after an optimizer step that skipped this call binarizes anew.
         Right after :meth:`update_and_constrain_` made the pass, nothing is left to do.
         """
-        done = self._constrained_by_update and self._take_prepared(self._step_layout, release=False) is not None
-        self._constrained_by_update = False
-        if done:
-            return
+        if self._constrained_by_update:
+            self._constrained_by_update = False
+            if self._take_prepared(self._step_layout, release=False) is not None:
+                return  # update_and_constrain_ clamped and binarized the weight since it changed
         self._prepared = None  # freed before the next one is made
         # In training mode only: a model clamped for evaluation (or an EMA copy) holds no weight for a step.
         if self.training and self._step_layout is not None and fused_ops.switched_on():
