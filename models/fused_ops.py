@@ -433,7 +433,8 @@ def adamw_clamp_and_binarize_weight(
         divisors is None
         or weight.numel() % 16
         or not 0.5 < update.beta1 < 1.5
-        or not all(_same_layout(t, weight) for t in update[:3])
+        or not _tensors_fit(*update[:3])
+        or any(t.shape != weight.shape for t in update[:3])
     ):
         return None
     kernel = _adamw_kernel()
@@ -442,10 +443,6 @@ def adamw_clamp_and_binarize_weight(
     binarized = kernel(weight.detach(), *update[:3], *(float(v) for v in update[3:]), clip, *divisors, tap_major)
     torch.autograd.graph.increment_version(weight)  # as the optimizer's in-place update would
     return binarized
-
-
-def _same_layout(t: torch.Tensor, weight: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == weight.shape
 
 
 #: Whether the one-pass AdamW kernel gave torch's bits (None: not checked yet in this process).
