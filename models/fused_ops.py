@@ -33,8 +33,9 @@ passes (``models/csrc/fused_train.cpp``, built on first use by
 
 The first three, the tail and the weight binarization are ``torch.library`` operators
 (:mod:`models.kernel_ops`), so ``torch.compile`` calls them from its graph as eager does
-(the binarization through :func:`binarize_weight_in_graph`); the pooling kernels and the
-constraint's fused pass are eager only (inductor compiles their unfused form). On the CPU, compile with
+(the binarization through :func:`binarize_weight_in_graph`, which takes the weight that the
+constraint's fused pass prepared, see :func:`prepared_in_graph`); the pooling kernels are
+eager only (inductor compiles their unfused form). On the CPU, compile with
 :func:`compile_options` so that inductor keeps the convolutions' NCHW layout, which
 the kernels read. The fused path is taken only in training mode (evaluation and the
 exports run the modules one by one, bit for bit as before), and only where it computes
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import warnings
+import weakref
 from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
@@ -359,6 +361,8 @@ def binarize_weight_in_graph(
 ) -> torch.Tensor | None:
     """While ``torch.compile`` traces a training step: :func:`binarize_weight` as an operator of the graph
     (``bnext::binarize_weight``, the straight-through identity gradient); None where it does not apply.
+    When the graph runs, the operator takes the binarized weight that the layer's constraint
+    pass prepared after the last optimizer step, where it is current (:func:`prepared_in_graph`).
 
     The same bits and layouts as eagerly: with ``tap_major`` the tap products read the result
     in place. Inductor's own code for the unfused form writes the plain layout, which the
@@ -367,6 +371,41 @@ def binarize_weight_in_graph(
     if not (torch.compiler.is_compiling() and _fusable(weight) and _host_temperature(temperature)):
         return None
     return kernel_ops.binarize_weight_op(weight, temperature, threshold, tap_major)
+
+
+#: Binary layers by their latent weight's data pointer, the one thing of a layer that a
+#: compiled graph's binarization operator sees: where it finds the weight's layer there, it
+#: takes the binarized weight that the layer's constraint pass prepared (:func:`prepared_in_graph`).
+_graph_step_layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
+def register_graph_step_layer(layer: nn.Module) -> None:
+    """Let compiled training steps find ``layer`` (a binary layer) from its latent weight ``layer.weight``.
+
+    A binary layer registers itself in its constraint pass, so that the graph's
+    ``bnext::binarize_weight`` can take the binarized weight the pass prepared for the next
+    step instead of binarizing again. The entry lives as long as the layer.
+    """
+    key = layer.weight.data_ptr()
+    if _graph_step_layers.get(key) is not layer:
+        _graph_step_layers[key] = layer
+
+
+def prepared_in_graph(
+    weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool
+) -> torch.Tensor | None:
+    """The binarized ``weight`` that its layer's constraint pass prepared, as ``bnext::binarize_weight``
+    asks for it while a compiled training step runs; None where there is none to take.
+
+    The layer (see :func:`register_graph_step_layer`) checks that the tensors are its own
+    and that its prepared weight is current, as an eager training forward does, and hands
+    the weight over once: the graph owns it from then on. It also records the step's
+    layout, so that the optimizer's one-pass update and the constraint pass prepare the next one.
+    """
+    layer = _graph_step_layers.get(weight.data_ptr())
+    if layer is None:
+        return None
+    return layer.take_prepared_for_graph(weight, temperature, threshold, tap_major)
 
 
 def clamp_and_binarize_weight(

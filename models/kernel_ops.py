@@ -481,6 +481,10 @@ def _binarize_weight(weight: Tensor, temperature: Tensor, threshold: float, tap_
     # while torch.compile traces, where .item() would break the graph.
     from . import fused_ops
 
+    # The binarization the layer's constraint pass made after the last optimizer step, where it is current.
+    prepared = fused_ops.prepared_in_graph(weight, temperature, threshold, tap_major)
+    if prepared is not None:
+        return prepared
     divisors = fused_ops._divisors(temperature, threshold)
     if divisors is None:
         raise ValueError("bnext::binarize_weight takes a one-value float32 CPU temperature")

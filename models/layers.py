@@ -78,11 +78,12 @@ class BinaryConv2d(nn.Module):
         the layout of the tap products (the same values; see
         :func:`models.quantizers.progressive_binarize`). A training step takes the weight
         that :meth:`apply_constraints_` (or :meth:`update_and_constrain_`) binarized after
-        the last optimizer step, where neither the weight nor the temperature changed since.
+        the last optimizer step, where neither the weight nor the temperature changed since;
+        so does a compiled one, through its graph's operator (:meth:`take_prepared_for_graph`).
         """
         # A training step: not an evaluation forward that records gradients (a loss landscape,
         # the benchmark's shape survey), whose layout would make the constraint pass prepare
-        # weights for a compiled step that never takes them.
+        # weights that no step takes. A compiled step records its layout in its graph's operator.
         eager_step = (
             self.training
             and torch.is_grad_enabled()
@@ -118,7 +119,12 @@ class BinaryConv2d(nn.Module):
         version counters): torch's fused AdamW changes weights without counting a version,
         so a second forward after an optimizer step that skipped this call binarizes anew.
         Right after :meth:`update_and_constrain_` made the pass, nothing is left to do.
+        In training mode the layer also registers itself for compiled steps
+        (:func:`models.fused_ops.register_graph_step_layer`): their graph's binarization
+        takes the prepared weight through :meth:`take_prepared_for_graph`.
         """
+        if self.training:
+            fused_ops.register_graph_step_layer(self)
         if self._constrained_by_update:
             self._constrained_by_update = False
             if self._take_prepared(self._step_layout, release=False) is not None:
@@ -155,6 +161,31 @@ class BinaryConv2d(nn.Module):
         self._prepared = (binarized, self._prepared_key(self._step_layout))
         self._constrained_by_update = True
         return True
+
+    def take_prepared_for_graph(
+        self, weight: torch.Tensor, temperature: torch.Tensor, threshold: float, tap_major: bool
+    ) -> torch.Tensor | None:
+        """The prepared binarized weight for a compiled training step's ``bnext::binarize_weight``; None
+        where there is none to take.
+
+        The operator runs with the layer's own tensors (the same data) while the layer
+        trains: as in an eager training forward, the step's layout is recorded, and the
+        weight that the last constraint pass (or :meth:`update_and_constrain_`) prepared is
+        handed over once, where the weight and the temperature did not change since.
+        """
+        if not (self.training and fused_ops.switched_on()):
+            return None  # an evaluation graph that records gradients: nothing for a step (see binary_weight)
+        mine = self.weight
+        if not (
+            weight.data_ptr() == mine.data_ptr()
+            and weight.shape == mine.shape
+            and temperature.data_ptr() == self.temperature.data_ptr()
+            and threshold == self.sign_threshold
+        ):
+            return None
+        if self._step_layout != tap_major:
+            self._step_layout = tap_major
+        return self._take_prepared(tap_major)
 
     def _prepared_key(self, tap_major: bool) -> tuple:
         # What a prepared binarization was made from: the tensors, their in-place versions, the clip.

@@ -96,3 +96,51 @@ def test_compiled_training_step_matches_eager(monkeypatch) -> None:
     for name, buffer in expected[2].items():
         torch.testing.assert_close(actual[2][name], buffer, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     torch._dynamo.reset()
+
+
+def _compiled_training(model: torch.nn.Module, x: torch.Tensor, steps: int, calls: list[str]):
+    # The training script's loop: forward, backward, its optimizer, the constraints; the kernels each step called.
+    from ImageNet.optim import build_optimizer
+
+    forward = torch.compile(model, options=fused_ops.compile_options("cpu"))
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=1e-3, binary_weight_decay=1e-8)
+    logits, called = [], []
+    for _ in range(steps):
+        calls.clear()
+        output = forward(x)
+        (output * torch.linspace(-1.0, 1.0, output.numel()).view_as(output)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        models.apply_constraints(model)
+        logits.append(output.detach())
+        called.append(set(calls))
+    return logits, called, optimizer.state_dict()["state"]
+
+
+def test_compiled_steps_take_the_prepared_weights_with_the_same_bits(monkeypatch, extension_calls) -> None:
+    """From its second step on, a compiled step's graph takes the binarized weights that the optimizer's
+    one-pass update prepared, as an eager step does, and computes exactly what binarizing anew gives."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 32, 32]).train()
+    models.set_temperature(model, 0.3)
+    start = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    logits, called, state = _compiled_training(model, x, 4, extension_calls)
+    weights = copy.deepcopy(model.state_dict())
+    # Steps 1 and 2 binarize in the graph (the first step's graph tells the layers their layout);
+    # from step 3 the graph takes what the one-pass update of the step before prepared.
+    assert all("divide_clamp" in kernels for kernels in called[:2])
+    assert all("divide_clamp" not in kernels for kernels in called[2:])
+    assert all("adamw_clamp_and_divide_clamp" in kernels for kernels in called[1:])
+
+    model.load_state_dict(start)
+    monkeypatch.setattr(fused_ops, "prepared_in_graph", lambda *args: None)  # the graph binarizes every step
+    expected_logits, expected_called, expected_state = _compiled_training(model, x, 4, extension_calls)
+    assert all("divide_clamp" in kernels for kernels in expected_called)
+    assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+    for index, moments in expected_state.items():
+        assert all(torch.equal(state[index][key], value) for key, value in moments.items()), index
+    torch._dynamo.reset()

@@ -265,3 +265,44 @@ def test_an_evaluation_forward_with_gradients_prepares_nothing_for_a_step(extens
     extension_calls.clear()
     layer.apply_constraints_()  # a plain clamp: no step told the layer the layout to prepare
     assert extension_calls == [] and layer._prepared is None and layer.weight.abs().max() == 1.5
+
+
+def _graph_binarization(layer: BinaryConv2d, weight: torch.Tensor | None = None, tap_major: bool = True):
+    # bnext::binarize_weight as a compiled training step's graph calls it (no autograd inside a graph).
+    with torch.no_grad():
+        weight = layer.weight if weight is None else weight
+        return torch.ops.bnext.binarize_weight(weight, layer.temperature, layer.sign_threshold, tap_major)
+
+
+@_needs_kernels
+@pytest.mark.parametrize("tap_major", [True, False])
+def test_a_compiled_steps_operator_takes_the_prepared_weight_once_and_only_for_its_own_tensors(
+    tap_major: bool,
+) -> None:
+    layer = _binary_layer(3)
+    layer.apply_constraints_()  # a plain clamp (no layout yet) that registers the layer for graphs
+    first = _graph_binarization(layer, tap_major=tap_major)  # nothing prepared: it binarizes
+    assert layer._step_layout is tap_major and layer._prepared is None
+    layer.apply_constraints_()  # now in the layout the graph asked for
+    prepared = layer._prepared[0]
+    assert prepared.is_contiguous(memory_format=torch.channels_last if tap_major else torch.contiguous_format)
+    # Another tensor with the same values is not the layer's weight: binarized anew, nothing taken.
+    other = _graph_binarization(layer, layer.weight.detach().clone(), tap_major)
+    assert other.data_ptr() != prepared.data_ptr() and layer._prepared is not None
+    taken = _graph_binarization(layer, tap_major=tap_major)
+    assert taken.data_ptr() == prepared.data_ptr() and layer._prepared is None  # handed over once
+    again = _graph_binarization(layer, tap_major=tap_major)
+    assert again.data_ptr() != prepared.data_ptr()
+    for result in (other, taken, again):
+        assert torch.equal(result, first) and result.stride() == first.stride()
+
+
+@_needs_kernels
+def test_an_evaluation_graph_takes_no_prepared_weight_and_records_no_layout() -> None:
+    layer = _binary_layer(3)
+    _train_step(layer, torch.randn(4, 16, 2, 2))  # an eager step: tap-major
+    layer.apply_constraints_()
+    assert layer._prepared is not None
+    layer.eval()  # e.g. a compiled loss landscape, which records gradients in evaluation mode
+    _graph_binarization(layer, tap_major=False)
+    assert layer._step_layout is True and layer._prepared is not None
