@@ -91,9 +91,7 @@ class BinaryConv2d(nn.Module):
             and not torch.compiler.is_compiling()
         )
         if eager_step and fused_ops.switched_on():
-            if self._step_layout != tap_major:  # nn.Module.__setattr__ costs more than the comparison
-                self._step_layout = tap_major
-            prepared = self._take_prepared(tap_major)
+            prepared = self._step_prepared(tap_major)
             if prepared is not None:
                 return prepared_binarization(self.weight, prepared)
         return progressive_binarize(self.weight, self.temperature, self.sign_threshold, tap_major)
@@ -183,7 +181,11 @@ class BinaryConv2d(nn.Module):
             and threshold == self.sign_threshold
         ):
             return None
-        if self._step_layout != tap_major:
+        return self._step_prepared(tap_major)
+
+    def _step_prepared(self, tap_major: bool) -> torch.Tensor | None:
+        # A training step's: record its layout for the next constraint pass, take the prepared weight.
+        if self._step_layout != tap_major:  # nn.Module.__setattr__ costs more than the comparison
             self._step_layout = tap_major
         return self._take_prepared(tap_major)
 

@@ -118,7 +118,7 @@ def _compiled_training(model: torch.nn.Module, x: torch.Tensor, steps: int, call
 
 
 def test_compiled_steps_take_the_prepared_weights_with_the_same_bits(monkeypatch, extension_calls) -> None:
-    """From its second step on, a compiled step's graph takes the binarized weights that the optimizer's
+    """From its third step on, a compiled step's graph takes the binarized weights that the optimizer's
     one-pass update prepared, as an eager step does, and computes exactly what binarizing anew gives."""
     torch._dynamo.reset()
     torch.manual_seed(0)
