@@ -180,9 +180,15 @@ def build_loss(args: argparse.Namespace, num_classes: int, device: torch.device)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    """The trained network inside its DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        # Not `a or b`: the truth value of a torch.compile wrapper is its len(), which a network lacks.
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def _resume_path(args: argparse.Namespace, output: Path) -> Path | None:

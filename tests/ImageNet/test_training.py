@@ -299,6 +299,17 @@ def test_compiled_training_runs_with_the_kernels_layout(image_folder: Path, tmp_
     assert torch.isfinite(torch.tensor(state["history"][0]["train_loss"]))
 
 
+@pytest.mark.slow
+def test_compiled_training_runs_in_two_processes(image_folder: Path, tmp_path: Path) -> None:
+    """torchrun with --compile: the trainer finds the network inside DistributedDataParallel around
+    the compiled model (for the temperature schedule and the checkpoints)."""
+    result = run_train([*_common(image_folder, tmp_path, epochs=1, batch=4), "--compile"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["model"] and not any(key.startswith(("module.", "_orig_mod.")) for key in state["model"])
+    assert torch.isfinite(torch.tensor(state["history"][0]["train_loss"]))
+
+
 def test_the_8_bit_variant_trains_and_validates_from_its_recorded_config(image_folder: Path, tmp_path: Path) -> None:
     import json
 
