@@ -104,17 +104,26 @@ class LayerConstrainedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
             if self._layers_may_update(group):
                 rest = [
                     i
                     for i in range(len(params))
                     if not self._layer_update(group, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i])
                 ]
+                # The other parameters in one kernel call where it takes them (torch's bits), else torch's.
+                if rest:
+                    lists = [[values[i] for i in rest] for values in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+                    left = models.adamw_update_many(
+                        *lists, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                    )  # fmt: skip
+                    if left is not None:
+                        rest = [rest[i] for i in left]
                 params, grads, exp_avgs, exp_avg_sqs, steps = (
                     [values[i] for i in rest] for values in (params, grads, exp_avgs, exp_avg_sqs, steps)
                 )
             if params:
-                beta1, beta2 = group["betas"]
                 adam(
                     params,
                     grads,

@@ -18,7 +18,8 @@ milliseconds per step:
   their 1x1 products are part of the floor as well, so the remainder is that much smaller;
 * the optimizer step and :func:`models.apply_constraints` (each less its kernel calls: with
   :class:`ImageNet.optim.LayerConstrainedAdamW` the binary weights' update, clamp and next
-  binarization are one kernel call inside the optimizer step);
+  binarization are one kernel call per weight inside the optimizer step, and the other
+  parameters' update one call for all, ``adamw_many``);
 * the remainder: the step less the convolution floor of ``benchmarks/train_step.py``
   (timed alternately with the steps, medians) less the pieces above (means). It holds the
   element-wise work outside the kernels (gates, mixes, concatenations), gradient
@@ -184,10 +185,13 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
         ms, calls = per_step.get(f"gate {direction}", (0.0, 0.0))
         rows.append((f"recoupling gates, {direction} (their 1x1 products are in the floor too)", ms, calls))
     # With ImageNet.optim.LayerConstrainedAdamW the binary weights' update is a kernel call of
-    # the layers' constraint pass (AdamW, the clamp and the next step's binarization), in its own row.
+    # the layers' constraint pass (AdamW, the clamp and the next step's binarization), and the
+    # other parameters' one call of adamw_many: each kernel in its own row.
     optimizer_ms, optimizer_calls = per_step.get("optimizer step", (0.0, 0.0))
-    inside = per_step.get("kernel adamw_clamp_and_divide_clamp", (0.0, 0.0))[0]
-    rows.append(("optimizer step, besides the binary layers' kernel calls", optimizer_ms - inside, optimizer_calls))
+    inside = sum(
+        per_step.get(f"kernel {name}", (0.0, 0.0))[0] for name in ("adamw_clamp_and_divide_clamp", "adamw_many")
+    )
+    rows.append(("optimizer step, besides its kernel calls", optimizer_ms - inside, optimizer_calls))
     # The binary layers' constraint pass calls a kernel (the clamp and the next step's binarization),
     # which has its own row: the constraints' row holds the rest.
     constraints_ms, constraints_calls = per_step.get("constraints", (0.0, 0.0))

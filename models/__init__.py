@@ -10,7 +10,7 @@ Importing the package also registers the model names with timm
 from .bnext import BNext, BNext18
 from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, read_state_dict
 from .factory import MODEL_NAMES, create_model, list_models, register_with_timm
-from .fused_ops import AdamWUpdate, compile_options
+from .fused_ops import AdamWUpdate, adamw_update_many, compile_options
 from .layers import BinaryConv2d, QuantConv2d, QuantLinear, SqueezeExcite
 from .precision import (
     LayerPrecision,
@@ -41,6 +41,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "SqueezeExcite",
+    "adamw_update_many",
     "apply_constraints",
     "binarizers",
     "check_state_dict",

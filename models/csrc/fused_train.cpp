@@ -1392,6 +1392,36 @@ at::Tensor clamp_and_divide_clamp(at::Tensor& w, double clip, double first, doub
 // kernel takes 16 values (AVX-512) or 8 (AVX2) per vector instruction, and the last few of a
 // tensor whose size is not a multiple of that one at a time, in roundings of their own: so
 // the weight must hold a multiple of 16 values. step is the step count after this update.
+// One AdamW step with the arithmetic of torch's fused CPU AdamW (torch 2.14.1, its AVX-512
+// kernel): the scalars as torch makes them, in double, each rounded to float once, and per
+// value the same operations, with the one multiply-add torch's compiler fused. Values of a
+// tensor's last numel % 16 torch rounds otherwise (its scalar loop): the kernels below take
+// only tensors of a multiple of 16 values.
+struct AdamWArithmetic {
+  AdamWArithmetic(double step, double lr, double beta1, double beta2, double weight_decay, double eps)
+      : decay(static_cast<float>(1 - lr * weight_decay)),
+        lerp_weight(static_cast<float>(1 - beta1)),  // exp_avg.lerp_(grad, 1 - beta1)
+        beta2(static_cast<float>(beta2)),
+        grad_sq_weight(static_cast<float>(1 - beta2)),
+        neg_step_size(static_cast<float>(-(lr / (1 - std::pow(beta1, step))))),
+        bc2_sqrt(static_cast<float>(std::sqrt(1 - std::pow(beta2, step)))),
+        eps(static_cast<float>(eps)) {}
+  // The updated weight at i; the moments at i are written.
+  inline float update(const float* w, const float* g, float* m, float* v, int64_t i) const {
+    const float grad = g[i];
+    const float m_i = std::fma(lerp_weight, grad - m[i], m[i]);
+    const float v_i = std::fma(grad_sq_weight * grad, grad, v[i] * beta2);  // torch's compiler fused this one
+    m[i] = m_i;
+    v[i] = v_i;
+    return w[i] * decay + neg_step_size * m_i / (std::sqrt(v_i) / bc2_sqrt + eps);
+  }
+  float decay, lerp_weight, beta2, grad_sq_weight, neg_step_size, bc2_sqrt, eps;
+};
+
+void check_beta1(double beta1) {
+  TORCH_CHECK(beta1 > 0.5 && beta1 < 1.5, "beta1 must lie in (0.5, 1.5): torch's lerp takes another form elsewhere");
+}
+
 at::Tensor adamw_clamp_and_divide_clamp(at::Tensor& w, const at::Tensor& grad, at::Tensor& exp_avg,
                                         at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2,
                                         double weight_decay, double eps, double clip, double first, double second,
@@ -1403,33 +1433,84 @@ at::Tensor adamw_clamp_and_divide_clamp(at::Tensor& w, const at::Tensor& grad, a
                 "the gradient and the moments must be contiguous float32 CPU tensors of the weight's shape");
   }
   TORCH_CHECK(w.numel() % 16 == 0, "the weight must hold a multiple of 16 values, got ", w.numel());
-  TORCH_CHECK(beta1 > 0.5 && beta1 < 1.5, "beta1 must lie in (0.5, 1.5): torch's lerp takes another form elsewhere");
+  check_beta1(beta1);
   auto out = tap_major ? at::empty_like(w, at::MemoryFormat::ChannelsLast) : at::empty_like(w);
-  // The scalars as torch makes them: in double, each rounded to float once.
-  const double bias_correction1 = 1 - std::pow(beta1, step);
-  const float decay = static_cast<float>(1 - lr * weight_decay);
-  const float lerp_weight = static_cast<float>(1 - beta1);  // exp_avg.lerp_(grad, 1 - beta1)
-  const float f_beta2 = static_cast<float>(beta2), grad_sq_weight = static_cast<float>(1 - beta2);
-  const float neg_step_size = static_cast<float>(-(lr / bias_correction1));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, step)));
-  const float f_eps = static_cast<float>(eps), lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
+  const AdamWArithmetic adamw(step, lr, beta1, beta2, weight_decay, eps);
+  const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
   float* wp = w.data_ptr<float>();
   float* mp = exp_avg.data_ptr<float>();
   float* vp = exp_avg_sq.data_ptr<float>();
   const float* gp = grad.data_ptr<float>();
   const auto updated = [=](int64_t i) {
-    const float g = gp[i];
-    const float m = std::fma(lerp_weight, g - mp[i], mp[i]);
-    const float v = std::fma(grad_sq_weight * g, g, vp[i] * f_beta2);  // torch's compiler fused this one
-    mp[i] = m;
-    vp[i] = v;
-    const float x = wp[i] * decay + neg_step_size * m / (std::sqrt(v) / bc2_sqrt + f_eps);
+    const float x = adamw.update(wp, gp, mp, vp, i);
     const float c = x < lo ? lo : (x > hi ? hi : x);
     wp[i] = c;
     return c;
   };
   with_binarizer(first, second, [&](const auto& binarize) { write_binarized(w, out, tap_major, updated, binarize); });
   return out;
+}
+
+// One AdamW step (AdamWArithmetic) of each weight i whose tensors the kernel takes: weights[i],
+// grads[i], exp_avgs[i] and exp_avg_sqs[i] contiguous float32 CPU tensors of one shape and a
+// multiple of 16 values, steps[i] a one-value float32 CPU tensor, which is incremented first,
+// as torch's optimizer increments it before its kernel reads it. The values of all those
+// weights are split between the threads in one parallel region: torch's kernel makes one per
+// tensor, which on a network's many small tensors costs more than their arithmetic. Returns
+// the indices of the weights it left alone (their steps untouched), for torch's kernel.
+std::vector<int64_t> adamw_many(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+                                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                                const std::vector<at::Tensor>& steps, double lr, double beta1, double beta2,
+                                double weight_decay, double eps) {
+  const size_t count = weights.size();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
+                  steps.size() == count,
+              "adamw_many takes five lists of one length");
+  check_beta1(beta1);
+  struct Task {
+    float* w;
+    const float* g;
+    float* m;
+    float* v;
+    int64_t start, end;  // the task's values in the concatenation of all tasks
+    AdamWArithmetic adamw;
+  };
+  const auto dense = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+           t.sizes() == like.sizes();
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> declined;
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& w = weights[i];
+    const at::Tensor& step = steps[i];
+    const bool takes = dense(w, w) && w.numel() % 16 == 0 && dense(grads[i], w) &&
+                       dense(exp_avgs[i], w) && dense(exp_avg_sqs[i], w) && step.defined() &&
+                       step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1;
+    if (!takes) {
+      declined.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    float* step_value = step.data_ptr<float>();
+    *step_value += 1.0f;
+    tasks.push_back(Task{w.data_ptr<float>(), grads[i].data_ptr<float>(), exp_avgs[i].data_ptr<float>(),
+                         exp_avg_sqs[i].data_ptr<float>(), total, total + w.numel(),
+                         AdamWArithmetic(*step_value, lr, beta1, beta2, weight_decay, eps)});
+    total += w.numel();
+  }
+  // Each value's update depends on nothing else: any split gives the same bits.
+  at::parallel_for(0, total, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+    auto task = std::upper_bound(tasks.begin(), tasks.end(), begin,
+                                 [](int64_t value, const Task& t) { return value < t.end; });
+    for (; task != tasks.end() && task->start < end; ++task) {
+      const Task t = *task;
+      const int64_t from = std::max(begin, t.start) - t.start, to = std::min(end, t.end) - t.start;
+#pragma omp simd
+      for (int64_t i = from; i < to; ++i) t.w[i] = t.adamw.update(t.w, t.g, t.m, t.v, i);
+    }
+  });
+  return declined;
 }
 
 // t as int8 when every value is exactly -1, 0 or +1 (-0.0 counts as 0; NaN and the
@@ -1500,6 +1581,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w.clamp_(-clip, clip) (writing only values out of range), then divide_clamp of the result");
   m.def("adamw_clamp_and_divide_clamp", &adamw_clamp_and_divide_clamp,
         "one AdamW step of w (torch's fused CPU arithmetic), then clamp_and_divide_clamp of the result");
+  m.def("adamw_many", &adamw_many,
+        "one AdamW step (torch's fused CPU arithmetic) of each weight whose tensors it takes, in one parallel "
+        "region; returns the indices of the others");
   m.def("set_sample_split_values", &set_sample_split_values,
         "the largest activation (in values) that the two-pass kernels split by samples; returns the previous one");
   m.def("to_ternary_int8", &to_ternary_int8, "t as int8 if all its values are -1, 0 or +1, else an empty tensor");

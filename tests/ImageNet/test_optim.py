@@ -65,6 +65,21 @@ def layer_updates(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return returned
 
 
+@pytest.fixture
+def many_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], list[int] | None]]:
+    """Per call of models.adamw_update_many: the sizes of the parameters it was handed, and those it left."""
+    calls: list[tuple[list[int], list[int] | None]] = []
+    real = models.adamw_update_many
+
+    def spy(params, *args, **kwargs):
+        left = real(params, *args, **kwargs)
+        calls.append(([param.numel() for param in params], left))
+        return left
+
+    monkeypatch.setattr(models, "adamw_update_many", spy)
+    return calls
+
+
 def test_a_cpu_model_with_binary_layers_gets_the_layer_constrained_adamw() -> None:
     model = _model()
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
@@ -74,7 +89,9 @@ def test_a_cpu_model_with_binary_layers_gets_the_layer_constrained_adamw() -> No
 
 
 @_needs_kernels
-def test_training_steps_give_torchs_fused_adamw_bits_with_one_pass_per_binary_weight(layer_updates) -> None:
+def test_training_steps_give_torchs_fused_adamw_bits_with_one_pass_per_binary_weight(
+    layer_updates, many_updates
+) -> None:
     model = _model()
     twin = copy.deepcopy(model)
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=1e-3, binary_weight_decay=1e-8)
@@ -85,6 +102,12 @@ def test_training_steps_give_torchs_fused_adamw_bits_with_one_pass_per_binary_we
     _train(twin, reference, 4)
     # Every binary layer of this model holds a multiple of 16 values: all took the update, in every step.
     assert layer_updates == [True] * (4 * layers) and calls_before_twin == 4 * layers
+    # The real-valued group's parameters went to one kernel call per step, which left to torch's kernel
+    # exactly those of sizes that are not multiples of 16 (this narrow model has many).
+    assert len(many_updates) == 4
+    for sizes, left in many_updates:
+        assert left == [i for i, size in enumerate(sizes) if size % 16]
+    assert any(left for _, left in many_updates) and any(len(left) < len(sizes) for sizes, left in many_updates)
     _assert_same(model, twin, optimizer, reference)
 
 

@@ -49,7 +49,9 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(
     # for the next step: one kernel call per weight inside the optimizer step, none in the constraints.
     assert by_name["kernel adamw_clamp_and_divide_clamp"][1] == 31
     assert not {"kernel divide_clamp", "kernel clamp_and_divide_clamp"} & by_name.keys()
-    optimizer_row = "optimizer step, besides the binary layers' kernel calls"
+    # The other parameters' update: one kernel call per step.
+    assert by_name["kernel adamw_many"][1] == 1
+    optimizer_row = "optimizer step, besides its kernel calls"
     assert by_name[optimizer_row][1] == by_name["constraints, besides their kernel calls"][1] == 1
     # The tap products check their operands once per call (float weights at T = 1: the weights only), in the
     # steps; the floor's own calls are not counted.
@@ -109,7 +111,7 @@ def test_placement_breakdowns_take_each_placements_own_steps_and_medians() -> No
     assert together.indices == (0, 2) and apart.indices == (1,)
     assert (near_step, near_floor, far_step, far_floor) == (105.0, 82.0, 150.0, 90.0)
     near_rows, far_rows = ({name: ms for name, ms, _ in rows} for rows in (near, far))
-    optimizer_row = "optimizer step, besides the binary layers' kernel calls"
+    optimizer_row = "optimizer step, besides its kernel calls"
     assert near_rows[optimizer_row] == pytest.approx(11.0) and far_rows[optimizer_row] == pytest.approx(30.0)
     assert near_rows["remainder: step - floor - the pieces above"] == pytest.approx(105.0 - 82.0 - 11.0)
     # One placement, or none measured: no columns.

@@ -691,19 +691,57 @@ def test_the_one_pass_adamw_kernel_declines_what_it_would_not_compute_with_torch
     assert torch.equal(weight, before) and not update.exp_avg.any() and not update.exp_avg_sq.any()
 
 
-def test_a_cpu_whose_torch_rounds_otherwise_switches_the_one_pass_adamw_off(monkeypatch) -> None:
+def _many_case(case: str) -> list[torch.Tensor]:
+    # A parameter of 16 x 8 x 3 x 3 values that the many-tensor kernel takes, or one it declines.
+    generator = torch.Generator().manual_seed(5)
+    param = torch.randn((3, 5, 3, 3) if case == "size" else (16, 8, 3, 3), generator=generator)
+    grad = torch.randn(param.shape, generator=generator) * 1e-2
+    if case == "float64":
+        param, grad = param.double(), grad.double()
+    elif case == "gradient layout":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    elif case == "gradient shape":
+        grad = grad.flatten()
+    return [param, grad, torch.zeros_like(param), torch.zeros_like(param), torch.tensor(0.0)]
+
+
+def test_the_many_tensor_adamw_gives_torchs_bits_and_leaves_what_it_would_not_compute_so() -> None:
+    cases = ["taken", "size", "taken", "float64", "gradient layout", "gradient shape"]
+    lists = [list(values) for values in zip(*(_many_case(case) for case in cases), strict=True)]
+    params, grads, exp_avgs, exp_avg_sqs, steps = lists
+    references = [nn.Parameter(param.clone()) for param in params]
+    optimizer = torch.optim.AdamW(references, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
+    before = copy.deepcopy(lists)
+    for _ in range(3):
+        for reference, grad in zip(references, grads, strict=True):
+            reference.grad = grad.reshape(reference.shape).clone()
+        optimizer.step()
+        left = fused_ops.adamw_update_many(*lists, lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8)
+        assert left == [i for i, case in enumerate(cases) if case != "taken"]
+    for i, case in enumerate(cases):
+        tensors = [params[i], exp_avgs[i], exp_avg_sqs[i], steps[i]]
+        if case == "taken":
+            state = optimizer.state[references[i]]
+            expected = [references[i].detach(), state["exp_avg"], state["exp_avg_sq"], state["step"]]
+        else:  # untouched, the step count included: torch's kernel will count it
+            expected = [before[0][i], before[2][i], before[3][i], before[4][i]]
+        assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True)), case
+    assert steps[0] == 3 and steps[1] == 0
+    assert fused_ops.adamw_update_many(*lists, lr=1e-2, beta1=0.5, beta2=0.999, weight_decay=0.1, eps=1e-8) is None
+
+
+@pytest.mark.parametrize("kernel", ["adamw_clamp_and_divide_clamp", "adamw_many"])
+def test_a_cpu_whose_torch_rounds_otherwise_switches_both_adamw_kernels_off(monkeypatch, kernel: str) -> None:
     real = fused_ops.load_extension()
 
-    class OtherRounding:  # the kernel's update one float32 step away from torch's
-        def __getattr__(self, name: str):
-            return getattr(real, name)
+    def one_step_off(*args):  # the kernel's update of its first weight one float32 step away from torch's
+        out = getattr(real, kernel)(*args)
+        weight = args[0][0] if kernel == "adamw_many" else args[0]
+        weight.copy_(torch.nextafter(weight, torch.full_like(weight, 2.0)))
+        return out
 
-        def adamw_clamp_and_divide_clamp(self, weight, *args):
-            out = real.adamw_clamp_and_divide_clamp(weight, *args)
-            weight.copy_(torch.nextafter(weight, torch.full_like(weight, 2.0)))
-            return out
-
-    other = OtherRounding()
+    other = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("_")})
+    setattr(other, kernel, one_step_off)
     monkeypatch.setattr(fused_ops, "load_extension", lambda: other)
     monkeypatch.setattr(fused_ops, "_adamw_matches", None)  # not checked yet
     with pytest.warns(UserWarning, match="does not reproduce torch's fused AdamW"):
@@ -711,6 +749,8 @@ def test_a_cpu_whose_torch_rounds_otherwise_switches_the_one_pass_adamw_off(monk
     weight, update = _adamw_case((16, 8, 3, 3))
     assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None
     assert not update.exp_avg.any()
+    many = [[weight], [update.grad], [update.exp_avg], [update.exp_avg_sq], [torch.tensor(0.0)]]
+    assert fused_ops.adamw_update_many(*many, lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8) is None
     monkeypatch.undo()  # the real kernel and its check's result again
     assert fused_ops.adamw_kernel_matches_torch()
 
@@ -719,9 +759,12 @@ def test_a_build_from_before_the_one_pass_adamw_leaves_the_update_to_torch(monke
     real = fused_ops.load_extension()
     older = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("_")})
     del older.adamw_clamp_and_divide_clamp  # e.g. a baseline build of benchmarks/fused_kernels_ab.py
+    del older.adamw_many
     monkeypatch.setattr(fused_ops, "load_extension", lambda: older)
     weight, update = _adamw_case((16, 8, 3, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not fused_ops.adamw_kernel_matches_torch()
         assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None
+        many = [[weight], [update.grad], [update.exp_avg], [update.exp_avg_sq], [torch.tensor(0.0)]]
+        assert fused_ops.adamw_update_many(*many, lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8) is None
