@@ -506,8 +506,8 @@ def adamw_update_many(
     contiguous float32 CPU tensors of one shape get torch's bits (the arithmetic of
     :func:`adamw_clamp_and_binarize_weight`, checked against torch once per process,
     see :func:`adamw_kernel_matches_torch`); the others are returned, untouched, steps
-    included. torch's kernel runs one parallel region per tensor; this one runs one for all,
-    which on BNext-T's 379 small real-valued tensors took about a fifth of the time.
+    included. torch's kernel runs one parallel region per tensor; this one runs one for all
+    (BNext-T has 379 real-valued tensors, most of them a few hundred values).
     None for ``beta1`` outside ``(0.5, 1.5)``, without the extension, with a build from
     before the kernel, and on a machine where the check failed.
     """
@@ -522,14 +522,16 @@ _adamw_matches: bool | None = None
 
 
 def adamw_kernel_matches_torch() -> bool:
-    """Whether the one-pass AdamW kernel gives torch's fused AdamW bits on this machine (checked once).
+    """Whether the C++ AdamW kernels give torch's fused AdamW bits on this machine (checked once).
 
     torch picks its kernel by the CPU's vector instructions, and its compiler chose which
-    multiply-adds to fuse; the one-pass kernel follows torch 2.14.1's AVX-512 kernel (the
-    one the development machine runs). Three steps of 4096 values with weight decay are
-    compared bit for bit; on a mismatch a warning says so and
-    :func:`adamw_clamp_and_binarize_weight` is off.
-    False also without the extension, or with a build from before the kernel.
+    multiply-adds to fuse; the one-pass kernel and the many-tensor one (the same arithmetic)
+    follow torch 2.14.1's AVX-512 kernel (the one the development machine runs). Three steps
+    of 4096 values with weight decay, and three of three tensors of 16 to 40000 values
+    (where the build has the many-tensor kernel), are compared bit for bit; on a mismatch a
+    warning says so and :func:`adamw_clamp_and_binarize_weight` and
+    :func:`adamw_update_many` are off.
+    False also without the extension, or with a build from before the one-pass kernel.
     """
     return _adamw_kernel() is not None
 
@@ -568,9 +570,9 @@ def _gives_torchs_bits(kernel: Any) -> bool:
         matches = _many_gives_torchs_bits(many, generator)
     if not matches:
         warnings.warn(
-            f"the one-pass AdamW kernel does not reproduce torch's fused AdamW on this CPU (torch's kernel: "
-            f"{torch.backends.cpu.get_cpu_capability()}); binary weights are updated by torch's kernel and then "
-            "constrained in a pass of their own, the same results one pass slower",
+            f"the C++ AdamW kernels do not reproduce torch's fused AdamW on this CPU (torch's kernel: "
+            f"{torch.backends.cpu.get_cpu_capability()}); all parameters are updated by torch's kernel and the "
+            "binary weights then constrained in a pass of their own, the same results a little slower",
             stacklevel=3,
         )
     return matches

@@ -744,7 +744,7 @@ def test_a_cpu_whose_torch_rounds_otherwise_switches_both_adamw_kernels_off(monk
     setattr(other, kernel, one_step_off)
     monkeypatch.setattr(fused_ops, "load_extension", lambda: other)
     monkeypatch.setattr(fused_ops, "_adamw_matches", None)  # not checked yet
-    with pytest.warns(UserWarning, match="does not reproduce torch's fused AdamW"):
+    with pytest.warns(UserWarning, match="do not reproduce torch's fused AdamW"):
         assert not fused_ops.adamw_kernel_matches_torch()
     weight, update = _adamw_case((16, 8, 3, 3))
     assert fused_ops.adamw_clamp_and_binarize_weight(weight, update, 1.5, torch.ones(1), 1e-7, False) is None
