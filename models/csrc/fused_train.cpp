@@ -1382,16 +1382,6 @@ at::Tensor clamp_and_divide_clamp(at::Tensor& w, double clip, double first, doub
   return out;
 }
 
-// One AdamW step of a latent binary weight, then clamp_and_divide_clamp of the updated
-// weight, in one pass: the optimizer step and the constraint would each read the weight
-// (and the step write it), here its new value goes from registers to the clamp and the
-// binarization. The update is the arithmetic of torch's fused CPU AdamW (decoupled weight
-// decay, no amsgrad), operation for operation in the same float32 roundings, so the weight
-// and both moments come out bit for bit as torch.optim.AdamW(fused=True) and the clamp
-// leave them (models/fused_ops.py checks that against torch before it uses this). torch's
-// kernel takes 16 values (AVX-512) or 8 (AVX2) per vector instruction, and the last few of a
-// tensor whose size is not a multiple of that one at a time, in roundings of their own: so
-// the weight must hold a multiple of 16 values. step is the step count after this update.
 // One AdamW step with the arithmetic of torch's fused CPU AdamW (torch 2.14.1, its AVX-512
 // kernel): the scalars as torch makes them, in double, each rounded to float once, and per
 // value the same operations, with the one multiply-add torch's compiler fused. Values of a
@@ -1422,6 +1412,16 @@ void check_beta1(double beta1) {
   TORCH_CHECK(beta1 > 0.5 && beta1 < 1.5, "beta1 must lie in (0.5, 1.5): torch's lerp takes another form elsewhere");
 }
 
+// One AdamW step of a latent binary weight, then clamp_and_divide_clamp of the updated
+// weight, in one pass: the optimizer step and the constraint would each read the weight
+// (and the step write it), here its new value goes from registers to the clamp and the
+// binarization. The update is the arithmetic of torch's fused CPU AdamW (decoupled weight
+// decay, no amsgrad), operation for operation in the same float32 roundings, so the weight
+// and both moments come out bit for bit as torch.optim.AdamW(fused=True) and the clamp
+// leave them (models/fused_ops.py checks that against torch before it uses this). torch's
+// kernel takes 16 values (AVX-512) or 8 (AVX2) per vector instruction, and the last few of a
+// tensor whose size is not a multiple of that one at a time, in roundings of their own: so
+// the weight must hold a multiple of 16 values. step is the step count after this update.
 at::Tensor adamw_clamp_and_divide_clamp(at::Tensor& w, const at::Tensor& grad, at::Tensor& exp_avg,
                                         at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2,
                                         double weight_decay, double eps, double clip, double first, double second,
