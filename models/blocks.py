@@ -61,11 +61,13 @@ class Processor(nn.Module):
         if info_recoupling:
             self.se = SqueezeExcite(out_channels)
 
-    def read_input(self, x: torch.Tensor, mix_is_x: bool, prelu: nn.PReLU | None = None) -> ProcessorInputs:
-        """The signs of ``x + beta``; ``x``'s spatial mean when it is the recoupling mix; ``prelu(x)`` if asked."""
-        return processor_inputs(
-            x, self.move, self.binary_activation, mean=self.info_recoupling and mix_is_x, prelu=prelu
-        )
+    def read_input(
+        self, x: torch.Tensor, mix_is_x: bool, prelu: nn.PReLU | None = None, shortcut: bool = False
+    ) -> ProcessorInputs:
+        """The signs of ``x + beta``; ``x``'s spatial mean when it is the recoupling mix; ``prelu(x)`` and
+        ``x`` for a residual (:func:`models.fused_ops.processor_inputs`) if asked."""
+        mean = self.info_recoupling and mix_is_x
+        return processor_inputs(x, self.move, self.binary_activation, mean=mean, prelu=prelu, shortcut=shortcut)
 
     def binary_branch(self, signs: torch.Tensor) -> torch.Tensor:
         """The binary branch ``b = PReLU(BN(BinaryConv(signs)))`` (without info-recoupling's gate)."""
@@ -157,9 +159,9 @@ class BinaryFFN(Processor):
             self.norm2.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inputs = self.read_input(x, mix_is_x=self.stride == 1)
         # At stride 1 the residual is x, taken from the inputs: in a fused training step the
         # sign's backward kernel then adds the residual's gradient to x's in its own pass.
+        inputs = self.read_input(x, mix_is_x=self.stride == 1, shortcut=self.stride == 1)
         shortcut = inputs.shortcut if self.stride == 1 else avg_pool_2x2(x)
         if not self.info_recoupling:
             return self.binary_branch(inputs.signs) + shortcut

@@ -198,7 +198,7 @@ class ProcessorInputs(NamedTuple):
     signs: torch.Tensor
     mean: torch.Tensor | None
     activated: torch.Tensor | None
-    shortcut: torch.Tensor
+    shortcut: torch.Tensor | None
 
 
 def processor_inputs(
@@ -207,32 +207,28 @@ def processor_inputs(
     binarizer: HardSign,
     mean: bool = False,
     prelu: nn.PReLU | None = None,
+    shortcut: bool = False,
 ) -> ProcessorInputs:
     """``binarizer(move(x))`` (``sign(x + beta)``, STE clipped at ``binarizer.clip``), and in the same pass
     ``x``'s spatial mean ``N x C x 1 x 1`` when ``mean`` and ``prelu(x)`` when a PReLU is given.
 
-    ``shortcut`` is ``x`` for a residual connection: in an eager fused training step a view
-    of ``x`` whose gradient the sign's backward kernel adds to ``x``'s in the same pass
-    (:func:`models.kernel_ops.processor_inputs`), elsewhere ``x`` itself.
+    ``shortcut`` asks for ``x`` for a residual connection: in a fused training step a view of
+    ``x`` whose gradient the sign's backward kernel adds to ``x``'s in the same pass
+    (:func:`models.kernel_ops.processor_inputs`), elsewhere ``x`` itself; None when not asked.
     """
     # Training only (evaluation keeps PyTorch's mean bit for bit), and not once an export replaced the modules.
     modules_ok = isinstance(move, LearnableBias) and isinstance(binarizer, HardSign) and binarizer.training
     if modules_ok and _fusable(x) and hook_free(move, binarizer, prelu):
         slope = _slope(prelu, x.shape[1]) if prelu is not None else kernel_ops.no_values(x)
-        signs, x_mean, activated, shortcut = kernel_ops.processor_inputs(
-            x, move.bias.reshape(-1), slope, binarizer.clip, mean
+        signs, x_mean, activated, view = kernel_ops.processor_inputs(
+            x, move.bias.reshape(-1), slope, binarizer.clip, mean, shortcut
         )
-        return ProcessorInputs(
-            signs,
-            x_mean if mean else None,
-            activated if prelu is not None else None,
-            shortcut,
-        )
+        return ProcessorInputs(signs, x_mean if mean else None, activated if prelu is not None else None, view)
     return ProcessorInputs(
         binarizer(move(x)),
         x.mean((2, 3), keepdim=True) if mean else None,
         prelu(x) if prelu is not None else None,
-        x,
+        x if shortcut else None,
     )
 
 

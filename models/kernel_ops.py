@@ -15,13 +15,15 @@ norms and gate), which eager steps run as one autograd node of :mod:`models.fuse
 
 A custom operator costs tens of microseconds of Python dispatch per call in eager mode,
 about as much as the kernel itself on the small late-stage activations, so the public
-functions (:func:`processor_inputs`, :func:`batch_norm_prelu`, :func:`gated_batch_norm`)
-call the operators only while ``torch.compile`` traces, and otherwise an eager twin: a
-plain ``torch.autograd.Function`` with the same kernels and gradient formula. The twins
-do less around the kernels than an operator may: the batch-norm twins let the kernel
-update the running statistics in place and return only the differentiable outputs,
-and the sign's twin returns ``x`` itself for a residual, whose gradient its backward
-kernel adds (see :class:`_ProcessorInputs`).
+functions (:func:`batch_norm_prelu`, :func:`gated_batch_norm`) call the operators only
+while ``torch.compile`` traces, and otherwise an eager twin: a plain
+``torch.autograd.Function`` with the same kernels and gradient formula. The twins do less
+around the kernels than an operator may: the batch-norm twins let the kernel update the
+running statistics in place and return only the differentiable outputs.
+:func:`processor_inputs` is one ``autograd.Function`` for both: it can return ``x`` itself
+for a residual, whose gradient its backward kernel adds, which an operator cannot; traced
+by ``torch.compile``, its forward and backward call the operators (see
+:class:`_ProcessorInputs`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ def _processor_inputs_backward(
     clip: float,
     grad_shortcut: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The layout check happens here, on the real gradient at run time: traced by torch.compile
+    # it would be decided once for the trace's stand-in tensors.
+    grad_shortcut = _by_samples(grad_shortcut) if grad_shortcut.numel() else grad_shortcut
     grad_x, grad_bias, grad_slope = _kernels().biased_sign_backward(
         grad_signs, grad_mean, grad_activated, x, bias, slope, clip, grad_shortcut
     )
@@ -168,7 +173,7 @@ def _processor_inputs_grad(
         bias,
         slope,
         ctx.clip,
-        _by_samples(grad_shortcut) if grad_shortcut is not None else no_values(x),
+        grad_shortcut if grad_shortcut is not None else no_values(x),
     )
     return grad_x, grad_bias, (grad_slope if slope.numel() else None), None, None
 
@@ -177,41 +182,42 @@ processor_inputs_op.register_autograd(_processor_inputs_grad, setup_context=_pro
 
 
 class _ProcessorInputs(torch.autograd.Function):
-    """The eager twin of :data:`processor_inputs_op`, with a fourth output:
-    ``x`` itself (a view of it), whose gradient the backward kernel adds to ``x``'s own.
+    """:data:`processor_inputs_op` with a fourth output where ``want_shortcut``: ``x`` itself (a view
+    of it), whose gradient the backward kernel adds to ``x``'s own.
 
     A binary FFN takes that view as its residual. Autograd would otherwise add the
     residual's gradient to the kernel's gradient of ``x`` in a pass of its own; the kernel
     adds it while it writes (the same additions in the same order, the same bits). An
-    operator may not return a view of its input, so the compiled path keeps the addition.
+    operator may not return a view of its input, so this Function returns it, in eager
+    steps and compiled ones alike: torch.compile traces the Function, whose forward and
+    backward call the operators there.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, slope, clip, want_mean):
-        # Unused outputs get no gradient instead of zeros: an unused view of x would otherwise
-        # cost a zero-filled tensor of x's size and its read.
+    def forward(ctx, x, bias, slope, clip, want_mean, want_shortcut):
+        # Unused outputs get no gradient instead of zeros in eager steps; a compiled backward hands
+        # zeros of x's size for an unused view, which is why it is returned only where wanted.
         ctx.set_materialize_grads(False)
-        output = _processor_inputs(x, bias, slope, clip, want_mean)
-        _processor_inputs_setup(ctx, (x, bias, slope, clip, want_mean), output)
-        return (*output, x.view_as(x))
+        inputs = (x, bias, slope, clip, want_mean)
+        output = processor_inputs_op(*inputs) if torch.compiler.is_compiling() else _processor_inputs(*inputs)
+        _processor_inputs_setup(ctx, inputs, output)
+        return (*output, x.view_as(x) if want_shortcut else None)
 
     @staticmethod
     def backward(ctx, grad_signs, grad_mean, grad_activated, grad_shortcut):
-        return _processor_inputs_grad(
-            ctx, grad_signs, grad_mean, grad_activated, grad_shortcut, backward=_processor_inputs_backward
-        )
+        backward = processor_inputs_backward_op if torch.compiler.is_compiling() else _processor_inputs_backward
+        grads = _processor_inputs_grad(ctx, grad_signs, grad_mean, grad_activated, grad_shortcut, backward=backward)
+        return *grads, None
 
 
 def processor_inputs(
-    x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor, bias: Tensor, slope: Tensor, clip: float, want_mean: bool, want_shortcut: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``sign(x + bias)`` (straight-through gradient where ``|x + bias| <= clip``), ``x``'s spatial mean
-    ``N x C x 1 x 1`` (when ``want_mean``, else empty), ``prelu(x)`` (when ``slope`` is not empty, else empty)
-    and ``x`` for a residual: a view whose gradient the kernel adds in its pass (eager), or ``x``
-    itself (while ``torch.compile`` traces)."""
-    if torch.compiler.is_compiling():
-        return (*processor_inputs_op(x, bias, slope, clip, want_mean), x)
-    return _ProcessorInputs.apply(x, bias, slope, clip, want_mean)
+    ``N x C x 1 x 1`` (when ``want_mean``, else empty), ``prelu(x)`` (when ``slope`` is not empty, else
+    empty) and, when ``want_shortcut``, ``x`` for a residual: a view whose gradient the backward kernel
+    adds in its pass (else None)."""
+    return _ProcessorInputs.apply(x, bias, slope, clip, want_mean, want_shortcut)
 
 
 # --------------------------------------------------------------------------- prelu(batch_norm(x)) and its mean

@@ -144,3 +144,38 @@ def test_compiled_steps_take_the_prepared_weights_with_the_same_bits(monkeypatch
     for index, moments in expected_state.items():
         assert all(torch.equal(state[index][key], value) for key, value in moments.items()), index
     torch._dynamo.reset()
+
+
+def test_compiled_steps_add_the_residual_gradients_in_the_sign_kernel(monkeypatch) -> None:
+    """A stride-1 binary FFN's residual is its input: in a compiled step, as in an eager one, the
+    sign's backward kernel adds the residual's gradient while it writes the input's, instead of
+    the graph adding it in a pass of its own."""
+    from models.blocks import BinaryFFN
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16]).train()
+    residual_inputs = sum(isinstance(m, BinaryFFN) and m.stride == 1 for m in model.modules())
+    assert residual_inputs >= 3
+    real = fused_ops.load_extension()
+    folded: list[bool] = []
+
+    class Spy:
+        def __getattr__(self, name: str):
+            if name != "biased_sign_backward":
+                return getattr(real, name)
+
+            def backward(*args):
+                folded.append(args[-1].numel() > 0)  # the residual's gradient, or an empty tensor
+                return real.biased_sign_backward(*args)
+
+            return backward
+
+    monkeypatch.setattr(fused_ops, "load_extension", lambda: Spy())
+    x = torch.randn(2, 3, 16, 16)
+    for forward in (model, torch.compile(model, options=fused_ops.compile_options("cpu"))):
+        folded.clear()
+        forward(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        assert sum(folded) == residual_inputs, "eager" if forward is model else "compiled"
+    torch._dynamo.reset()

@@ -8,6 +8,7 @@ agree to float32 rounding; the sign's forward and input gradient bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -110,7 +111,8 @@ def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool, si
 
     def fn(x, move, sign, activation):
         # The shortcut (x as a residual) takes part in the loss: its gradient joins x's.
-        return tuple(fused_ops.processor_inputs(x, move, sign, mean=mean, prelu=activation if prelu else None))
+        prelu_module = activation if prelu else None
+        return tuple(fused_ops.processor_inputs(x, move, sign, mean=mean, prelu=prelu_module, shortcut=True))
 
     fused, reference = _run_twice(fn, [x], [move, sign, activation], unfused)
     assert len(fused[0]) == 2 + mean + prelu
@@ -124,6 +126,18 @@ def test_processor_inputs_match_the_modules(unfused, mean: bool, prelu: bool, si
     fused_params = fused[2] if prelu else fused[2][:-1]
     reference_params = reference[2] if prelu else reference[2][:-1]
     _compare((fused[0], fused[1], fused_params, fused[3]), (reference[0], reference[1], reference_params, reference[3]))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_processor_inputs_give_a_shortcut_only_when_asked(fused: bool) -> None:
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    move, sign = LearnableBias(8), HardSign()
+    with contextlib.nullcontext() if fused else fused_ops.disabled():
+        without = fused_ops.processor_inputs(x, move, sign)
+        with_shortcut = fused_ops.processor_inputs(x, move, sign, shortcut=True)
+    assert without.shortcut is None
+    assert torch.equal(with_shortcut.shortcut, x)
+    assert (with_shortcut.shortcut._base is x) if fused else (with_shortcut.shortcut is x)
 
 
 @pytest.mark.parametrize("size", PLANE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -266,7 +280,9 @@ def test_compiled_training_graph_calls_the_processor_operators(extension_calls: 
     calls = extension_calls
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
-    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    # The sign's operator sits in the subgraph of its autograd Function (which returns x's view for a residual).
+    modules = [m for graph in explanation.graphs for m in graph.modules() if isinstance(m, torch.fx.GraphModule)]
+    targets = {str(node.target) for module in modules for node in module.graph.nodes}
     # The recoupled processors' tails are one operator each, as in eager mode one node; the stem's
     # batch norm is the batch-norm operator.
     operators = {"processor_inputs", "batch_norm_prelu", "processor_tail", "binarize_weight"}
@@ -384,7 +400,9 @@ def _kernel_chain_results(threads: int, shape: tuple[int, int, int, int]) -> lis
             _random_norm(C),
             _random_norm(C),
         )
-        signs, x_mean, activated, shortcut = fused_ops.processor_inputs(x, move, sign, mean=True, prelu=prelu)
+        signs, x_mean, activated, shortcut = fused_ops.processor_inputs(
+            x, move, sign, mean=True, prelu=prelu, shortcut=True
+        )
         y, pooled = fused_ops.batch_norm_prelu(signs * 0.5 + activated, norm1, prelu, pooled=True)
         gated = fused_ops.gated_batch_norm_residual(y, torch.sigmoid(pooled + x_mean), residual, norm2, True)
         out = gated + shortcut

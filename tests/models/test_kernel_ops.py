@@ -153,10 +153,12 @@ def test_eager_function_and_operator_give_the_same_bits(kernel: str) -> None:
     }[kernel]
     # The outputs both give: the eager functions return fewer (and the running statistics in place).
     eager_function = getattr(kernel_ops, kernel)
-    if kernel == "processor_inputs":  # without the eager function's fourth output, x for a residual
+    if kernel == "processor_inputs":  # without a residual view, the Function's fourth output (None here)
 
         def eager_function(*args):
-            return kernel_ops.processor_inputs(*args)[:3]
+            outputs = kernel_ops.processor_inputs(*args, False)
+            assert outputs[3] is None
+            return outputs[:3]
 
     shared = {"processor_inputs": (0, 1, 2), "batch_norm_prelu": (0, 3, 4, 5), "gated_batch_norm": (0, 3, 4)}[kernel]
 
@@ -178,7 +180,7 @@ def test_the_residual_gradient_is_added_by_the_sign_kernel_with_autograds_bits()
     torch.manual_seed(0)
     x, bias, slope = _x(), _per_channel(), _per_channel(0.0, 0.5)
     upstream = [torch.randn(N, C, H, W), torch.randn(N, C, 1, 1), torch.randn(N, C, H, W), torch.randn(N, C, H, W)]
-    signs, mean, activated, shortcut = kernel_ops.processor_inputs(x, bias, slope, 1.5, True)
+    signs, mean, activated, shortcut = kernel_ops.processor_inputs(x, bias, slope, 1.5, True, True)
     assert shortcut._base is x and torch.equal(shortcut, x)
     torch.autograd.backward([signs, mean, activated, shortcut], upstream)
     folded, x.grad = x.grad, None
@@ -198,10 +200,12 @@ def test_an_unused_residual_output_costs_no_gradient_tensor(monkeypatch) -> None
 
     monkeypatch.setattr(kernel_ops, "_processor_inputs_backward", spy)
     monkeypatch.setattr(kernel_ops._ProcessorInputs, "backward", staticmethod(
-        lambda ctx, *grads: kernel_ops._processor_inputs_grad(ctx, *grads, backward=spy)
+        lambda ctx, *grads: (*kernel_ops._processor_inputs_grad(ctx, *grads, backward=spy), None)
     ))  # fmt: skip
     x = _x()
-    signs, *_ = kernel_ops.processor_inputs(x, _per_channel(), torch.empty(0), 1.5, False)
+    # The residual view asked for and not used: its gradient is None, not zeros of x's size.
+    signs, _, _, shortcut = kernel_ops.processor_inputs(x, _per_channel(), torch.empty(0), 1.5, False, True)
+    assert shortcut is not None
     signs.sum().backward()
     assert len(seen) == 1 and seen[0].numel() == 0
 
