@@ -23,7 +23,11 @@ the plain one (the taps then copy the weight). ``--integer-pairs`` (default 0) t
 whole steps below the sign threshold (temperature 1e-8: weights and inputs exact signs),
 where the tap products' forward runs on int8, against the same steps inside
 :func:`models.tap_conv.integer_products_disabled` (float32 products), alternating; the
-two give the same bits, which it checks on the losses.
+two give the same bits, which it checks on the losses. ``--transpose-pairs`` (default 0)
+times the weight gradient's transposition from the taps' layout
+(:func:`models.tap_conv.weight_layout`, the C++ extension's kernel) against PyTorch's
+strided copy, for each used 3x3 weight shape, then whole steps with either,
+alternating.
 
 Usage::
 
@@ -31,15 +35,17 @@ Usage::
     python benchmarks/tap_conv.py --iters 15 --step-pairs 12 --keep-freed-memory
     python benchmarks/tap_conv.py --step-pairs 0 --layout-pairs 10 --keep-freed-memory
     python benchmarks/tap_conv.py --iters 1 --step-pairs 0 --integer-pairs 16 --keep-freed-memory
+    python benchmarks/tap_conv.py --iters 1 --step-pairs 0 --transpose-pairs 30 --keep-freed-memory
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -162,6 +168,58 @@ def time_integer_products(model: torch.nn.Module, batch: int, img_size: int, pai
     return integer_ms, float_ms, same
 
 
+def strided_weight_layout(tap_major: torch.Tensor) -> torch.Tensor:
+    """The weight gradient in the weight's layout by PyTorch's strided copy (what the kernel replaced)."""
+    return tap_major if tap_major.shape[1] == 1 else tap_major.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def weight_gradients_by_strided_copy() -> Iterator[None]:
+    """Inside, the tap products transpose their weight gradients by :func:`strided_weight_layout`."""
+    kernel = tap_conv.weight_layout
+    tap_conv.weight_layout = strided_weight_layout
+    try:
+        yield
+    finally:
+        tap_conv.weight_layout = kernel
+
+
+def time_transposition(weight_shape: tuple[int, ...], iters: int) -> tuple[float, float]:
+    """Median ms of one weight gradient's transposition from the taps' layout: the kernel's, then the strided copy's."""
+    cout, cin, height, width = weight_shape
+    tap_major = torch.randn(cout, height * width, cin)
+    return time_alternating(lambda: tap_conv.weight_layout(tap_major), lambda: strided_weight_layout(tap_major), iters)
+
+
+def time_transposition_steps(model: torch.nn.Module, batch: int, img_size: int, pairs: int) -> tuple[float, float]:
+    """Median ms of a training step transposing its weight gradients by the kernel and by the strided copy."""
+    images, targets = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
+    by_kernel = make_step(copy.deepcopy(model), (images, targets))
+    copy_step = make_step(copy.deepcopy(model), (images, targets))
+
+    def by_copy() -> None:
+        with weight_gradients_by_strided_copy():
+            copy_step()
+
+    return time_alternating(by_kernel, by_copy, pairs)
+
+
+def print_transpositions(model: torch.nn.Module, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    """The ``--transpose-pairs`` lines: each used 3x3 weight shape's transposition, then whole steps."""
+    weight_shapes = sorted({row["key"][1] for row in rows if row["used"] and row["key"][1][-1] > 1}, reverse=True)
+    for weight_shape in weight_shapes:
+        kernel_ms, copy_ms = time_transposition(weight_shape, args.transpose_pairs)
+        print(
+            f"weight gradient {weight_shape} from the taps' layout: kernel {kernel_ms:.2f} ms, "
+            f"strided copy {copy_ms:.2f} ms, copy/kernel {copy_ms / kernel_ms:.2f}"
+        )
+    kernel_ms, copy_ms = time_transposition_steps(model, args.batch, args.img_size, args.transpose_pairs)
+    print(
+        f"training step (eager, {args.transpose_pairs} pairs): weight gradients transposed by the kernel "
+        f"{kernel_ms:.1f} ms, by the strided copy {copy_ms:.1f} ms, copy/kernel {copy_ms / kernel_ms:.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     """Print one row per binary convolution shape; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,9 +245,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         help="timed pairs of whole sign-phase training steps with the taps' integer products and with float32 "
         "ones; 0 skips them (default: %(default)s)",
     )
+    parser.add_argument(
+        "--transpose-pairs",
+        type=int,
+        default=0,
+        help="timed pairs of each used 3x3 weight gradient's transposition by the kernel and by PyTorch's strided "
+        "copy, then of whole training steps with either; 0 skips them (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.iters < 1 or min(args.step_pairs, args.layout_pairs, args.integer_pairs) < 0:
-        parser.error("--iters must be >= 1, --step-pairs, --layout-pairs and --integer-pairs >= 0")
+    pairs = (args.step_pairs, args.layout_pairs, args.integer_pairs, args.transpose_pairs)
+    if args.iters < 1 or min(pairs) < 0:
+        parser.error("--iters must be >= 1; --step-pairs, --layout-pairs, --integer-pairs and --transpose-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(*host_memory_lines(parser, args, argv), sep="\n")
@@ -246,6 +312,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             f"{integer_ms:.1f} ms, float32 {float_ms:.1f} ms, float32/integer {float_ms / integer_ms:.2f}, "
             f"same losses: {'yes' if same else 'NO'}"
         )
+    if args.transpose_pairs:
+        print_transpositions(model, rows, args)
     return rows
 
 

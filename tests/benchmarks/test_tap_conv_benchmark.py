@@ -133,3 +133,33 @@ def test_integer_pairs_time_sign_phase_steps_with_and_without_integer_products(
         "training step below the sign threshold (eager, 1 pairs): integer products 2.0 ms, float32 3.0 ms, "
         "float32/integer 1.50, same losses: yes"
     )
+
+
+def test_transpose_pairs_time_the_kernel_against_the_strided_copy(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copies: list[tuple[int, ...]] = []
+    real = bench.strided_weight_layout
+    monkeypatch.setattr(bench, "strided_weight_layout", lambda t: copies.append(tuple(t.shape)) or real(t))
+    per_step: list[int] = []
+    monkeypatch.setattr(bench, "time_alternating", _each_once_counting(copies, per_step))
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
+    assert bench.time_transposition_steps(model, 2, 16, 1) == (2.0, 3.0)
+    # The first side transposes by the kernel; the second by the strided copy (a 1x1 layer's gradient as it is).
+    assert per_step[0] == 0 and per_step[1] > 0
+    assert {shape[1] for shape in copies} == {1, 9}
+    assert tap_conv.weight_layout is not bench.strided_weight_layout  # restored
+    copies.clear()
+    assert bench.time_transposition((8, 4, 3, 3), 1) == (2.0, 3.0) and copies == [(8, 9, 4)]
+
+    monkeypatch.setattr(bench, "time_alternating", lambda first, second, iters: (2.0, 3.0))
+    rows = bench.main([*SMALL, "--transpose-pairs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == (
+        "training step (eager, 1 pairs): weight gradients transposed by the kernel 2.0 ms, by the strided copy "
+        "3.0 ms, copy/kernel 1.500"
+    )
+    shapes = {row["key"][1] for row in rows if row["used"] and row["key"][1][-1] == 3}
+    transpositions = [line for line in lines if line.startswith("weight gradient ")]
+    assert len(transpositions) == len(shapes) > 0
+    assert all(line.endswith("kernel 2.00 ms, strided copy 3.00 ms, copy/kernel 1.50") for line in transpositions)

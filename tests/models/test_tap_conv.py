@@ -373,3 +373,53 @@ def test_compiled_taps_take_integer_products_on_signs(monkeypatch) -> None:
     actual = torch.compile(conv, fullgraph=True, backend="aot_eager")(x, weight)
     assert calls and torch.equal(actual, expected)
     torch._dynamo.reset()
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("cout", "taps", "cin"),
+    [(3, 9, 16), (5, 9, 1024), (4, 9, 37), (2, 9, 5), (3, 4, 20), (2, 25, 33)],
+    ids=lambda v: str(v),
+)
+def test_the_weight_gradient_transposition_moves_every_value(cout: int, taps: int, cin: int) -> None:
+    tap_major = torch.randn(cout, taps, cin)
+    plain = fused_ops.load_extension().from_tap_major(tap_major)
+    assert plain.is_contiguous() and plain.shape == (cout, cin, taps)
+    assert torch.equal(plain, tap_major.transpose(1, 2))
+
+
+@needs_extension
+def test_the_weight_gradient_transposition_refuses_what_it_cannot_read() -> None:
+    transpose = fused_ops.load_extension().from_tap_major
+    for wrong in (torch.ones(2, 9, 16).double(), torch.ones(2, 16, 9).transpose(1, 2), torch.ones(2, 9)):
+        with pytest.raises(RuntimeError, match="contiguous float32 CPU tensor of Cout x taps x Cin"):
+            transpose(wrong)
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_the_weight_gradient_is_the_strided_copys_bit_for_bit(shape, monkeypatch) -> None:
+    n, cin, cout, height, width, kernel, stride, padding = shape
+    torch.manual_seed(5)
+    x, weight = torch.randn(n, cin, height, width), torch.randn(cout, cin, kernel, kernel)
+    grad = torch.randn(_reference(x, weight, stride, padding).shape)
+    calls: list[tuple[int, ...]] = []
+    real = fused_ops.load_extension().from_tap_major
+    monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: _Counting(real, calls))
+    with tap_conv.integer_products_disabled():  # the stand-in offers nothing else
+        by_kernel = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+        assert calls == ([] if kernel == 1 else [(cout, kernel * kernel, cin)])
+        monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: None)
+        by_copy = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    assert by_kernel[2].is_contiguous() and torch.equal(by_kernel[2], by_copy[2])
+
+
+class _Counting:
+    """An extension stand-in whose from_tap_major records its argument's shape (nothing else is offered)."""
+
+    def __init__(self, real, calls: list[tuple[int, ...]]) -> None:
+        self._real, self._calls = real, calls
+
+    def from_tap_major(self, t: torch.Tensor) -> torch.Tensor:
+        self._calls.append(tuple(t.shape))
+        return self._real(t)
