@@ -109,15 +109,31 @@ class Tap:
 
     ``outputs`` and ``inputs`` are flat position indices (``row * width + column``),
     or None where the tap pairs every output position with the same input position
-    (the centre tap at stride 1), so no gather or scatter is needed.
+    (the centre tap at stride 1). ``runs`` cuts the pairs into ``(first output, first
+    input, count)``: runs of consecutive positions on both sides (a row of the plane, or
+    several whole rows), each of them a slice of the positions-first rows, so that the
+    products read and add to the rows in place instead of gathering and scattering them
+    (empty for the identity tap).
     """
 
-    __slots__ = ("index", "outputs", "inputs")
+    __slots__ = ("index", "outputs", "inputs", "runs")
 
     def __init__(self, index: int, outputs: Tensor | None, inputs: Tensor | None) -> None:
         self.index = index
         self.outputs = outputs
         self.inputs = inputs
+        self.runs = () if outputs is None else _runs(outputs.tolist(), inputs.tolist())
+
+
+def _runs(outputs: list[int], inputs: list[int]) -> tuple[tuple[int, int, int], ...]:
+    # The pairs in order, merged while both sides continue where the run ends.
+    runs: list[list[int]] = []
+    for output, source in zip(outputs, inputs, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == output and runs[-1][1] + runs[-1][2] == source:
+            runs[-1][2] += 1
+        else:
+            runs.append([output, source, 1])
+    return tuple((first_output, first_input, count) for first_output, first_input, count in runs)
 
 
 @lru_cache(maxsize=64)
@@ -247,8 +263,13 @@ def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: in
             continue
         if out is None:
             out = torch.zeros(out_h * out_w, n, cout, dtype=torch.int32 if integers else rows.dtype)
-        product = mm(rows.index_select(0, tap.inputs).view(-1, cin), matrix)
-        out.index_add_(0, tap.outputs, product.view(-1, n, cout))
+        for first_output, first_input, count in tap.runs:
+            source = rows[first_input : first_input + count].view(-1, cin)
+            target = out[first_output : first_output + count].view(-1, cout)
+            if integers:  # no accumulating integer product: the int32 product, then one addition
+                target += mm(source, matrix)
+            else:
+                target.addmm_(source, matrix)
     return out
 
 
@@ -286,18 +307,27 @@ def backward(
             else rows.new_zeros(cout, kernel * kernel, cin)
         )
     for tap in used:
-        selected = flat_grads if tap.outputs is None else grads.index_select(0, tap.outputs).view(-1, cout)
-        if input_grad:
-            matrix = weights[:, tap.index]
-            if tap.inputs is None:  # the identity tap, first: it writes every input's gradient
-                grad_x = torch.mm(selected, matrix).view(-1, n, cin)
-            else:
-                if grad_x is None:
-                    grad_x = rows.new_zeros(height * width, n, cin)
-                grad_x.index_add_(0, tap.inputs, torch.mm(selected, matrix).view(-1, n, cin))
-        if grad_w is not None:
-            source = rows.view(-1, cin) if tap.inputs is None else rows.index_select(0, tap.inputs).view(-1, cin)
-            torch.mm(selected.t(), source, out=grad_w[:, tap.index])  # BLAS writes the strided rows in place
+        matrix = weights[:, tap.index]
+        target = grad_w[:, tap.index] if grad_w is not None else None  # BLAS writes its strided rows in place
+        if tap.inputs is None:  # the identity tap, first: it writes every input's gradient
+            if input_grad:
+                grad_x = torch.mm(flat_grads, matrix).view(-1, n, cin)
+            if target is not None:
+                torch.mm(flat_grads.t(), rows.view(-1, cin), out=target)
+            continue
+        if input_grad and grad_x is None:
+            grad_x = rows.new_zeros(height * width, n, cin)
+        # Each run's slices of the rows, read and added to in place (see Tap).
+        for run, (first_output, first_input, count) in enumerate(tap.runs):
+            selected = grads[first_output : first_output + count].view(-1, cout)
+            if input_grad:
+                grad_x[first_input : first_input + count].view(-1, cin).addmm_(selected, matrix)
+            if target is not None:
+                source = rows[first_input : first_input + count].view(-1, cin)
+                if run == 0:
+                    torch.mm(selected.t(), source, out=target)
+                else:
+                    target.addmm_(selected.t(), source)
     grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(rows)
     if grad_w is not None:
         grad_w = weight_layout(grad_w).view(cout, cin, kernel, kernel)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from models import fused_ops, tap_conv
@@ -135,6 +136,42 @@ def test_taps_pair_every_valid_position_once() -> None:
     assert pairs == 16
     # On a 1x1 plane only the centre tap is left.
     assert [t.index for t in tap_conv.taps(1, 1, 3, 1, 1)] == [4]
+
+
+@pytest.mark.parametrize(("size", "stride"), [((4, 4), 1), ((4, 4), 2), ((2, 2), 1), ((3, 2), 1), ((1, 5), 1)])
+def test_runs_cover_each_taps_pairs_in_order(size: tuple[int, int], stride: int) -> None:
+    for tap in tap_conv.taps(*size, 3, stride, 1):
+        if tap.outputs is None:
+            assert tap.runs == ()
+            continue
+        outputs = [first + i for first, _, count in tap.runs for i in range(count)]
+        inputs = [first + i for _, first, count in tap.runs for i in range(count)]
+        assert outputs == tap.outputs.tolist() and inputs == tap.inputs.tolist()
+        # Maximal runs: the next run does not continue the last one on both sides.
+        for (o, i, count), (next_o, next_i, _) in zip(tap.runs, tap.runs[1:]):
+            assert (next_o, next_i) != (o + count, i + count)
+    # 3x3 on a 4x4 plane, stride 1: the taps of the centre column pair whole rows (one run each),
+    # the others one run per row they reach.
+    runs = {tap.index: len(tap.runs) for tap in tap_conv.taps(4, 4, 3, 1, 1) if tap.outputs is not None}
+    assert runs == {1: 1, 7: 1, 0: 3, 2: 3, 6: 3, 8: 3, 3: 4, 5: 4}
+
+
+def test_taps_read_and_add_to_the_rows_in_place() -> None:
+    # No gathered or scattered copies of the rows: every tap's products take slices of them.
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(6)
+    x, weight = torch.randn(3, 8, 4, 4, requires_grad=True), torch.randn(6, 8, 3, 3, requires_grad=True)
+    with Record():
+        out = tap_conv.conv2d(x, weight, 1, 1)
+        out.backward(torch.randn_like(out))
+    assert "addmm_" in seen and not {"index_select", "index_add", "index_add_", "index_put_"} & set(seen)
+    torch.testing.assert_close(out, _reference(x, weight, 1, 1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
