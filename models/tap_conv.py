@@ -3,9 +3,12 @@
 A ``k x k`` convolution is a sum over its ``k*k`` taps: tap ``(ky, kx)`` multiplies
 every input position by the ``Cout x Cin`` matrix ``W[:, :, ky, kx]`` and adds the
 result to the output position it shifts to. With the positions as the outer dimension
-(``positions x N x C``), each tap is one matrix product of ``(valid positions * N) x Cin``
+(``positions x N x C``), each tap is a matrix product of ``(valid positions * N) x Cin``
 by ``Cin x Cout``, where the valid positions are those whose shifted source lies inside
-the plane: the zero padding is skipped, not multiplied.
+the plane: the zero padding is skipped, not multiplied. The product is taken per run of
+positions that are consecutive on both sides (a row of the plane, or whole rows:
+:class:`Tap`), on slices of the rows, and added to the output's slice in place: nothing
+is gathered or scattered.
 
 Where both operands hold only -1, 0 and +1 (a binary layer's signs and, below the sign
 threshold, its weight), the forward's products run on int8 (``torch._int_mm``, int32
