@@ -435,28 +435,62 @@ def test_the_weight_gradient_transposition_refuses_what_it_cannot_read() -> None
 
 @needs_extension
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_the_weight_gradient_is_the_strided_copys_bit_for_bit(shape, monkeypatch) -> None:
+def test_the_layout_kernels_give_the_strided_copies_bits(shape, monkeypatch) -> None:
     n, cin, cout, height, width, kernel, stride, padding = shape
     torch.manual_seed(5)
     x, weight = torch.randn(n, cin, height, width), torch.randn(cout, cin, kernel, kernel)
     grad = torch.randn(_reference(x, weight, stride, padding).shape)
-    calls: list[tuple[int, ...]] = []
-    real = fused_ops.load_extension().from_tap_major
-    monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: _Counting(real, calls))
-    with tap_conv.integer_products_disabled():  # the stand-in offers nothing else
-        by_kernel = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
-        assert calls == ([] if kernel == 1 else [(cout, kernel * kernel, cin)])
-        monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: None)
-        by_copy = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
-    assert by_kernel[2].is_contiguous() and torch.equal(by_kernel[2], by_copy[2])
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: _Counting(fused_ops.load_extension(), calls))
+    by_kernel = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    transposed = [shape for name, shape in calls if name == "from_tap_major"]
+    assert transposed == ([] if kernel == 1 else [(cout, kernel * kernel, cin)])
+    # The rows' layouts by the kernels too: the input and the output gradient into rows, the output and the
+    # input gradient back (not on a 1x1 plane, whose rows are its planes already).
+    out_positions = tap_conv.output_size(height, kernel, stride, padding) * tap_conv.output_size(
+        width, kernel, stride, padding
+    )
+    back = (out_positions > 1) + (height * width > 1)
+    assert sorted(name for name, _ in calls if name != "from_tap_major") == ["from_rows"] * back + ["to_rows"] * 2
+    monkeypatch.setattr(tap_conv.kernel_ops, "extension", lambda: None)
+    by_copy = _conv_and_grads(tap_conv.conv2d, x, weight, stride, padding, grad)
+    for a, b in zip(by_kernel, by_copy):
+        assert a.is_contiguous() and torch.equal(a, b)
 
 
 class _Counting:
-    """An extension stand-in whose from_tap_major records its argument's shape (nothing else is offered)."""
+    """The extension, recording the name and first argument's shape of its layout kernels' calls."""
 
-    def __init__(self, real, calls: list[tuple[int, ...]]) -> None:
+    def __init__(self, real, calls: list[tuple[str, tuple[int, ...]]]) -> None:
         self._real, self._calls = real, calls
 
-    def from_tap_major(self, t: torch.Tensor) -> torch.Tensor:
-        self._calls.append(tuple(t.shape))
-        return self._real(t)
+    def __getattr__(self, name: str):
+        function = getattr(self._real, name)
+        if name not in ("from_tap_major", "to_rows", "from_rows"):
+            return function
+
+        def counting(t: torch.Tensor, *args):
+            self._calls.append((name, tuple(t.shape)))
+            return function(t, *args)
+
+        return counting
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "shape", [(3, 37, 4, 4), (2, 32, 4, 4), (3, 5, 2, 2), (2, 7, 3, 2), (2, 9, 1, 1), (1, 16, 1, 16)], ids=str
+)
+def test_the_rows_layout_kernels_move_every_value(shape: tuple[int, int, int, int]) -> None:
+    kernels = fused_ops.load_extension()
+    x = torch.randn(shape)
+    n, c, h, w = shape
+    rows = kernels.to_rows(x)
+    assert rows.is_contiguous() and torch.equal(rows, x.permute(2, 3, 0, 1).reshape(h * w, n, c))
+    planes = kernels.from_rows(rows, h, w)
+    assert planes.is_contiguous() and torch.equal(planes, x)
+    with pytest.raises(RuntimeError, match="are not"):
+        kernels.from_rows(rows, h + 1, w)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.from_rows(rows.double(), h, w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.to_rows(torch.randn(n, 2 * c, h, w)[:, ::2])
