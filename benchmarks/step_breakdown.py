@@ -9,7 +9,9 @@ milliseconds per step:
 * every call of the C++ training kernels (``models/csrc/fused_train.cpp``): the three
   processor kernels forward and backward (the batch-norm one also for the stem), the 2x2
   pooling, the weight binarization (in a step, or with the constraint's clamp after the
-  optimizer step, preparing the next);
+  optimizer step, preparing the next); those that the tap products call
+  (:data:`TAP_PRODUCT_KERNELS`) are convolution work, which the floor does too: their rows
+  say so, and the remainder does not subtract them;
 * the Python and autograd around the processor kernels: the time of their functions in
   :mod:`models.fused_ops` (forward; a recoupled processor calls two kernels in one,
   :func:`models.fused_ops.processor_tail`) and of their autograd backward, less the kernel
@@ -74,6 +76,13 @@ PROCESSOR_KERNELS = {
 #: Forward kernels of those functions not named ``<kernel>_forward``: the tail's first batch norm,
 #: which computes its statistics and the gate's means without storing its output.
 OTHER_FORWARD_KERNELS = ("bn_prelu_statistics",)
+
+#: Kernels that the tap products call (:mod:`models.tap_conv`: the operands' int8 check, the
+#: weight gradient's transposition, the rows' layouts): convolution work, which the floor runs too.
+TAP_PRODUCT_KERNELS = ("to_ternary_int8", "from_tap_major", "to_rows", "from_rows")
+
+#: The suffix of their rows, which the remainder does not subtract.
+IN_THE_FLOOR = " (tap products: in the floor too, not subtracted)"
 
 #: The model modules that call the processor kernels' functions by these names.
 CALLERS = (blocks, bnext)
@@ -166,7 +175,7 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     per_step = {name: (1e3 * seconds / steps, timers.calls[name] / steps) for name, seconds in timers.seconds.items()}
     # The gate's kernel calls are inside its own rows (below), with the products they make.
     kernel_rows = (
-        (name, *value)
+        (name + (IN_THE_FLOOR if name.removeprefix("kernel ") in TAP_PRODUCT_KERNELS else ""), *value)
         for name, value in per_step.items()
         if name.startswith("kernel ") and not name.startswith("kernel recoupling_gate")
     )
@@ -203,8 +212,9 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
 def with_remainder(
     rows: list[tuple[str, float, float]], step_ms: float, floor_ms: float
 ) -> list[tuple[str, float, float]]:
-    """``rows`` and a last row: the step less the floor less every piece."""
-    return [*rows, ("remainder: step - floor - the pieces above", step_ms - floor_ms - sum(r[1] for r in rows), 0.0)]
+    """``rows`` and a last row: the step less the floor less every piece (but the tap products' kernels)."""
+    pieces = sum(ms for name, ms, _ in rows if not name.endswith(IN_THE_FLOOR))
+    return [*rows, ("remainder: step - floor - the pieces above", step_ms - floor_ms - pieces, 0.0)]
 
 
 def placement_breakdowns(

@@ -60,7 +60,12 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(
     forward = tap_conv.forward
     monkeypatch.setattr(tap_conv, "forward", lambda *args: products.append(1) or forward(*args))
     model(torch.randn(2, 3, 16, 16))
-    assert by_name["kernel to_ternary_int8"][1] == len(products) > 0
+    in_the_floor = step_breakdown.IN_THE_FLOOR
+    assert by_name[f"kernel to_ternary_int8{in_the_floor}"][1] == len(products) > 0
+    # The tap products' layout kernels: into rows (the input, the output gradient) twice per product, back into
+    # planes at most twice (not on 1x1 planes, whose rows are their planes).
+    assert by_name[f"kernel to_rows{in_the_floor}"][1] == 2 * len(products)
+    assert 0 < by_name[f"kernel from_rows{in_the_floor}"][1] < 2 * len(products)
     # Per processor the signs and the tail (both batch norms and the gate in one call); the stem's batch norm.
     assert by_name["Python and autograd around the processor kernels, forward"][1] == 31 + 31 + 1
     assert all(ms > 0 for name, (ms, _) in by_name.items() if not name.startswith("remainder"))
@@ -68,7 +73,9 @@ def test_main_times_every_piece_once_per_call_and_restores_the_library(
     out = capsys.readouterr().out.splitlines()
     step_line = next(line for line in out if line.startswith("step "))
     step_ms, floor_ms = (float(step_line.split()[i]) for i in (1, 4))
-    assert sum(ms for _, ms, _ in rows) == pytest.approx(step_ms - floor_ms, abs=0.2)
+    # The pieces and the remainder add up to step - floor, the tap products' kernels (in the floor too) aside.
+    pieces = sum(ms for name, ms, _ in rows if not name.endswith(in_the_floor))
+    assert pieces == pytest.approx(step_ms - floor_ms, abs=0.2)
     assert [line.split(",")[0] for line in out if line.startswith("threads'")] == [
         "threads' round trip 70 to 70 ns",
         "threads' round trip 320 to 320 ns",
@@ -114,6 +121,7 @@ def test_placement_breakdowns_take_each_placements_own_steps_and_medians() -> No
     optimizer_row = "optimizer step, besides its kernel calls"
     assert near_rows[optimizer_row] == pytest.approx(11.0) and far_rows[optimizer_row] == pytest.approx(30.0)
     assert near_rows["remainder: step - floor - the pieces above"] == pytest.approx(105.0 - 82.0 - 11.0)
+
     # One placement, or none measured: no columns.
     assert step_breakdown.placement_breakdowns(steps, {**timings, "round_trip_ns": [60.0, 70.0, 80.0]}) == []
     assert step_breakdown.placement_breakdowns(steps, {**timings, "round_trip_ns": []}) == []
@@ -141,3 +149,12 @@ def test_the_python_around_the_kernels_excludes_every_kernel_they_call() -> None
         timers.calls[name] = 1
     rows = {name: ms for name, ms, _ in step_breakdown.breakdown(timers, steps=1)}
     assert rows["Python and autograd around the processor kernels, forward"] == pytest.approx(2.0)
+
+
+def test_the_remainder_leaves_the_tap_products_kernels_in_the_floor() -> None:
+    timers = _timers(optimizer_step=10.0)
+    timers.seconds["kernel to_rows"], timers.calls["kernel to_rows"] = 0.004, 2
+    rows = step_breakdown.with_remainder(step_breakdown.breakdown(timers, 1), 100.0, 80.0)
+    by_name = {name: ms for name, ms, _ in rows}
+    assert by_name["kernel to_rows" + step_breakdown.IN_THE_FLOOR] == pytest.approx(4.0)
+    assert by_name["remainder: step - floor - the pieces above"] == pytest.approx(100.0 - 80.0 - 10.0)
