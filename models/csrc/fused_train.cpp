@@ -1609,42 +1609,62 @@ at::Tensor from_tap_major(const at::Tensor& t) {
 
 // The layouts of the tap products' rows (models/tap_conv.py): a contiguous N x C x H x W
 // activation as a new contiguous (H*W) x N x C tensor (to_rows), and back (from_rows).
-// On the Intel development machine PyTorch's strided copies took 4 to 7 times as long as a
-// plain copy on BNext-T's 4x4 and 2x2 planes, these 1.2 to 2.7 times. Each thread takes a range of samples; for each sample the C x (H*W) block
-// (32 KiB for 512 channels of 4x4) stays in the L1/L2 cache while one position's values
-// are read or written at a time, with the plane size a compile-time constant for the
-// late stages' planes (1, 4 and 16 values).
-at::Tensor to_rows(const at::Tensor& x) {
-  check_activation(x, "x");
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  auto out = at::empty({HW, N, C}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+// On the Intel development machine PyTorch's strided copies took 4 to 7 times as long as
+// a plain copy on BNext-T's 4x4 and 2x2 planes, these 1.2 to 2.7 times.
+//
+// Copies between planes (N x C x HW) and rows (HW x N x C), either way (ToRows: from the
+// planes). Each thread takes a range of samples; for each sample the C x HW block (32 KiB
+// for 512 channels of 4x4) stays in the L1/L2 cache while one position's values are read
+// or written at a time, with the plane size a compile-time constant for the late stages'
+// planes (1, 4 and 16 values); on 4x4 planes, 16 channels by 16 positions per register
+// transpose.
+template <bool ToRows>
+void copy_rows(const float* src, float* dst, int64_t N, int64_t C, int64_t HW) {
   with_plane_size(HW, [&](auto hw) {
     at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * HW)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        const float* plane = src + n * C * hw;
-        int64_t first = 0;  // the channels below it are written
+        const int64_t plane = n * C * hw;
+        int64_t first = 0;  // the channels below it are copied
 #if defined(__AVX512F__)
         if constexpr (!std::is_same_v<decltype(hw), int64_t>) {
-          if (hw == 16) {  // 16 channels' planes per register transpose: each position's 16 values
+          if (hw == 16) {
             for (; first + 16 <= C; first += 16) {
               __m512 r[16];
-              for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(plane + (first + i) * 16);
+              for (int64_t i = 0; i < 16; ++i) {  // channel first + i's plane, or position i's row
+                r[i] = _mm512_loadu_ps(src + (ToRows ? plane + (first + i) * 16 : (i * N + n) * C + first));
+              }
               transpose_16x16(r);
-              for (int64_t q = 0; q < 16; ++q) _mm512_storeu_ps(dst + (q * N + n) * C + first, r[q]);
+              for (int64_t i = 0; i < 16; ++i) {
+                _mm512_storeu_ps(dst + (ToRows ? (i * N + n) * C + first : plane + (first + i) * 16), r[i]);
+              }
             }
           }
         }
 #endif
         for (int64_t p = 0; p < hw; ++p) {
-          float* row = dst + (p * N + n) * C;
+          const int64_t row = (p * N + n) * C;
+          if constexpr (ToRows) {
+            float* to = dst + row;
+            const float* from = src + plane;
 #pragma omp simd
-          for (int64_t c = first; c < C; ++c) row[c] = plane[c * hw + p];
+            for (int64_t c = first; c < C; ++c) to[c] = from[c * hw + p];
+          } else {
+            float* to = dst + plane;
+            const float* from = src + row;
+#pragma omp simd
+            for (int64_t c = first; c < C; ++c) to[c * hw + p] = from[c];
+          }
         }
       }
     });
   });
+}
+
+at::Tensor to_rows(const at::Tensor& x) {
+  check_activation(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto out = at::empty({HW, N, C}, x.options());
+  copy_rows<true>(x.data_ptr<float>(), out.data_ptr<float>(), N, C, HW);
   return out;
 }
 
@@ -1652,35 +1672,9 @@ at::Tensor from_rows(const at::Tensor& rows, int64_t height, int64_t width) {
   TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kFloat && rows.dim() == 3 && rows.is_contiguous(),
               "from_rows takes a contiguous float32 CPU tensor of (H*W) x N x C values");
   TORCH_CHECK(height * width == rows.size(0), "from_rows: ", rows.size(0), " positions are not ", height, " x ", width);
-  const int64_t HW = rows.size(0), N = rows.size(1), C = rows.size(2);
+  const int64_t N = rows.size(1), C = rows.size(2);
   auto out = at::empty({N, C, height, width}, rows.options());
-  const float* src = rows.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  with_plane_size(HW, [&](auto hw) {
-    at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * HW)), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        float* plane = dst + n * C * hw;
-        int64_t first = 0;  // the channels below it are written
-#if defined(__AVX512F__)
-        if constexpr (!std::is_same_v<decltype(hw), int64_t>) {
-          if (hw == 16) {  // 16 positions' values of 16 channels per register transpose: each channel's plane
-            for (; first + 16 <= C; first += 16) {
-              __m512 r[16];
-              for (int64_t q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src + (q * N + n) * C + first);
-              transpose_16x16(r);
-              for (int i = 0; i < 16; ++i) _mm512_storeu_ps(plane + (first + i) * 16, r[i]);
-            }
-          }
-        }
-#endif
-        for (int64_t p = 0; p < hw; ++p) {
-          const float* row = src + (p * N + n) * C;
-#pragma omp simd
-          for (int64_t c = first; c < C; ++c) plane[c * hw + p] = row[c];
-        }
-      }
-    });
-  });
+  copy_rows<false>(rows.data_ptr<float>(), out.data_ptr<float>(), N, C, height * width);
   return out;
 }
 
