@@ -209,7 +209,7 @@ def _planes(t: Tensor, height: int, width: int) -> Tensor:
     """``(H*W) x N x C`` back to a contiguous float32 ``N x C x H x W`` (int32 sums converted in the same copy).
 
     Float32 rows by the C++ extension's copy where it is built (PyTorch's strided one took
-    2.7 to 3.5 times as long on BNext-T's 4x4 and 2x2 planes on the Intel development machine).
+    2.5 to 3.5 times as long on BNext-T's 4x4 and 2x2 planes on the Intel development machine).
     """
     _, n, c = t.shape
     if t.dtype == torch.float32 and height * width > 1:  # a 1x1 plane's rows are its planes already: a view
