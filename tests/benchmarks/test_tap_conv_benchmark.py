@@ -61,6 +61,19 @@ def _last_line(capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
+def _record_shapes(monkeypatch, owner: object, name: str) -> list[tuple[int, ...]]:
+    """Replaces ``owner.name`` by a wrapper that records its first argument's shape; returns the records."""
+    shapes: list[tuple[int, ...]] = []
+    real = getattr(owner, name)
+
+    def recording(first, *args):
+        shapes.append(tuple(first.shape))
+        return real(first, *args)
+
+    monkeypatch.setattr(owner, name, recording)
+    return shapes
+
+
 def _each_once_counting(events: list, per_step: list[int]):
     """A stand-in for ``time_alternating`` that runs each side once and records how many ``events`` it added."""
 
@@ -75,9 +88,7 @@ def _each_once_counting(events: list, per_step: list[int]):
 
 
 def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
-    calls: list[tuple[int, ...]] = []
-    real_conv2d = tap_conv.conv2d
-    monkeypatch.setattr(tap_conv, "conv2d", lambda x, *args: calls.append(tuple(x.shape)) or real_conv2d(x, *args))
+    calls = _record_shapes(monkeypatch, tap_conv, "conv2d")
     per_step: list[int] = []
     monkeypatch.setattr(bench, "time_alternating", _each_once_counting(calls, per_step))
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
@@ -92,9 +103,7 @@ def test_step_pairs_time_the_step_with_and_without_taps(monkeypatch, capsys: pyt
 
 
 def test_layout_pairs_time_steps_binarizing_into_both_layouts(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
-    copies: list[tuple[int, ...]] = []
-    real_tap_matrices = tap_conv.tap_matrices
-    monkeypatch.setattr(tap_conv, "tap_matrices", lambda w: copies.append(tuple(w.shape)) or real_tap_matrices(w))
+    copies = _record_shapes(monkeypatch, tap_conv, "tap_matrices")
     per_step: list[int] = []
     monkeypatch.setattr(bench, "time_alternating", _each_once_counting(copies, per_step))
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
@@ -115,9 +124,7 @@ def test_layout_pairs_time_steps_binarizing_into_both_layouts(monkeypatch, capsy
 def test_integer_pairs_time_sign_phase_steps_with_and_without_integer_products(
     monkeypatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    products: list[tuple[int, ...]] = []
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(tuple(a.shape)) or real(a, b))
+    products = _record_shapes(monkeypatch, torch, "_int_mm")
     per_step: list[int] = []
     monkeypatch.setattr(bench, "time_alternating", _each_once_counting(products, per_step))
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
@@ -138,9 +145,7 @@ def test_integer_pairs_time_sign_phase_steps_with_and_without_integer_products(
 def test_transpose_pairs_time_the_kernel_against_the_strided_copy(
     monkeypatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    copies: list[tuple[int, ...]] = []
-    real = bench.strided_weight_layout
-    monkeypatch.setattr(bench, "strided_weight_layout", lambda t: copies.append(tuple(t.shape)) or real(t))
+    copies = _record_shapes(monkeypatch, bench, "strided_weight_layout")
     per_step: list[int] = []
     monkeypatch.setattr(bench, "time_alternating", _each_once_counting(copies, per_step))
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125)
