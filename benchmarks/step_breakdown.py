@@ -33,9 +33,20 @@ Where the steps fell into two placements of the CPU threads (measured before eve
 steps: on the AMD EPYC development machine the kernels that read what the other thread
 wrote took up to twice as long with its two vCPUs on different core complexes.
 
+With ``--by-shape``, ``--iters`` more steps follow, each with a floor as before (finding the
+shapes and bytes between the calls would lengthen the timed steps), and a second table splits
+every kernel's time in them by the shape of its largest tensor argument (an activation, a
+weight, the tap products' rows), with the megabytes its calls touch (each tensor argument
+and result once, :func:`touched_bytes`) and the rate they make. That rate is a lower bound
+of the kernel's memory traffic: a two-pass kernel reads its inputs twice, and a store to a
+line that no cache holds reads the line first. A streaming reference measured in the same
+run follows (``torch.add`` of two tensors into a third, at sizes of the step's activations),
+so that each row reads against what this machine moves (``RESULTS.md``, twenty-first session).
+
 Usage::
 
     python benchmarks/step_breakdown.py --keep-freed-memory    # BNext-T, CIFAR stem, 32x32, batch 64
+    python benchmarks/step_breakdown.py --keep-freed-memory --by-shape   # each kernel per shape, GB/s
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -127,24 +139,125 @@ class Timers:
             self.calls[name] += other.calls[name]
 
 
-class TimedExtension:
-    """The C++ extension with every function timed as ``kernel <name>``."""
+def touched_bytes(*values: Any) -> int:
+    """Bytes of the distinct tensors among ``values`` (lists and tuples looked into): each tensor's
+    values once, however many of the arguments and results share its memory (an in-place update)."""
+    seen: dict[tuple[int, int], int] = {}
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, torch.Tensor) and value.numel() > 0:
+            size = value.numel() * value.element_size()
+            key = (value.data_ptr(), size)
+            seen[key] = size
+    return sum(seen.values())
 
-    def __init__(self, extension: Any, timers: Timers) -> None:
-        self._extension, self._timers = extension, timers
+
+def largest_shape(*values: Any) -> tuple[int, ...]:
+    """The shape of the largest tensor among ``values`` (lists and tuples looked into; the first of equal
+    sizes), ``()`` without one: what a kernel call works on (an activation, a weight)."""
+    largest: torch.Tensor | None = None
+    stack = list(reversed(values))
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, tuple)):
+            stack.extend(reversed(value))
+        elif isinstance(value, torch.Tensor) and (largest is None or value.numel() > largest.numel()):
+            largest = value
+    return tuple(largest.shape) if largest is not None else ()
+
+
+class ShapeTimers:
+    """Seconds, calls and touched bytes per ``(kernel, shape of its largest tensor argument)``, while active."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.defaultdict[tuple[str, tuple[int, ...]], float] = collections.defaultdict(float)
+        self.calls: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+        self.bytes: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+        self.bookkeeping_seconds = 0.0  # finding the shapes and bytes, after each timed call
+        self.active = False
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, its calls recorded by the shape of their largest tensor argument while :attr:`active`."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            end = time.perf_counter()
+            key = (name, largest_shape(args, tuple(kwargs.values())))
+            self.seconds[key] += end - start
+            self.calls[key] += 1
+            self.bytes[key] += touched_bytes(args, tuple(kwargs.values()), result)
+            self.bookkeeping_seconds += time.perf_counter() - end
+            return result
+
+        return timed
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+        self.bytes.clear()
+        self.bookkeeping_seconds = 0.0
+
+    def rows(self, steps: int) -> list[tuple[str, tuple[int, ...], float, float, float, float]]:
+        """``(kernel, shape, ms per step, calls per step, MB touched per call, GB/s)``, by kernel, the
+        slowest shapes first (GB/s: the touched bytes over the calls' time)."""
+        rows = []
+        for key, seconds in self.seconds.items():
+            calls, touched = self.calls[key], self.bytes[key]
+            rate = touched / seconds / 1e9 if seconds > 0 else float("inf")
+            rows.append((*key, 1e3 * seconds / steps, calls / steps, touched / calls / 1e6, rate))
+        kernel_ms = collections.defaultdict(float)
+        for name, _, ms, *_ in rows:
+            kernel_ms[name] += ms
+        return sorted(rows, key=lambda r: (-kernel_ms[r[0]], r[0], -r[2]))
+
+
+class TimedExtension:
+    """The C++ extension with every function timed as ``kernel <name>`` (and per shape, given ``shapes``)."""
+
+    def __init__(self, extension: Any, timers: Timers, shapes: ShapeTimers | None = None) -> None:
+        self._extension, self._timers, self._shapes = extension, timers, shapes
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        return self._timers.wrap(f"kernel {name}", getattr(self._extension, name))
+        timed = self._timers.wrap(f"kernel {name}", getattr(self._extension, name))
+        # Per shape outside: its bookkeeping stays out of the kernels' rows.
+        return self._shapes.wrap(name, timed) if self._shapes is not None else timed
+
+
+def streaming_rates(sizes_mib: list[float], repeats: int = 20) -> list[tuple[float, float]]:
+    """``(MiB per tensor, GB/s)`` of ``torch.add(a, b, out=c)`` (three tensors of that size, 12 bytes per
+    value moved), the median of ``repeats`` timed calls after two untimed ones: the machine's streaming
+    rate for working sets like the step's activations, measured where the kernels were."""
+    rates = []
+    for mib in sizes_mib:
+        values = max(1, int(mib * 2**20 / 4))
+        a, b, c = torch.randn(values), torch.randn(values), torch.empty(values)
+        times = []
+        for index in range(repeats + 2):
+            start = time.perf_counter()
+            torch.add(a, b, out=c)
+            if index >= 2:
+                times.append(time.perf_counter() - start)
+        times.sort()
+        rates.append((mib, 12 * values / times[len(times) // 2] / 1e9))
+    return rates
 
 
 @contextlib.contextmanager
-def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside, the step's pieces add their time to ``timers``; everything is restored on exit."""
+def timed_pieces(timers: Timers, optimizer: torch.optim.Optimizer, shapes: ShapeTimers | None = None) -> Iterator[None]:
+    """Inside, the step's pieces add their time to ``timers`` (the kernels' calls also to ``shapes``,
+    while it is active); everything is restored on exit."""
     extension = fused_ops.load_extension()
     if extension is None:
         raise RuntimeError("the fused C++ extension is not available here (see the warning): nothing to time")
+    timed = TimedExtension(extension, timers, shapes)
     patches: list[tuple[Any, str, Any]] = [
-        (fused_ops, "load_extension", lambda: TimedExtension(extension, timers)),
+        (fused_ops, "load_extension", lambda: timed),
         (models, "apply_constraints", timers.wrap("constraints", models.apply_constraints)),
         (optimizer, "step", timers.wrap("optimizer step", optimizer.step)),
     ]
@@ -247,6 +360,12 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps, each with a floor (default: %(default)s)")
+    parser.add_argument(
+        "--by-shape",
+        action="store_true",
+        help="then as many steps again, each kernel timed per shape of its largest tensor argument: ms, MB "
+        "touched per call, GB/s, and a streaming reference (torch.add) measured after them",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")
@@ -261,6 +380,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-3, binary_weight_decay=1e-8)
     step = make_step(model, (images, targets), optimizer)
     timers = Timers()
+    shapes = ShapeTimers() if args.by_shape else None
     per_step: list[Timers] = []
 
     def recorded_step() -> None:
@@ -270,12 +390,22 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
 
     # Where the two threads ran, before every pair: the kernels' times depend on it (README, Thread placement).
     probe = thread_placement.probe_if_available()
-    with timed_pieces(timers, optimizer):
+    with timed_pieces(timers, optimizer, shapes):
         for _ in range(args.warmup):
             step()
             floor()
         timers.clear()
         timings = measure(recorded_step, floor, warmup=0, iters=args.iters, probe=probe)
+        if shapes is not None:
+            # Steps of their own (the bookkeeping between the calls would lengthen the timed ones), each
+            # followed by a floor as above; the steps' calls only, not the floor's (the tap products').
+            for _ in range(args.iters):
+                shapes.active = True
+                try:
+                    step()
+                finally:
+                    shapes.active = False
+                floor()
     # The steps' own timers: the floor calls some of the kernels too (the tap products' conversion).
     in_steps = Timers()
     for timed in per_step:
@@ -297,7 +427,37 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     for name, ms, calls in rows:
         cells = "".join(f" {values.get(name, 0.0):>12.2f}" for values in by_placement)
         print(f"{name:<70} {ms:>8.2f} {calls:>11.0f}" + cells)
+    if shapes is not None:
+        print_by_shape(shapes.rows(args.iters))
+        bookkeeping_ms = 1e3 * shapes.bookkeeping_seconds / args.iters
+        print(
+            f"per shape: {args.iters} steps after the timed ones (each followed by a floor), whose bookkeeping "
+            f"took {bookkeeping_ms:.2f} ms per step outside the kernels' times"
+        )
     return rows
+
+
+def activation_sizes_mib(rows: list[tuple[str, tuple[int, ...], float, float, float, float]]) -> list[float]:
+    """The smallest, a middle and the largest size in MiB (float32) of the activations that the processor
+    kernels (:data:`PROCESSOR_KERNELS`) took, by the rows' shapes: where the streaming reference is taken."""
+    prefixes = tuple({kernel for _, kernels in PROCESSOR_KERNELS.values() for kernel in kernels})
+    sizes = sorted({4 * math.prod(shape) / 2**20 for name, shape, *_ in rows if name.startswith(prefixes)})
+    if not sizes:
+        return []
+    return sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
+
+
+def print_by_shape(rows: list[tuple[str, tuple[int, ...], float, float, float, float]]) -> None:
+    """The per-shape table of ``--by-shape``, then the streaming reference at the activations' sizes."""
+    print()
+    print(f"{'kernel':<30} {'largest argument':<22} {'ms/step':>8} {'calls/step':>10} {'MB/call':>8} {'GB/s':>7}")
+    for name, shape, ms, calls, megabytes, rate in rows:
+        print(f"{name:<30} {str(shape):<22} {ms:>8.2f} {calls:>10.0f} {megabytes:>8.2f} {rate:>7.1f}")
+    print("GB/s: the bytes of the distinct tensors a call takes and returns, over its time (a lower bound of its")
+    print("memory traffic: two-pass kernels read their inputs twice, stores to uncached lines read them first)")
+    rates = streaming_rates(activation_sizes_mib(rows))
+    reference = ", ".join(f"{rate:.1f} GB/s at {mib:.3g} MiB" for mib, rate in rates) or "no activation shapes"
+    print(f"streaming reference, torch.add(a, b, out=c), 12 bytes per value, this run: {reference} per tensor")
 
 
 if __name__ == "__main__":

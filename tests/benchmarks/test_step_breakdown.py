@@ -158,3 +158,95 @@ def test_the_remainder_leaves_the_tap_products_kernels_in_the_floor() -> None:
     by_name = {name: ms for name, ms, _ in rows}
     assert by_name["kernel to_rows" + step_breakdown.IN_THE_FLOOR] == pytest.approx(4.0)
     assert by_name["remainder: step - floor - the pieces above"] == pytest.approx(100.0 - 80.0 - 10.0)
+
+
+def test_touched_bytes_count_each_distinct_tensor_once() -> None:
+    a, b = torch.zeros(4, 8), torch.zeros(16, dtype=torch.float64)
+    # An in-place result (the same tensor) and a same-sized view of it are the same memory; nested results are found.
+    assert step_breakdown.touched_bytes(a, (a, [a.view(8, 4), b]), torch.empty(0), 3.0, None) == 4 * 32 + 8 * 16
+    # A slice is other values than the whole: it counts on its own.
+    assert step_breakdown.touched_bytes(a, a[:2]) == 4 * 32 + 4 * 16
+    assert step_breakdown.touched_bytes() == 0
+
+
+def test_shape_timers_record_only_while_active_by_kernel_and_largest_tensor() -> None:
+    shapes = step_breakdown.ShapeTimers()
+    double = shapes.wrap("double", lambda x, factor=2.0: x * factor)
+    small, large = torch.ones(2, 3), torch.ones(4, 5)
+    double(small)  # inactive: not recorded
+    shapes.active = True
+    for x in (small, large, large):
+        double(x)
+    double(factor=3.0, x=small)  # keyword arguments too
+    shapes.active = False
+    double(large)
+    rows = shapes.rows(steps=2)
+    # Per step: two calls of each shape in two steps.
+    assert sorted((name, shape, calls) for name, shape, _, calls, *_ in rows) == [
+        ("double", (2, 3), 1.0),
+        ("double", (4, 5), 1.0),
+    ]
+    by_shape = {shape: (ms, megabytes, rate) for _, shape, ms, _, megabytes, rate in rows}
+    # Argument and result: two tensors of the shape per call.
+    assert by_shape[(4, 5)][1] == pytest.approx(2 * 4 * 20 / 1e6)
+    assert by_shape[(2, 3)][1] == pytest.approx(2 * 4 * 6 / 1e6)
+    for ms, megabytes, rate in by_shape.values():
+        assert ms >= 0 and rate == pytest.approx(2 * megabytes / (2 * ms / 1e3) / 1e3, rel=1e-6)
+    shapes.clear()
+    assert shapes.rows(steps=1) == []
+
+
+def test_largest_shape_looks_into_lists_and_keeps_the_first_of_equals() -> None:
+    assert step_breakdown.largest_shape(torch.zeros(1, 3), [torch.zeros(2, 2), (torch.zeros(5),)], 7) == (5,)
+    assert step_breakdown.largest_shape(torch.zeros(4, 1), torch.zeros(2, 2), torch.zeros(1, 4)) == (4, 1)
+    assert step_breakdown.largest_shape([], 1.0) == ()
+
+
+def test_activation_sizes_are_the_processor_kernels_shapes() -> None:
+    rows = [
+        ("biased_sign_forward", (2, 4, 8, 8), 1.0, 1.0, 0.0, 0.0),
+        ("gated_bn_backward", (2, 16, 4, 4), 1.0, 1.0, 0.0, 0.0),
+        ("bn_prelu_statistics", (2, 64, 2, 2), 1.0, 1.0, 0.0, 0.0),
+        ("adamw_clamp_and_divide_clamp", (2, 2, 64, 64), 1.0, 1.0, 0.0, 0.0),  # a weight
+        ("recoupling_gate_forward", (2, 4096, 1, 1), 1.0, 1.0, 0.0, 0.0),  # the gate's means
+    ]
+    assert step_breakdown.activation_sizes_mib(rows) == [4 * 2 * 256 / 2**20]
+    rows.append(("biased_sign_backward", (2, 4, 16, 16), 1.0, 1.0, 0.0, 0.0))
+    rows.append(("bn_prelu_forward", (2, 4, 32, 32), 1.0, 1.0, 0.0, 0.0))
+    rows.append(("gated_bn_forward", (2, 4, 64, 64), 1.0, 1.0, 0.0, 0.0))
+    # The smallest, the middle one of the four sizes, the largest.
+    assert step_breakdown.activation_sizes_mib(rows) == [4 * 2 * n / 2**20 for n in (256, 4096, 16384)]
+    assert step_breakdown.activation_sizes_mib(rows[3:5]) == []
+
+
+def test_by_shape_splits_every_kernel_row_into_its_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "2", "--by-shape"]
+    rows = step_breakdown.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("kernel ") and "largest argument" in line)
+    table = []
+    for line in out[start + 1 :]:
+        if line.startswith("GB/s:"):
+            break
+        name, rest = line.split(" ", 1)
+        shape, numbers = rest.rsplit(")", 1)
+        ms, calls, megabytes, rate = (float(v) for v in numbers.split())
+        table.append((name, shape.strip() + ")", ms, calls, megabytes, rate))
+    kernels = {name.removeprefix("kernel ").removesuffix(step_breakdown.IN_THE_FLOOR): (ms, calls)
+               for name, ms, calls in rows if name.startswith("kernel ")}  # fmt: skip
+    # Every kernel of the breakdown (the gate's, inside its own rows there, included here) is split into its
+    # shapes, in steps of their own after the timed ones: the same calls per step (the steps' own, not the
+    # floor's tap products), however long they took.
+    assert {name for name, *_ in table} >= kernels.keys()
+    for kernel, (_, calls) in kernels.items():
+        assert sum(row[3] for row in table if row[0] == kernel) == pytest.approx(calls, abs=0.01), kernel
+    # BNext-T's 31 sign kernels on their inputs: two samples, planes from the input's 16x16 down to 1x1.
+    signs = {shape for name, shape, *_ in table if name == "biased_sign_forward"}
+    assert all(shape.startswith("(2, ") for shape in signs)
+    assert {shape.split(", ", 2)[2] for shape in signs} == {"16, 16)", "8, 8)", "4, 4)", "2, 2)", "1, 1)"}
+    assert all(megabytes >= 0 and rate >= 0 for *_, megabytes, rate in table)
+    # The gate's kernels are labelled by their largest tensor (the batch's means, or a weight), not a 1-sample one.
+    assert all(not shape.startswith("(1, ") for name, shape, *_ in table if name.startswith("recoupling_gate"))
+    reference = next(line for line in out if line.startswith("streaming reference"))
+    assert reference.count("GB/s at") >= 1 and "no activation shapes" not in reference
+    assert any(line.startswith("per shape: 2 steps after the timed ones") for line in out)
