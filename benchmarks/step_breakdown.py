@@ -37,9 +37,9 @@ With ``--by-shape``, ``--iters`` more steps follow, each with a floor as before 
 shapes and bytes between the calls would lengthen the timed steps), and a second table splits
 every kernel's time in them by the shape of its largest tensor argument (an activation, a
 weight, the tap products' rows), with the megabytes its calls touch (each tensor argument
-and result once, :func:`touched_bytes`) and the rate they make. That rate is a lower bound
-of the kernel's memory traffic: a two-pass kernel reads its inputs twice, and a store to a
-line that no cache holds reads the line first. A streaming reference measured in the same
+and result once, :func:`touched_bytes`) and the rate they make. Those bytes are a lower
+bound of the kernel's memory traffic: a two-pass kernel reads its inputs twice, and a store
+to a line that no cache holds reads the line first. A streaming reference measured in the same
 run follows (``torch.add`` of two tensors into a third, at sizes of the step's activations),
 so that each row reads against what this machine moves (``RESULTS.md``, twenty-first session).
 
@@ -453,8 +453,8 @@ def print_by_shape(rows: list[tuple[str, tuple[int, ...], float, float, float, f
     print(f"{'kernel':<30} {'largest argument':<22} {'ms/step':>8} {'calls/step':>10} {'MB/call':>8} {'GB/s':>7}")
     for name, shape, ms, calls, megabytes, rate in rows:
         print(f"{name:<30} {str(shape):<22} {ms:>8.2f} {calls:>10.0f} {megabytes:>8.2f} {rate:>7.1f}")
-    print("GB/s: the bytes of the distinct tensors a call takes and returns, over its time (a lower bound of its")
-    print("memory traffic: two-pass kernels read their inputs twice, stores to uncached lines read them first)")
+    print("GB/s: the bytes of the distinct tensors a call takes and returns, over its time; those bytes are a lower")
+    print("bound of its memory traffic (two-pass kernels read their inputs twice, stores to uncached lines read them)")
     rates = streaming_rates(activation_sizes_mib(rows))
     reference = ", ".join(f"{rate:.1f} GB/s at {mib:.3g} MiB" for mib, rate in rates) or "no activation shapes"
     print(f"streaming reference, torch.add(a, b, out=c), 12 bytes per value, this run: {reference} per tensor")
