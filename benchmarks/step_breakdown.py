@@ -139,33 +139,26 @@ class Timers:
             self.calls[name] += other.calls[name]
 
 
-def touched_bytes(*values: Any) -> int:
-    """Bytes of the distinct tensors among ``values`` (lists and tuples looked into): each tensor's
-    values once, however many of the arguments and results share its memory (an in-place update)."""
-    seen: dict[tuple[int, int], int] = {}
-    stack = list(values)
-    while stack:
-        value = stack.pop()
+def tensors_in(*values: Any) -> Iterator[torch.Tensor]:
+    """The tensors among ``values``, in order, lists and tuples looked into."""
+    for value in values:
         if isinstance(value, (list, tuple)):
-            stack.extend(value)
-        elif isinstance(value, torch.Tensor) and value.numel() > 0:
-            size = value.numel() * value.element_size()
-            key = (value.data_ptr(), size)
-            seen[key] = size
-    return sum(seen.values())
+            yield from tensors_in(*value)
+        elif isinstance(value, torch.Tensor):
+            yield value
+
+
+def touched_bytes(*values: Any) -> int:
+    """Bytes of the distinct tensors among ``values`` (:func:`tensors_in`): each tensor's values once,
+    however many of the arguments and results share its memory (an in-place update)."""
+    sizes = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors_in(*values) if t.numel() > 0}
+    return sum(size for _, size in sizes)
 
 
 def largest_shape(*values: Any) -> tuple[int, ...]:
-    """The shape of the largest tensor among ``values`` (lists and tuples looked into; the first of equal
-    sizes), ``()`` without one: what a kernel call works on (an activation, a weight)."""
-    largest: torch.Tensor | None = None
-    stack = list(reversed(values))
-    while stack:
-        value = stack.pop()
-        if isinstance(value, (list, tuple)):
-            stack.extend(reversed(value))
-        elif isinstance(value, torch.Tensor) and (largest is None or value.numel() > largest.numel()):
-            largest = value
+    """The shape of the largest tensor among ``values`` (:func:`tensors_in`; the first of equal sizes),
+    ``()`` without one: what a kernel call works on (an activation, a weight)."""
+    largest = max(tensors_in(*values), key=torch.Tensor.numel, default=None)
     return tuple(largest.shape) if largest is not None else ()
 
 
