@@ -40,8 +40,13 @@ weight, the tap products' rows), with the megabytes its calls touch (each tensor
 and result once, :func:`touched_bytes`) and the rate they make. Those bytes are a lower
 bound of the kernel's memory traffic: a two-pass kernel reads its inputs twice, and a store
 to a line that no cache holds reads the line first. A streaming reference measured in the same
-run follows (``torch.add`` of two tensors into a third, at sizes of the step's activations),
-so that each row reads against what this machine moves (``RESULTS.md``, twenty-first session).
+run follows (``torch.add`` of two tensors into a third, at sizes of the step's activations,
+and at a size beyond the last-level cache, :func:`beyond_caches_mib`), so that each row reads
+against what this machine moves (``RESULTS.md``, twenty-first session). A last line adds up
+the bytes that the kernels outside the floor touch per step (:func:`bandwidth_budget`) and
+the time they take at each reference rate: a yardstick for the kernels as a whole, like the
+convolution floor for the step (not a bound: some of their reads come from the caches, and
+the touched bytes undercount what they move).
 
 Usage::
 
@@ -239,6 +244,41 @@ def streaming_rates(sizes_mib: list[float], repeats: int = 20) -> list[tuple[flo
         times.sort()
         rates.append((mib, 12 * values / times[len(times) // 2] / 1e9))
     return rates
+
+
+#: The smallest per-tensor size of the streaming reference beyond the caches (three tensors of it).
+BEYOND_CACHES_MIN_MIB = 256.0
+
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The largest cache that Linux reports for CPU 0 (``index*/size``, e.g. ``307200K``), None where unknown."""
+    sizes = []
+    for size_file in cache_dir.glob("index*/size"):
+        text = size_file.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if scale > 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def beyond_caches_mib() -> float:
+    """Per-tensor MiB of the streaming reference whose three tensors cannot stay in any cache: the larger
+    of :data:`BEYOND_CACHES_MIN_MIB` and the last-level cache that the machine reports (which a virtual
+    machine may overstate; three times that is beyond it either way)."""
+    cache = last_level_cache_bytes()
+    return max(BEYOND_CACHES_MIN_MIB, cache / 2**20 if cache else 0.0)
+
+
+def bandwidth_budget(
+    rows: list[tuple[str, tuple[int, ...], float, float, float, float]],
+) -> tuple[float, float]:
+    """``(MB touched per step, ms per step)`` of the kernels outside the convolution floor, from
+    :meth:`ShapeTimers.rows`: every kernel but the tap products' (:data:`TAP_PRODUCT_KERNELS`, which
+    the floor runs) and the recoupling gates' (whose time is mostly their 1x1 products, in the floor)."""
+    outside = [row for row in rows if row[0] not in TAP_PRODUCT_KERNELS and not row[0].startswith("recoupling_gate")]
+    megabytes = sum(calls * per_call for _, _, _, calls, per_call, _ in outside)
+    return megabytes, sum(ms for _, _, ms, *_ in outside)
 
 
 @contextlib.contextmanager
@@ -451,6 +491,18 @@ def print_by_shape(rows: list[tuple[str, tuple[int, ...], float, float, float, f
     rates = streaming_rates(activation_sizes_mib(rows))
     reference = ", ".join(f"{rate:.1f} GB/s at {mib:.3g} MiB" for mib, rate in rates) or "no activation shapes"
     print(f"streaming reference, torch.add(a, b, out=c), 12 bytes per value, this run: {reference} per tensor")
+    # Fewer repeats: each call moves gigabytes.
+    (beyond_mib, beyond_rate), *_ = streaming_rates([beyond_caches_mib()], repeats=5)
+    print(f"beyond the caches, the same add: {beyond_rate:.1f} GB/s at {beyond_mib:.4g} MiB per tensor")
+    megabytes, ms = bandwidth_budget(rows)
+    if ms > 0:
+        at_rates = ", ".join(
+            f"{megabytes / rate:.1f} ms at {rate:.1f} GB/s" for rate in (*(r for _, r in rates), beyond_rate)
+        )
+        print(
+            f"kernels outside the floor (not the tap products' or the gates'): {megabytes:.0f} MB touched per step "
+            f"in {ms:.1f} ms ({megabytes / ms:.1f} GB/s); at the reference rates those bytes take {at_rates}"
+        )
 
 
 if __name__ == "__main__":

@@ -219,7 +219,43 @@ def test_activation_sizes_are_the_processor_kernels_shapes() -> None:
     assert step_breakdown.activation_sizes_mib(rows[3:5]) == []
 
 
-def test_by_shape_splits_every_kernel_row_into_its_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+def test_last_level_cache_is_the_largest_size_reported(tmp_path) -> None:
+    for index, size in enumerate(["48K", "2048K", "307200K", "unknown"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert step_breakdown.last_level_cache_bytes(tmp_path) == 307200 * 2**10
+    (tmp_path / "index4").mkdir()
+    (tmp_path / "index4" / "size").write_text("1G\n")
+    assert step_breakdown.last_level_cache_bytes(tmp_path) == 2**30
+    assert step_breakdown.last_level_cache_bytes(tmp_path / "missing") is None
+
+
+def test_reference_beyond_the_caches_outgrows_the_last_level_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step_breakdown, "last_level_cache_bytes", lambda: None)
+    assert step_breakdown.beyond_caches_mib() == step_breakdown.BEYOND_CACHES_MIN_MIB
+    monkeypatch.setattr(step_breakdown, "last_level_cache_bytes", lambda: 32 * 2**20)
+    assert step_breakdown.beyond_caches_mib() == step_breakdown.BEYOND_CACHES_MIN_MIB
+    monkeypatch.setattr(step_breakdown, "last_level_cache_bytes", lambda: 300 * 2**20)
+    assert step_breakdown.beyond_caches_mib() == 300.0
+
+
+def test_bandwidth_budget_counts_the_kernels_outside_the_floor() -> None:
+    rows = [
+        ("gated_bn_backward", (2, 4, 8, 8), 3.0, 2.0, 5.0, 0.0),  # two calls of 5 MB per step
+        ("biased_sign_forward", (2, 4, 8, 8), 1.5, 1.0, 4.0, 0.0),
+        ("adamw_clamp_and_divide_clamp", (8, 8, 3, 3), 0.5, 0.5, 2.0, 0.0),  # every other step
+        ("from_tap_major", (8, 9, 8), 7.0, 1.0, 100.0, 0.0),  # tap products: the floor's work
+        ("to_rows", (2, 4, 8, 8), 7.0, 1.0, 100.0, 0.0),
+        ("recoupling_gate_forward", (2, 4, 1, 1), 7.0, 1.0, 100.0, 0.0),  # its products are in the floor
+    ]
+    assert step_breakdown.bandwidth_budget(rows) == pytest.approx((10.0 + 4.0 + 1.0, 5.0))
+    assert step_breakdown.bandwidth_budget(rows[3:]) == (0.0, 0.0)
+
+
+def test_by_shape_splits_every_kernel_row_into_its_shapes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(step_breakdown, "beyond_caches_mib", lambda: 2.0)  # small here: the test's own speed
     argv = ["--width-mult", "0.125", "--img-size", "16", "--batch", "2", "--iters", "2", "--by-shape"]
     rows = step_breakdown.main(argv)
     out = capsys.readouterr().out.splitlines()
@@ -249,4 +285,14 @@ def test_by_shape_splits_every_kernel_row_into_its_shapes(capsys: pytest.Capture
     assert all(not shape.startswith("(1, ") for name, shape, *_ in table if name.startswith("recoupling_gate"))
     reference = next(line for line in out if line.startswith("streaming reference"))
     assert reference.count("GB/s at") >= 1 and "no activation shapes" not in reference
+    assert any(line.startswith("beyond the caches, the same add: ") and line.endswith(" at 2 MiB per tensor")
+               for line in out)  # fmt: skip
+    # The budget line adds up the table's rows outside the floor: their MB per call times calls per step.
+    budget = next(line for line in out if line.startswith("kernels outside the floor"))
+    in_floor = (*step_breakdown.TAP_PRODUCT_KERNELS, "recoupling_gate")
+    outside = [row for row in table if not row[0].startswith(in_floor)]
+    megabytes = float(budget.split(": ", 1)[1].split(" MB", 1)[0])
+    # (the table's MB per call are rounded to 0.01: a few per cent over some hundred rows)
+    assert megabytes == pytest.approx(sum(row[3] * row[4] for row in outside), rel=0.05, abs=1.0)
+    assert budget.count(" ms at ") == reference.count("GB/s at") + 1
     assert any(line.startswith("per shape: 2 steps after the timed ones") for line in out)
