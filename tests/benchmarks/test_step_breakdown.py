@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,7 +220,7 @@ def test_activation_sizes_are_the_processor_kernels_shapes() -> None:
     assert step_breakdown.activation_sizes_mib(rows[3:5]) == []
 
 
-def test_last_level_cache_is_the_largest_size_reported(tmp_path) -> None:
+def test_last_level_cache_is_the_largest_size_reported(tmp_path: Path) -> None:
     for index, size in enumerate(["48K", "2048K", "307200K", "unknown"]):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
