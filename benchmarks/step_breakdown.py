@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         step()
         per_step.append(timers.since(*before))
 
-    # Where the two threads ran, before every pair: the kernels' times depend on it (README, Thread placement).
+    # Where the two threads ran, before every pair: the kernels' times depend on it
+    # (benchmarks/TRAINING_SPEED.md, Thread placement).
     probe = thread_placement.probe_if_available()
     with timed_pieces(timers, optimizer, shapes):
         for _ in range(args.warmup):

@@ -5,8 +5,8 @@ A virtual machine's two vCPUs may share a last-level cache for a while (a round 
 complexes (about 320 ns there), and back, without the guest being told. Every kernel
 that reads what the other thread wrote pays for the distance: on that machine a BNext-T
 training step took 10 to 13 % longer in the far placement and its convolution floor 7 to
-11 %, so their ratio moves too (README, *Training speed*). This module measures
-the round trip (``benchmarks/csrc/thread_probe.cpp``, built on first use like the
+11 %, so their ratio moves too (`benchmarks/TRAINING_SPEED.md`, *Thread placement*). This
+module measures the round trip (``benchmarks/csrc/thread_probe.cpp``, built on first use like the
 training kernels), so that timings can be grouped by placement;
 ``benchmarks/train_step.py`` records it before every timed pair.
 

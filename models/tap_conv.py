@@ -357,8 +357,8 @@ def weight_layout(tap_major: Tensor) -> Tensor:
 
     The same values as ``tap_major.transpose(1, 2).contiguous()``, by the C++ extension's
     transposition where it is built: PyTorch's strided copy took 2.5 times as long on the
-    Intel development machine (README, *Small planes*). A 1x1 kernel's gradient needs no
-    transposition: returned as it is.
+    Intel development machine (`benchmarks/TRAINING_SPEED.md`, *The weight's layout*). A 1x1
+    kernel's gradient needs no transposition: returned as it is.
     """
     if tap_major.shape[1] == 1:
         return tap_major
