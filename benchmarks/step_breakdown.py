@@ -101,6 +101,10 @@ TAP_PRODUCT_KERNELS = ("to_ternary_int8", "from_tap_major", "to_rows", "from_row
 #: The suffix of their rows, which the remainder does not subtract.
 IN_THE_FLOOR = " (tap products: in the floor too, not subtracted)"
 
+#: The recoupling gates' kernels (forward, backward): their time is mostly their 1x1 products,
+#: which the floor runs too; they are counted in the gates' own rows.
+GATE_KERNEL_PREFIX = "recoupling_gate"
+
 #: The model modules that call the processor kernels' functions by these names.
 CALLERS = (blocks, bnext)
 
@@ -276,7 +280,7 @@ def bandwidth_budget(
     """``(MB touched per step, ms per step)`` of the kernels outside the convolution floor, from
     :meth:`ShapeTimers.rows`: every kernel but the tap products' (:data:`TAP_PRODUCT_KERNELS`, which
     the floor runs) and the recoupling gates' (whose time is mostly their 1x1 products, in the floor)."""
-    outside = [row for row in rows if row[0] not in TAP_PRODUCT_KERNELS and not row[0].startswith("recoupling_gate")]
+    outside = [row for row in rows if row[0] not in TAP_PRODUCT_KERNELS and not row[0].startswith(GATE_KERNEL_PREFIX)]
     megabytes = sum(calls * per_call for _, _, _, calls, per_call, _ in outside)
     return megabytes, sum(ms for _, _, ms, *_ in outside)
 
@@ -323,7 +327,7 @@ def breakdown(timers: Timers, steps: int) -> list[tuple[str, float, float]]:
     kernel_rows = (
         (name + (IN_THE_FLOOR if name.removeprefix("kernel ") in TAP_PRODUCT_KERNELS else ""), *value)
         for name, value in per_step.items()
-        if name.startswith("kernel ") and not name.startswith("kernel recoupling_gate")
+        if name.startswith("kernel ") and not name.startswith(f"kernel {GATE_KERNEL_PREFIX}")
     )
     rows = sorted(kernel_rows, key=lambda r: -r[1])
     for direction in ("forward", "backward"):

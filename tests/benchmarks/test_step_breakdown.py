@@ -290,7 +290,7 @@ def test_by_shape_splits_every_kernel_row_into_its_shapes(
                for line in out)  # fmt: skip
     # The budget line adds up the table's rows outside the floor: their MB per call times calls per step.
     budget = next(line for line in out if line.startswith("kernels outside the floor"))
-    in_floor = (*step_breakdown.TAP_PRODUCT_KERNELS, "recoupling_gate")
+    in_floor = (*step_breakdown.TAP_PRODUCT_KERNELS, step_breakdown.GATE_KERNEL_PREFIX)
     outside = [row for row in table if not row[0].startswith(in_floor)]
     megabytes = float(budget.split(": ", 1)[1].split(" MB", 1)[0])
     # (the table's MB per call are rounded to 0.01: a few per cent over some hundred rows)
