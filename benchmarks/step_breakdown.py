@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         "--by-shape",
         action="store_true",
         help="then as many steps again, each kernel timed per shape of its largest tensor argument: ms, MB "
-        "touched per call, GB/s, and a streaming reference (torch.add) measured after them",
+        "touched per call, GB/s; then a streaming reference (torch.add) at the activations' sizes and beyond "
+        "the caches, and the time the kernels' bytes per step take at each of its rates",
     )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
