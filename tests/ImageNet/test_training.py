@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import platform
 import subprocess
 from pathlib import Path
@@ -13,8 +14,9 @@ import yaml
 from run_helpers import common_args, make_image_folder, run_script
 
 import models
-from ImageNet import checkpointing
+from ImageNet import checkpointing, training
 from ImageNet.config import ConfigError, build_parser, load_yaml_defaults, parse_args
+from ImageNet.distributed import DistInfo
 from ImageNet.optim import TemperatureSchedule, build_optimizer, conform_state_to_parameters, parameter_groups
 
 
@@ -177,6 +179,24 @@ def test_bad_yaml_is_refused_naming_the_key(tmp_path: Path, text: str, message: 
         load_yaml_defaults(config, build_parser())
 
 
+@pytest.mark.parametrize(("amp", "warned"), [("none", None), ("bf16", "take float32 only"), ("fp16", "is slow")])
+def test_mixed_precision_on_the_cpu_warns_what_it_costs(tmp_path: Path, amp: str, warned: str | None) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    training.LOG.addHandler(handler)
+    try:
+        args = parse_args(["--data-dir", str(tmp_path), "--amp", amp])
+        training._check_args(args, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    finally:
+        training.LOG.removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0], messages
+
+
 def test_booleans_are_real_switches() -> None:
     args = parse_args(["--no-elm-attention", "--no-info-recoupling", "--channels-last"])
     assert args.elm_attention is False and args.info_recoupling is False and args.channels_last is True
@@ -283,6 +303,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_batch(image_folder: Path, tmp_path:
 def test_amp_channels_last_and_ema_options_run(image_folder: Path, tmp_path: Path) -> None:
     result = run_train([*_common(image_folder, tmp_path, epochs=1), "--amp", "bf16", "--channels-last", "--model-ema"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--amp bf16 on the CPU: the fused training kernels" in result.stdout  # the run says why it is slow
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert state["ema"] is not None and "val_ema_top1" in state["history"][0]
 
