@@ -595,6 +595,11 @@ def mode_notes(mode: Mode, device: torch.device) -> list[str]:
     notes = []
     if mode.amp_dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         notes.append(f"{mode.name}: this CPU has no native bf16 instructions (avx512_bf16/amx_bf16); bf16 is emulated")
+    if mode.amp_dtype is not None and device.type == "cpu":
+        notes.append(
+            f"{mode.name}: the fused kernels and the tap products take float32 only; under autocast the step "
+            "runs the modules one by one and the floor the small planes' convolutions through oneDNN"
+        )
     return notes
 
 

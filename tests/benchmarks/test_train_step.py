@@ -318,6 +318,12 @@ def test_modes_expand_and_unsupported_ones_say_why() -> None:
     assert "CUDA" in train_step.unsupported_reason(train_step.MODES["fp16"], cpu)
 
 
+def test_cpu_autocast_modes_note_that_the_kernels_take_float32_only() -> None:
+    cpu = torch.device("cpu")
+    assert any("float32 only" in note for note in train_step.mode_notes(train_step.MODES["bf16"], cpu))
+    assert not any("float32 only" in note for note in train_step.mode_notes(train_step.MODES["eager"], cpu))
+
+
 def test_main_writes_json_and_reports_skipped_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "result.json"
     argv = ["--device", "cpu", "--iters", "1", "--warmup", "1", "--batch", "2", "--img-size", "16"]
