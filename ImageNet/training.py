@@ -111,7 +111,7 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         LOG.warning(
             "--amp bf16 on the CPU: the fused training kernels and the tap products take float32 only, so "
             "under autocast the binary layers run PyTorch's operators one by one: on an Intel Xeon with AMX "
-            "a bf16 step of BNext-T at 32x32 took 1.8 times as long as a float32 one. "
+            "a bf16 step of BNext-T at 32x32 took 1.4 to 1.8 times as long as a float32 one. "
             "Compare both on this machine: python benchmarks/train_step.py --mode eager --mode bf16"
         )
 
