@@ -200,9 +200,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 class ConvFloor:
     """The floor: each recorded call run as a bare forward plus backward, on preallocated tensors.
 
-    Inputs, weights and output gradients are created once, in the compute dtype (under
-    autocast the step's convolutions also compute in that dtype; the casts of the
-    fp32 master weights belong to the step, not to the floor). A binary convolution's
+    Inputs, weights and output gradients are created once, in the dtype the step computes
+    each call in (:meth:`step_dtype`: under autocast the compute dtype, except on the CPU
+    for the calls an eager step keeps in float32; the casts of the fp32 master weights
+    and of the convolutions' outputs belong to the step, not to the floor). A binary convolution's
     input holds signs (±1), as the step's does, and with ``sign_weights`` its weight
     too (the step's below the sign threshold): where both are signs the tap products
     run on integers (:mod:`models.tap_conv`), in the step and in the floor alike. Biases take part in the
@@ -219,21 +220,41 @@ class ConvFloor:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         sign_weights: bool = False,
+        compiled: bool = False,
     ) -> None:
         self.shapes = list(shapes)
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
         self.sign_weights = sign_weights
+        self.compiled = compiled
         self._tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._tap_major: dict[int, torch.Tensor] = {}  # channels-last copies of binary weights, made on first use
         for shape in self.shapes:
             self._tensors.append(self._allocate(shape))
 
+    def step_dtype(self, shape: ConvShape) -> torch.dtype:
+        """The dtype the training step computes ``shape`` in: the compute dtype, except under CPU
+        autocast for what an eager step keeps in float32 (:func:`models.fused_ops.autocast_allows_float32`):
+        the binary convolutions that take the tap products and the recoupling gates' 1x1 products
+        of 1x1 planes (not in a compiled step, nor on channels-last tensors, which the kernels and
+        the tap products do not take)."""
+        if self.dtype == torch.float32 or self.device.type != "cpu" or self.compiled or self.channels_last:
+            return self.dtype
+        if shape.binary:
+            x = torch.empty(shape.input_shape, requires_grad=True)
+            weight = torch.empty(shape.weight_shape)
+            geometry = (shape.stride[0], shape.padding[0], shape.groups)
+            return torch.float32 if fused_ops.takes_tap_products(x, weight, *geometry) else self.dtype
+        gate = shape.kind == "conv2d" and shape.input_shape[-2:] == (1, 1) and shape.weight_shape[-2:] == (1, 1)
+        return torch.float32 if gate and fused_ops.switched_on() else self.dtype
+
     def _allocate(self, shape: ConvShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        dtype = self.step_dtype(shape)
+
         def tensor(size: tuple[int, ...], signs: bool = False) -> torch.Tensor:
             # Random normal values (or their signs): zeros or denormals could make CPU kernels take other paths.
-            t = torch.randn(size, device=self.device, dtype=self.dtype)
+            t = torch.randn(size, device=self.device, dtype=dtype)
             if signs:
                 t = t.sign()
             if self.channels_last and t.dim() == 4:
@@ -242,7 +263,7 @@ class ConvFloor:
 
         x = tensor(shape.input_shape, signs=shape.binary).requires_grad_(shape.input_requires_grad)
         weight = tensor(shape.weight_shape, signs=shape.binary and self.sign_weights).requires_grad_(True)
-        bias = torch.randn(shape.weight_shape[0], device=self.device, dtype=self.dtype) if shape.bias else None
+        bias = torch.randn(shape.weight_shape[0], device=self.device, dtype=dtype) if shape.bias else None
         grad_output = tensor(shape.output_shape)
         return x, weight, bias, grad_output
 
@@ -253,7 +274,8 @@ class ConvFloor:
         """Forward and backward of call ``index``; returns ``(grad_input, grad_weight)`` or ``(grad_weight,)``."""
         shape = self.shapes[index]
         x, weight, bias, grad_output = self._tensors[index]
-        with _autocast(self.device, self.dtype):
+        # Autocast where the step computes the call in the compute dtype; float32 calls run without.
+        with _autocast(self.device, self.dtype if x.dtype == self.dtype else None):
             if shape.kind == "linear":
                 y = F.linear(x, weight, bias)
             elif shape.binary:
@@ -296,9 +318,11 @@ def make_floor(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     sign_weights: bool = False,
+    compiled: bool = False,
 ) -> ConvFloor:
-    """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`)."""
-    return ConvFloor(shapes, device, dtype, channels_last, sign_weights)
+    """A callable running the convolution floor of ``shapes`` (see :class:`ConvFloor`); ``compiled``:
+    for a compiled step."""
+    return ConvFloor(shapes, device, dtype, channels_last, sign_weights, compiled)
 
 
 def binary_weights_are_signs(model: nn.Module) -> bool:
@@ -595,10 +619,11 @@ def mode_notes(mode: Mode, device: torch.device) -> list[str]:
     notes = []
     if mode.amp_dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         notes.append(f"{mode.name}: this CPU has no native bf16 instructions (avx512_bf16/amx_bf16); bf16 is emulated")
-    if mode.amp_dtype is not None and device.type == "cpu":
+    if mode.amp_dtype is not None and device.type == "cpu" and not (mode.compile or mode.channels_last):
         notes.append(
-            f"{mode.name}: the fused kernels and the tap products take float32 only; under autocast the step "
-            "runs the modules one by one and the floor the small planes' convolutions through oneDNN"
+            f"{mode.name}: on the CPU autocast's dtype reaches the binary convolutions that oneDNN computes and "
+            "the real-valued layers outside the processors; the tap products, the fused kernels and the "
+            "recoupling gates stay float32, in the floor too"
         )
     return notes
 
@@ -702,7 +727,7 @@ def prepare_mode(mode: Mode, args: argparse.Namespace, device: torch.device) -> 
 
     shapes = collect_conv_shapes(model, images)
     signs = binary_weights_are_signs(model)
-    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last, signs)
+    floor = make_floor(shapes, device, mode.amp_dtype or torch.float32, mode.channels_last, signs, mode.compile)
 
     forward = torch.compile(model, options=models.compile_options(device)) if mode.compile else model
     scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None

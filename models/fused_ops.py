@@ -153,6 +153,24 @@ def _fusable_in_eager(*tensors: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and _fusable(*tensors)
 
 
+def autocast_allows_float32(device_type: str) -> bool:
+    """Whether the float32 fast paths may run under the current autocast state.
+
+    They may with autocast off, and in an eager CPU training step under autocast
+    (``--amp bf16``). There the binary convolutions that oneDNN computes run in
+    autocast's dtype (their inputs are exact signs; the weights, during progressive
+    binarization, and the outputs are rounded) and hand their output on in float32
+    (:func:`training_conv2d`); the tap products, the fused kernels around the
+    convolutions and the recoupling gates compute in float32, as without autocast; the
+    stem, the other real-valued layers and the classifier follow autocast. PyTorch's
+    operators one by one in bfloat16 were slower than a float32 step on the CPU. Under
+    ``torch.compile`` and on other devices autocast applies as usual.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return True
+    return device_type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _fusable_norm(bn: nn.Module) -> bool:
     return (
         type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
@@ -658,6 +676,13 @@ def _gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2) -> tuple[torch.Tensor
     # The gate N x C from the means N x C x 1 x 1, by the module path's operators in its order
     # (the same bits; in C++ where it applies, which calls ATen's products and sigmoid), and what
     # its gradient needs besides the inputs: (1 - g, the mixed means, hidden).
+    if torch.is_autocast_enabled("cpu"):  # an eager CPU step under autocast: the gate stays float32
+        with torch.autocast("cpu", enabled=False):
+            return _float32_gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+    return _float32_gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
+
+
+def _float32_gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     kernels = _gate_kernels(scale, mix_mean, b_mean, w1, b1, w2, b2)
     if kernels is not None:
         gate, *saved = kernels.recoupling_gate_forward(scale, mix_mean, b_mean, w1, b1, w2, b2)
@@ -731,15 +756,16 @@ def _gate_node_layers(
     se: nn.Module, mix_mean: torch.Tensor, means_shape: tuple, in_graph: bool = False
 ) -> tuple[nn.Conv2d, nn.Conv2d] | None:
     # The gate's two 1x1 convolutions where its gradient may be written out (see recoupling_gate): a
-    # training step (training mode, gradient recorded, eager unless in_graph, no autocast) and the
-    # plain, hook-free layers SqueezeExcite builds, on means of the shape N x C x 1 x 1. None elsewhere.
+    # training step (training mode, gradient recorded, eager unless in_graph, autocast only as
+    # autocast_allows_float32 says) and the plain, hook-free layers SqueezeExcite builds, on means of
+    # the shape N x C x 1 x 1. None elsewhere.
     layers = getattr(se, "se", None)
     if not (
         switched_on()
         and se.training
         and torch.is_grad_enabled()
         and (in_graph or not torch.compiler.is_compiling())
-        and not torch.is_autocast_enabled(mix_mean.device.type)
+        and autocast_allows_float32(mix_mean.device.type)
         and isinstance(layers, nn.Sequential)
         and len(layers) == 4
         and len(means_shape) == 4
@@ -757,7 +783,8 @@ def _gate_node_layers(
 def recoupling_gate(scale: torch.Tensor, mix_mean: torch.Tensor, b_mean: torch.Tensor, se: nn.Module) -> torch.Tensor:
     """``se.gate_from_pooled(scale * mix_mean + (1 - scale) * b_mean)``: the info-recoupling gate ``N x C x 1 x 1``.
 
-    In a training step (training mode, gradient recorded, eager, no autocast) one autograd
+    In a training step (training mode, gradient recorded, eager; under CPU autocast in
+    float32, see :func:`autocast_allows_float32`) one autograd
     node (:class:`_RecouplingGate`) where ``se``'s layers are the plain ones it builds
     (``nn.Conv2d`` 1x1 with bias, ``nn.ReLU``) without hooks; the same forward bits, the
     gradients to float32 rounding. Elsewhere the modules one by one.
@@ -930,7 +957,8 @@ def training_conv2d(
 
     Where :func:`takes_tap_products`, by :func:`models.tap_conv.conv2d`: on the
     development machines two to four times as fast as oneDNN on BNext's 2x2 planes, the
-    same values to float32 rounding. Elsewhere ``F.conv2d``. ``taps`` is the caller's
+    same values to float32 rounding. Elsewhere ``F.conv2d``, whose output an eager CPU step under
+    autocast turns back into float32 (:func:`autocast_allows_float32`). ``taps`` is the caller's
     answer of :func:`takes_tap_products` where it asked already (a binary layer does,
     before it binarizes). The convolution floor of ``benchmarks/train_step.py`` calls
     this function too.
@@ -939,4 +967,7 @@ def training_conv2d(
         taps = takes_tap_products(x, weight, stride, padding, groups)
     if taps:
         return tap_conv.conv2d(x, weight, stride, padding)
-    return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
+    y = F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
+    if y.dtype != x.dtype and _fusable_in_eager(x):
+        return y.float()  # computed in autocast's dtype, handed on in float32 (autocast_allows_float32)
+    return y

@@ -173,13 +173,16 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 def applies(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> bool:
     """Whether :func:`conv2d` takes this convolution where ``F.conv2d`` would run.
 
-    CPU float32 outside autocast, a contiguous NCHW input, no groups, a square kernel,
-    and an input plane of at most :data:`MAX_POSITIONS` positions (:data:`MAX_POSITIONS_1X1`
-    for 1x1 kernels).
+    CPU float32 (under autocast only where
+    :func:`models.fused_ops.autocast_allows_float32`: the products stay float32), a contiguous
+    NCHW input, no groups, a square kernel, and an input plane of at most
+    :data:`MAX_POSITIONS` positions (:data:`MAX_POSITIONS_1X1` for 1x1 kernels).
     """
+    from .fused_ops import autocast_allows_float32  # here: fused_ops imports this module
+
     if groups != 1 or x.dim() != 4 or weight.dim() != 4 or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not autocast_allows_float32("cpu"):
         return False
     kernel = weight.shape[-1]
     if weight.shape[-2] != kernel or x.shape[1] != weight.shape[1] or not x.is_contiguous():
@@ -441,7 +444,11 @@ _TapConv2d = kernel_ops.eager_twin(tap_conv2d_op, _tap_conv2d, _tap_conv2d_setup
 def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products, with autograd.
 
-    For the inputs that :func:`applies` accepts; the result agrees to float32 rounding.
+    For the inputs that :func:`applies` accepts; the result agrees to float32 rounding, also
+    under CPU autocast, whose dtype the products do not take.
     """
-    out, _, _ = kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding))
-    return out
+    args = (x, weight, stride, padding)
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return kernel_ops.run(tap_conv2d_op, _TapConv2d, args)[0]
+    return kernel_ops.run(tap_conv2d_op, _TapConv2d, args)[0]

@@ -124,9 +124,49 @@ def test_floor_gives_gradients_of_the_recorded_shapes(dtype: torch.dtype, channe
         grads = floor.run_one(index)
         expected = (s.input_shape, s.weight_shape) if s.input_requires_grad else (s.weight_shape,)
         assert tuple(tuple(g.shape) for g in grads) == expected, s.name
-        assert all(g.dtype == dtype and torch.isfinite(g.float()).all() for g in grads)
+        assert all(g.dtype == floor.step_dtype(s) and torch.isfinite(g.float()).all() for g in grads)
     assert floor() is None
     assert floor.resident_bytes() > 0
+
+
+def _spy_on_tap_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The input shapes of the tap products' calls from now on, in order."""
+    from models import tap_conv
+
+    calls: list[tuple[int, ...]] = []
+    original = tap_conv.conv2d
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return original(x, *args)
+
+    monkeypatch.setattr(tap_conv, "conv2d", spy)
+    return calls
+
+
+def test_the_floor_of_a_cpu_autocast_step_keeps_float32_where_the_step_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16: the calls that the step's tap products take and the gates' 1x1 products in float32
+    (and run so by the floor), the other convolutions in bf16; compiled or channels-last, all bf16."""
+
+    model, image = small_model(), torch.randn(IMAGE)
+    shapes = train_step.collect_conv_shapes(model, image)
+    taken = _spy_on_tap_calls(monkeypatch)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(image)  # a training forward (gradients recorded): the step's choice of tap products
+    step_taps, taken[:] = list(taken), []
+    floor = train_step.make_floor(shapes, "cpu", torch.bfloat16)
+    float32_binary = [s.input_shape for s in shapes if s.binary and floor.step_dtype(s) == torch.float32]
+    assert step_taps and float32_binary == step_taps
+    for s in shapes:
+        gate = not s.binary and s.kind == "conv2d" and s.input_shape[-2:] == (1, 1)
+        if not s.binary:
+            assert floor.step_dtype(s) == (torch.float32 if gate else torch.bfloat16), s.name
+    floor()
+    assert taken == step_taps  # the floor runs those calls as tap products too
+    for compiled, channels_last in ((True, False), (False, True)):
+        other = train_step.make_floor(shapes, "cpu", torch.bfloat16, channels_last, compiled=compiled)
+        assert all(other.step_dtype(s) == torch.bfloat16 for s in shapes)
 
 
 def test_floor_runs_the_binary_convolutions_as_the_training_step_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,14 +182,7 @@ def test_floor_runs_the_binary_convolutions_as_the_training_step_does(monkeypatc
         and tap_conv.applies(torch.empty(s.input_shape), torch.empty(s.weight_shape), *s.stride[:1], *s.padding[:1], 1)
     ]
     assert taken and len(taken) < sum(s.binary for s in shapes)  # 16 px: the last stages' planes only
-    calls: list[tuple[int, ...]] = []
-    original = tap_conv.conv2d
-
-    def spy(x, *args):
-        calls.append(tuple(x.shape))
-        return original(x, *args)
-
-    monkeypatch.setattr(tap_conv, "conv2d", spy)
+    calls = _spy_on_tap_calls(monkeypatch)
     floor()
     assert calls == [s.input_shape for s in taken]
     with fused_ops.disabled():
@@ -318,10 +351,10 @@ def test_modes_expand_and_unsupported_ones_say_why() -> None:
     assert "CUDA" in train_step.unsupported_reason(train_step.MODES["fp16"], cpu)
 
 
-def test_cpu_autocast_modes_note_that_the_kernels_take_float32_only() -> None:
+def test_cpu_autocast_modes_note_what_stays_float32() -> None:
     cpu = torch.device("cpu")
-    assert any("float32 only" in note for note in train_step.mode_notes(train_step.MODES["bf16"], cpu))
-    assert not any("float32 only" in note for note in train_step.mode_notes(train_step.MODES["eager"], cpu))
+    assert any("stay float32" in note for note in train_step.mode_notes(train_step.MODES["bf16"], cpu))
+    assert not any("stay float32" in note for note in train_step.mode_notes(train_step.MODES["eager"], cpu))
 
 
 def test_main_writes_json_and_reports_skipped_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

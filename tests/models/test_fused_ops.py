@@ -235,6 +235,45 @@ def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(extension_ca
     assert calls == []
 
 
+def test_an_eager_cpu_step_under_autocast_keeps_the_float32_kernels(extension_calls: list[str]) -> None:
+    """``--amp bf16`` on the CPU: oneDNN's binary convolutions in bf16, handed on in float32; the tap
+    products, the kernels and the gates in float32 (``fused_ops.autocast_allows_float32``)."""
+    from models import tap_conv
+    from models.layers import BinaryConv2d
+
+    torch.manual_seed(0)
+    model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", width_mult=0.125).train()
+    models.set_temperature(model, 0.3)
+    x = torch.randn(2, 3, 16, 16)  # planes down to 2x2: tap products on the last stages
+    model(x).sum().backward()
+    without_autocast = set(extension_calls)
+    extension_calls.clear()
+    seen: list[tuple[BinaryConv2d, torch.Tensor, torch.Tensor]] = []
+    for module in model.modules():
+        if isinstance(module, BinaryConv2d):
+            module.register_forward_hook(lambda module, inputs, output: seen.append((module, inputs[0], output)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    logits.float().sum().backward()
+    assert set(extension_calls) == without_autocast  # every kernel of the float32 step ran
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(grad.dtype == torch.float32 and torch.isfinite(grad).all() for grad in grads)
+    small = large = 0
+    for module, signs, output in seen:
+        assert output.dtype == torch.float32
+        with torch.no_grad():
+            weight = module.binary_weight()
+            geometry = dict(stride=module.stride, padding=module.padding, groups=module.groups)
+            if tap_conv.applies(signs, weight, module.stride, module.padding, module.groups):
+                small += 1  # tap products in float32
+                torch.testing.assert_close(output, F.conv2d(signs, weight, **geometry), rtol=1e-5, atol=1e-5)
+            else:
+                large += 1  # oneDNN in bf16 (exact signs in, the weight and the sums rounded), then float32
+                expected = F.conv2d(signs.bfloat16(), weight.bfloat16(), **geometry).float()
+                assert torch.equal(output, expected)
+    assert small and large
+
+
 @pytest.mark.parametrize("case", ["float64", "channels_last", "hook", "sync_bn_class"])
 def test_falls_back_where_the_kernels_do_not_apply(extension_calls: list[str], case: str) -> None:
     model = models.create_model("bnext_tiny", num_classes=10, stem="cifar", stage_channels=[8, 8, 16, 16]).train()

@@ -191,12 +191,26 @@ def test_applies_to_small_float32_planes_only(x_shape, weight_shape, stride, gro
     assert tap_conv.applies(x, weight, stride, 1, groups) is expected
 
 
-def test_not_under_autocast_nor_for_channels_last_inputs() -> None:
+def test_not_for_channels_last_inputs_nor_under_autocast_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
     x, weight = torch.randn(2, 8, 2, 2), torch.randn(8, 8, 3, 3)
     assert tap_conv.applies(x, weight, 1, 1, 1)
     assert not tap_conv.applies(x.contiguous(memory_format=torch.channels_last), weight, 1, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not tap_conv.applies(x, weight, 1, 1, 1)
+        assert tap_conv.applies(x, weight, 1, 1, 1)  # an eager step: the products stay float32
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not tap_conv.applies(x, weight, 1, 1, 1)  # a compiled one: autocast applies as usual
+
+
+def test_under_cpu_autocast_the_products_stay_float32() -> None:
+    x, weight = torch.randn(4, 8, 4, 4, requires_grad=True), torch.randn(8, 8, 3, 3, requires_grad=True)
+    expected = tap_conv.conv2d(x, weight, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tap_conv.conv2d(x, weight, 1, 1)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    assert torch.equal(grads[0], torch.autograd.grad(expected.square().sum(), x)[0])
+    assert all(grad.dtype == torch.float32 for grad in grads)
 
 
 def _count_tap_calls(monkeypatch) -> list[int]:
