@@ -200,9 +200,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 class ConvFloor:
     """The floor: each recorded call run as a bare forward plus backward, on preallocated tensors.
 
-    Inputs, weights and output gradients are created once, in the dtype the step computes
-    each call in (:meth:`step_dtype`: under autocast the compute dtype, except on the CPU
-    for the calls an eager step keeps in float32; the casts of the fp32 master weights
+    Inputs, weights and output gradients are created once, in the dtype the step hands
+    each call (:meth:`step_dtype`: under autocast the compute dtype, except on the CPU
+    for the calls an eager step hands float32; the casts of the fp32 master weights
     and of the convolutions' outputs belong to the step, not to the floor). A binary convolution's
     input holds signs (±1), as the step's does, and with ``sign_weights`` its weight
     too (the step's below the sign threshold): where both are signs the tap products
@@ -234,11 +234,11 @@ class ConvFloor:
             self._tensors.append(self._allocate(shape))
 
     def step_dtype(self, shape: ConvShape) -> torch.dtype:
-        """The dtype the training step computes ``shape`` in: the compute dtype, except under CPU
-        autocast for what an eager step keeps in float32 (:func:`models.fused_ops.autocast_allows_float32`):
-        the binary convolutions that take the tap products and the recoupling gates' 1x1 products
-        of 1x1 planes (not in a compiled step, nor on channels-last tensors, which the kernels and
-        the tap products do not take)."""
+        """The dtype of the tensors the training step hands ``shape``'s call: the compute dtype, except
+        under CPU autocast for what an eager step keeps in float32 (:func:`models.fused_ops.autocast_allows_float32`):
+        the inputs of the binary convolutions that take the tap products (whose products run on
+        bf16 inside) and the recoupling gates' 1x1 products of 1x1 planes (not in a compiled step,
+        nor on channels-last tensors, which the kernels and the tap products do not take)."""
         if self.dtype == torch.float32 or self.device.type != "cpu" or self.compiled or self.channels_last:
             return self.dtype
         if shape.binary:
@@ -274,8 +274,10 @@ class ConvFloor:
         """Forward and backward of call ``index``; returns ``(grad_input, grad_weight)`` or ``(grad_weight,)``."""
         shape = self.shapes[index]
         x, weight, bias, grad_output = self._tensors[index]
-        # Autocast where the step computes the call in the compute dtype; float32 calls run without.
-        with _autocast(self.device, self.dtype if x.dtype == self.dtype else None):
+        # Under autocast as the step, but for the gates' float32 products (the tap products take
+        # their float32 inputs under autocast as the step's do: bf16 products summed in float32).
+        float32_gate = not shape.binary and x.dtype != self.dtype
+        with _autocast(self.device, None if float32_gate else self.dtype):
             if shape.kind == "linear":
                 y = F.linear(x, weight, bias)
             elif shape.binary:
@@ -621,9 +623,9 @@ def mode_notes(mode: Mode, device: torch.device) -> list[str]:
         notes.append(f"{mode.name}: this CPU has no native bf16 instructions (avx512_bf16/amx_bf16); bf16 is emulated")
     if mode.amp_dtype is not None and device.type == "cpu" and not (mode.compile or mode.channels_last):
         notes.append(
-            f"{mode.name}: on the CPU autocast's dtype reaches the binary convolutions that oneDNN computes and "
-            "the real-valued layers outside the processors; the tap products, the fused kernels and the "
-            "recoupling gates stay float32, in the floor too"
+            f"{mode.name}: on the CPU autocast's dtype reaches the binary convolutions (the tap products: bf16 "
+            "products summed in float32) and the real-valued layers outside the processors; the fused kernels "
+            "and the recoupling gates stay float32, in the floor too"
         )
     return notes
 

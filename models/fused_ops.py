@@ -157,14 +157,15 @@ def autocast_allows_float32(device_type: str) -> bool:
     """Whether the float32 fast paths may run under the current autocast state.
 
     They may with autocast off, and in an eager CPU training step under autocast
-    (``--amp bf16``). There the binary convolutions that oneDNN computes run in
-    autocast's dtype (their inputs are exact signs; the weights, during progressive
-    binarization, and the outputs are rounded) and hand their output on in float32
-    (:func:`training_conv2d`); the tap products, the fused kernels around the
-    convolutions and the recoupling gates compute in float32, as without autocast; the
-    stem, the other real-valued layers and the classifier follow autocast. PyTorch's
-    operators one by one in bfloat16 were slower than a float32 step on the CPU. Under
-    ``torch.compile`` and on other devices autocast applies as usual.
+    (``--amp bf16``). There the binary convolutions compute in autocast's dtype (their
+    inputs are exact signs; the weights, during progressive binarization, and the sums
+    are rounded: oneDNN's convolutions round each output once, the tap products each
+    tap's product, :func:`models.tap_conv.forward`) and hand their output on in float32
+    (:func:`training_conv2d`); the fused kernels around the convolutions and the
+    recoupling gates compute in float32, as without autocast; the stem, the other
+    real-valued layers and the classifier follow autocast. PyTorch's operators one by one
+    in bfloat16 were slower than a float32 step on the CPU. Under ``torch.compile`` and on
+    other devices autocast applies as usual.
     """
     if not torch.is_autocast_enabled(device_type):
         return True

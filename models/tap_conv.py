@@ -256,23 +256,51 @@ def tap_matrices(weight: Tensor) -> Tensor:
     return weight.reshape(cout, cin, kh * kw).transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
 
-def forward(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int, stride: int, padding: int) -> Tensor:
+def forward(
+    rows: Tensor,
+    weights: Tensor,
+    height: int,
+    width: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    bf16_products: bool = False,
+) -> Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products (no bias, no groups).
 
     ``rows`` is :func:`positions_first` of the ``height x width`` input ``x``, ``weights``
     :func:`tap_matrices` of the ``kernel x kernel`` weight. Where both hold only -1, 0 and
-    +1, the products run on int8 (:func:`integer_operands`), with the same result.
+    +1, the products run on int8 (:func:`integer_operands`), with the same result. Else,
+    with ``bf16_products`` (a step under CPU bf16 autocast), each tap's product runs on
+    bfloat16 operands and is rounded to bfloat16, and the taps are summed in float32.
     """
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
     # int32 sums where both are signs, converted once by _planes: the same values as the float32 products.
-    operands = integer_operands(rows, weights) or (rows, weights)
-    return _planes(_tap_sums(*operands, height, width, kernel, stride, padding), out_h, out_w)
+    operands = integer_operands(rows, weights) or (_product_operands(rows, weights) if bf16_products else None)
+    return _planes(_tap_sums(*(operands or (rows, weights)), height, width, kernel, stride, padding), out_h, out_w)
+
+
+def _product_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    # bfloat16 copies: on the Intel development machine (AMX) its products of BNext-T's tap matrices
+    # took a sixth of the float32 ones' time (benchmarks/RESULTS.md, twenty-third session).
+    return tuple(t.to(torch.bfloat16) for t in tensors)
+
+
+def _add_product(target: Tensor, a: Tensor, b: Tensor) -> None:
+    # target += a @ b: in place where the operands have the target's dtype, else the product in the
+    # operands' arithmetic (int8 summed in int32, bfloat16 rounded to bfloat16) added to the target.
+    if a.dtype == target.dtype:
+        target.addmm_(a, b)
+    else:
+        target += torch._int_mm(a, b) if a.dtype == torch.int8 else torch.mm(a, b)
 
 
 def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int, stride: int, padding: int) -> Tensor:
-    # The forward's sums, positions x N x Cout, in the operands' arithmetic: float32, or int8 products summed in int32.
+    # The forward's sums, positions x N x Cout: float32 products, int8 products summed in int32, or
+    # bfloat16 products summed in float32.
     integers = rows.dtype == torch.int8
     mm = torch._int_mm if integers else torch.mm
+    sums_dtype = torch.int32 if integers else torch.float32
     _, n, cin = rows.shape
     cout = weights.shape[0]
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
@@ -280,17 +308,13 @@ def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: in
     for tap in taps(height, width, kernel, stride, padding):
         matrix = weights[:, tap.index].t()
         if tap.outputs is None:  # the identity tap, first: it writes every output
-            out = mm(rows.view(-1, cin), matrix).view(-1, n, cout)
+            out = mm(rows.view(-1, cin), matrix).view(-1, n, cout).to(sums_dtype)
             continue
         if out is None:
-            out = torch.zeros(out_h * out_w, n, cout, dtype=torch.int32 if integers else rows.dtype)
+            out = torch.zeros(out_h * out_w, n, cout, dtype=sums_dtype)
         for first_output, first_input, count in tap.runs:
             source = rows[first_input : first_input + count].view(-1, cin)
-            target = out[first_output : first_output + count].view(-1, cout)
-            if integers:  # no accumulating integer product: the int32 product, then one addition
-                target += mm(source, matrix)
-            else:
-                target.addmm_(source, matrix)
+            _add_product(out[first_output : first_output + count].view(-1, cout), source, matrix)
     return out
 
 
@@ -305,14 +329,19 @@ def backward(
     padding: int,
     input_grad: bool,
     weight_grad: bool,
+    bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The gradients of :func:`forward` for ``x`` and the ``Cout x Cin x k x k`` weight.
+    """The gradients of :func:`forward` for ``x`` and the ``Cout x Cin x k x k`` weight, in float32.
 
     A gradient that is not asked for is returned empty (:func:`models.kernel_ops.no_values`).
+    With ``bf16_products`` the products run on bfloat16 operands, as in :func:`forward`, and
+    are summed in float32.
     """
     _, n, cin = rows.shape
     cout = weights.shape[0]
     grads = positions_first(grad)  # outputs x N x Cout
+    if bf16_products:
+        grads, rows, weights = _product_operands(grads, rows, weights)
     flat_grads = grads.view(-1, cout)
     grad_x = None
     grad_w = None
@@ -322,37 +351,46 @@ def backward(
         # below then works on one output channel's k*k*Cin values at a time. From (k*k) x Cout x Cin
         # it gathered from k*k rows a whole Cout*Cin apart (4 MB for 1024 channels), which map to
         # the same cache sets; on the AMD EPYC machine that copy was up to three times as slow.
+        sums = dict(dtype=torch.float32, device=rows.device)
         grad_w = (
-            rows.new_empty(cout, kernel * kernel, cin)
+            torch.empty(cout, kernel * kernel, cin, **sums)
             if len(used) == kernel * kernel
-            else rows.new_zeros(cout, kernel * kernel, cin)
+            else torch.zeros(cout, kernel * kernel, cin, **sums)
         )
     for tap in used:
         matrix = weights[:, tap.index]
         target = grad_w[:, tap.index] if grad_w is not None else None  # BLAS writes its strided rows in place
         if tap.inputs is None:  # the identity tap, first: it writes every input's gradient
             if input_grad:
-                grad_x = torch.mm(flat_grads, matrix).view(-1, n, cin)
+                grad_x = torch.mm(flat_grads, matrix).view(-1, n, cin).float()
             if target is not None:
-                torch.mm(flat_grads.t(), rows.view(-1, cin), out=target)
+                _write_product(target, flat_grads.t(), rows.view(-1, cin))
             continue
         if input_grad and grad_x is None:
-            grad_x = rows.new_zeros(height * width, n, cin)
+            grad_x = torch.zeros(height * width, n, cin, dtype=torch.float32, device=rows.device)
         # Each run's slices of the rows, read and added to in place (see Tap).
         for run, (first_output, first_input, count) in enumerate(tap.runs):
             selected = grads[first_output : first_output + count].view(-1, cout)
             if input_grad:
-                grad_x[first_input : first_input + count].view(-1, cin).addmm_(selected, matrix)
+                _add_product(grad_x[first_input : first_input + count].view(-1, cin), selected, matrix)
             if target is not None:
                 source = rows[first_input : first_input + count].view(-1, cin)
                 if run == 0:
-                    torch.mm(selected.t(), source, out=target)
+                    _write_product(target, selected.t(), source)
                 else:
-                    target.addmm_(selected.t(), source)
+                    _add_product(target, selected.t(), source)
     grad_x = _planes(grad_x, height, width) if grad_x is not None else kernel_ops.no_values(rows)
     if grad_w is not None:
         grad_w = weight_layout(grad_w).view(cout, cin, kernel, kernel)
     return grad_x, grad_w if grad_w is not None else kernel_ops.no_values(rows)
+
+
+def _write_product(target: Tensor, a: Tensor, b: Tensor) -> None:
+    # target = a @ b: by BLAS into the (strided) target where the dtypes agree, else copied in.
+    if a.dtype == target.dtype:
+        torch.mm(a, b, out=target)
+    else:
+        target.copy_(torch.mm(a, b))
 
 
 def weight_layout(tap_major: Tensor) -> Tensor:
@@ -376,7 +414,9 @@ def weight_layout(tap_major: Tensor) -> Tensor:
 # eager mode calls their autograd twin (see models.kernel_ops).
 
 
-def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[Tensor, Tensor, Tensor]:
+def _tap_conv2d(
+    x: Tensor, weight: Tensor, stride: int, padding: int, bf16_products: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     # Returns the rows and tap matrices too: the backward reads them, so they are made once.
     # A tap-major weight is read in place, and its matrices are not returned (an operator's
     # output may not alias its input): the backward takes its view of the saved weight.
@@ -384,7 +424,7 @@ def _tap_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[T
     in_place = is_tap_major(weight)
     weights = tap_view(weight) if in_place else tap_matrices(weight)
     height, width = x.shape[-2:]
-    out = forward(rows, weights, height, width, weight.shape[-1], stride, padding)
+    out = forward(rows, weights, height, width, weight.shape[-1], stride, padding, bf16_products)
     return out, (kernel_ops.no_values(weight) if in_place else weights), rows
 
 
@@ -392,7 +432,7 @@ tap_conv2d_op = torch.library.custom_op("bnext::tap_conv2d", _tap_conv2d, mutate
 
 
 @tap_conv2d_op.register_fake
-def _(x, weight, stride, padding):
+def _(x, weight, stride, padding, bf16_products=False):
     n, cin, height, width = x.shape
     cout, _, kernel, _ = weight.shape
     out = x.new_empty(
@@ -406,7 +446,7 @@ tap_conv2d_backward_op = torch.library.custom_op("bnext::tap_conv2d_backward", b
 
 
 @tap_conv2d_backward_op.register_fake
-def _(grad, rows, weights, height, width, kernel, stride, padding, input_grad, weight_grad):
+def _(grad, rows, weights, height, width, kernel, stride, padding, input_grad, weight_grad, bf16_products=False):
     _, n, cin = rows.shape
     cout = weights.shape[0]
     grad_x = rows.new_empty(n, cin, height, width) if input_grad else kernel_ops.no_values(rows)
@@ -415,12 +455,13 @@ def _(grad, rows, weights, height, width, kernel, stride, padding, input_grad, w
 
 
 def _tap_conv2d_setup(ctx, inputs, output) -> None:
-    x, weight, stride, padding = inputs
+    x, weight, stride, padding, *bf16_products = inputs
     _, weights, rows = output
     # The rows and tap matrices, not the input and the (copied) weight: the backward reads them,
     # and the binarized weight can go. A tap-major weight is its own tap matrices: saved as it is.
     ctx.save_for_backward(rows, weights if weights.numel() else weight)
     ctx.geometry = (*x.shape[-2:], weight.shape[-1], stride, padding)
+    ctx.bf16_products = bool(bf16_products) and bf16_products[0]
     ctx.mark_non_differentiable(weights, rows)
     # Otherwise autograd hands the backward zero tensors of their sizes (38 MB for BNext-T's
     # widest layer) as their "gradients", written on every step.
@@ -433,9 +474,11 @@ def _tap_conv2d_grad(ctx, grad, _weights, _rows, backward=tap_conv2d_backward_op
         weights = tap_view(weights)
     input_grad, weight_grad = ctx.needs_input_grad[:2]
     if grad is None:  # the output took no part in the loss
-        return None, None, None, None
-    grad_x, grad_w = backward(grad.contiguous(), rows, weights, *ctx.geometry, input_grad, weight_grad)
-    return (grad_x if input_grad else None), (grad_w if weight_grad else None), None, None
+        return None, None, None, None, None
+    grad_x, grad_w = backward(
+        grad.contiguous(), rows, weights, *ctx.geometry, input_grad, weight_grad, ctx.bf16_products
+    )
+    return (grad_x if input_grad else None), (grad_w if weight_grad else None), None, None, None
 
 
 _TapConv2d = kernel_ops.eager_twin(tap_conv2d_op, _tap_conv2d, _tap_conv2d_setup, _tap_conv2d_grad, backward)
@@ -444,11 +487,13 @@ _TapConv2d = kernel_ops.eager_twin(tap_conv2d_op, _tap_conv2d, _tap_conv2d_setup
 def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=padding)`` by tap products, with autograd.
 
-    For the inputs that :func:`applies` accepts; the result agrees to float32 rounding, also
-    under CPU autocast, whose dtype the products do not take.
+    For the inputs that :func:`applies` accepts; the result agrees to float32 rounding. Under
+    CPU bf16 autocast (an eager step, :func:`models.fused_ops.autocast_allows_float32`) the
+    products run on bfloat16 and are summed in float32 (:func:`forward`), as oneDNN's bf16
+    convolutions run on bfloat16 and sum in float32; the output stays float32.
     """
-    args = (x, weight, stride, padding)
     if torch.is_autocast_enabled("cpu"):
+        bf16_products = torch.get_autocast_dtype("cpu") == torch.bfloat16
         with torch.autocast("cpu", enabled=False):
-            return kernel_ops.run(tap_conv2d_op, _TapConv2d, args)[0]
-    return kernel_ops.run(tap_conv2d_op, _TapConv2d, args)[0]
+            return kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding, bf16_products))[0]
+    return kernel_ops.run(tap_conv2d_op, _TapConv2d, (x, weight, stride, padding, False))[0]

@@ -236,8 +236,8 @@ def test_training_uses_the_kernels_and_evaluation_keeps_the_modules(extension_ca
 
 
 def test_an_eager_cpu_step_under_autocast_keeps_the_float32_kernels(extension_calls: list[str]) -> None:
-    """``--amp bf16`` on the CPU: oneDNN's binary convolutions in bf16, handed on in float32; the tap
-    products, the kernels and the gates in float32 (``fused_ops.autocast_allows_float32``)."""
+    """``--amp bf16`` on the CPU: the binary convolutions in bf16, handed on in float32; the kernels and
+    the gates in float32 (``fused_ops.autocast_allows_float32``)."""
     from models import tap_conv
     from models.layers import BinaryConv2d
 
@@ -265,8 +265,10 @@ def test_an_eager_cpu_step_under_autocast_keeps_the_float32_kernels(extension_ca
             weight = module.binary_weight()
             geometry = dict(stride=module.stride, padding=module.padding, groups=module.groups)
             if tap_conv.applies(signs, weight, module.stride, module.padding, module.groups):
-                small += 1  # tap products in float32
-                torch.testing.assert_close(output, F.conv2d(signs, weight, **geometry), rtol=1e-5, atol=1e-5)
+                small += 1  # tap products: each tap's bf16 product summed in float32
+                exact = F.conv2d(signs.double(), weight.bfloat16().double(), **geometry)
+                assert (output.double() - exact).abs().max() <= 9 * 2**-8 * exact.abs().max()
+                assert not torch.equal(output, F.conv2d(signs, weight, **geometry))
             else:
                 large += 1  # oneDNN in bf16 (exact signs in, the weight and the sums rounded), then float32
                 expected = F.conv2d(signs.bfloat16(), weight.bfloat16(), **geometry).float()

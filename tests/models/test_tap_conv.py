@@ -201,16 +201,33 @@ def test_not_for_channels_last_inputs_nor_under_autocast_while_compiling(monkeyp
         assert not tap_conv.applies(x, weight, 1, 1, 1)  # a compiled one: autocast applies as usual
 
 
-def test_under_cpu_autocast_the_products_stay_float32() -> None:
-    x, weight = torch.randn(4, 8, 4, 4, requires_grad=True), torch.randn(8, 8, 3, 3, requires_grad=True)
-    expected = tap_conv.conv2d(x, weight, 1, 1)
+def test_under_cpu_bf16_autocast_the_products_run_on_bf16_and_sum_in_float32() -> None:
+    torch.manual_seed(0)
+    signs = torch.randn(4, 64, 4, 4).sign().requires_grad_(True)  # a binary convolution's input: exact in bf16
+    weight = torch.randn(32, 64, 3, 3, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tap_conv.conv2d(x, weight, 1, 1)
+        out = tap_conv.conv2d(signs, weight, 1, 1)
     assert out.dtype == torch.float32
-    assert torch.equal(out, expected)
-    grads = torch.autograd.grad(out.square().sum(), (x, weight))
-    assert torch.equal(grads[0], torch.autograd.grad(expected.square().sum(), x)[0])
-    assert all(grad.dtype == torch.float32 for grad in grads)
+    # The exact sums of the bf16-rounded weights; each tap's product is rounded to bf16 (8 bits) once.
+    exact = F.conv2d(signs.double(), weight.bfloat16().double(), padding=1)
+    float32 = tap_conv.conv2d(signs, weight, 1, 1)
+    error, float32_error = (out.double() - exact).abs().max(), (float32.double() - exact).abs().max()
+    assert error <= 9 * 2**-8 * exact.abs().max() and error > float32_error  # bf16's rounding, not float32's
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (signs, weight), grad)
+    exact_out = F.conv2d(signs.double(), weight.double(), padding=1)
+    reference = torch.autograd.grad(exact_out, (signs, weight), grad.double())  # in float64, cast to the leaves'
+    for got, expected in zip(grads, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=2**-6 * float(expected.abs().max()))
+        assert not torch.equal(got, expected)  # bf16 products, not float32 ones
+
+
+def test_under_cpu_autocast_signs_keep_the_exact_integer_products() -> None:
+    signs, weight_signs = torch.randn(4, 16, 4, 4).sign(), torch.randn(8, 16, 3, 3).sign()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tap_conv.conv2d(signs.requires_grad_(True), weight_signs, 1, 1)
+    assert torch.equal(out, F.conv2d(signs.detach(), weight_signs, padding=1))
 
 
 def _count_tap_calls(monkeypatch) -> list[int]:
