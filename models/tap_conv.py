@@ -173,10 +173,10 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 def applies(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> bool:
     """Whether :func:`conv2d` takes this convolution where ``F.conv2d`` would run.
 
-    CPU float32 (under autocast only where
-    :func:`models.fused_ops.autocast_allows_float32`: the products stay float32), a contiguous
-    NCHW input, no groups, a square kernel, and an input plane of at most
-    :data:`MAX_POSITIONS` positions (:data:`MAX_POSITIONS_1X1` for 1x1 kernels).
+    CPU float32 (under autocast only where :func:`models.fused_ops.autocast_allows_float32`;
+    under bf16 autocast the products run on bf16, :func:`conv2d`), a contiguous NCHW input,
+    no groups, a square kernel, and an input plane of at most :data:`MAX_POSITIONS`
+    positions (:data:`MAX_POSITIONS_1X1` for 1x1 kernels).
     """
     from .fused_ops import autocast_allows_float32  # here: fused_ops imports this module
 
@@ -281,8 +281,8 @@ def forward(
 
 
 def _product_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
-    # bfloat16 copies: on the Intel development machine (AMX) its products of BNext-T's tap matrices
-    # took a sixth of the float32 ones' time (benchmarks/RESULTS.md, twenty-third session).
+    # bfloat16 copies: on the Intel development machine (AMX) bfloat16 products of BNext-T's tap
+    # matrices took a sixth of the float32 ones' time (benchmarks/RESULTS.md, twenty-third session).
     return tuple(t.to(torch.bfloat16) for t in tensors)
 
 
