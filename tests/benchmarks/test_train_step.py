@@ -145,9 +145,9 @@ def _spy_on_tap_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
 
 def test_the_floor_of_a_cpu_autocast_step_keeps_float32_where_the_step_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under bf16: the calls that the step's tap products take and the gates' 1x1 products in float32
-    (and run so by the floor), the other convolutions in bf16; compiled or channels-last, all bf16."""
-
+    """Under bf16: float32 tensors for the calls that the step's tap products take (which the floor runs
+    by them too) and for the gates' 1x1 products, bf16 for the other calls; compiled or channels-last,
+    bf16 for all."""
     model, image = small_model(), torch.randn(IMAGE)
     shapes = train_step.collect_conv_shapes(model, image)
     taken = _spy_on_tap_calls(monkeypatch)

@@ -196,7 +196,7 @@ def test_not_for_channels_last_inputs_nor_under_autocast_while_compiling(monkeyp
     assert tap_conv.applies(x, weight, 1, 1, 1)
     assert not tap_conv.applies(x.contiguous(memory_format=torch.channels_last), weight, 1, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert tap_conv.applies(x, weight, 1, 1, 1)  # an eager step: the products stay float32
+        assert tap_conv.applies(x, weight, 1, 1, 1)  # an eager step: the tap products, on bf16 (conv2d)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert not tap_conv.applies(x, weight, 1, 1, 1)  # a compiled one: autocast applies as usual
 
@@ -221,13 +221,6 @@ def test_under_cpu_bf16_autocast_the_products_run_on_bf16_and_sum_in_float32() -
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=0, atol=2**-6 * float(expected.abs().max()))
         assert not torch.equal(got, expected)  # bf16 products, not float32 ones
-
-
-def test_under_cpu_autocast_signs_keep_the_exact_integer_products() -> None:
-    signs, weight_signs = torch.randn(4, 16, 4, 4).sign(), torch.randn(8, 16, 3, 3).sign()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tap_conv.conv2d(signs.requires_grad_(True), weight_signs, 1, 1)
-    assert torch.equal(out, F.conv2d(signs.detach(), weight_signs, padding=1))
 
 
 def _count_tap_calls(monkeypatch) -> list[int]:
@@ -327,6 +320,16 @@ def _count_integer_products(monkeypatch) -> list[tuple[int, ...]]:
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(tuple(a.shape)) or real(a, b))
     return calls
+
+
+@needs_extension
+def test_under_cpu_autocast_signs_keep_the_exact_integer_products(monkeypatch) -> None:
+    signs, weight_signs = torch.randn(4, 16, 4, 4).sign(), torch.randn(8, 16, 3, 3).sign()
+    calls = _count_integer_products(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tap_conv.conv2d(signs.requires_grad_(True), weight_signs, 1, 1)
+    assert calls  # int8 products before bf16 ones
+    assert torch.equal(out, F.conv2d(signs.detach(), weight_signs, padding=1))
 
 
 @needs_extension
