@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import models
+from models.fused_ops import cpu_has_bf16_instructions
 
 from . import checkpointing
 from .checkpointing import CheckpointReadError, CheckpointWriteError
@@ -78,13 +79,6 @@ def _setup_logging(output: Path, is_main: bool) -> None:
         file_handler = logging.FileHandler(output / "log.txt")
         file_handler.setFormatter(formatter)
         LOG.addHandler(file_handler)
-
-
-def cpu_has_bf16_instructions() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), by torch's CPUID helpers
-    (private, present in the pinned torch; where they are missing: False)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def _check_args(args: argparse.Namespace, info: DistInfo) -> None:

@@ -569,13 +569,6 @@ def expand_modes(requested: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _cpu_flags() -> set[str]:
-    for line in _read_cpuinfo():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _read_cpuinfo() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text().splitlines()
@@ -619,8 +612,8 @@ def unsupported_reason(mode: Mode, device: torch.device) -> str | None:
 def mode_notes(mode: Mode, device: torch.device) -> list[str]:
     """Caveats that do not prevent a mode from running but matter when reading its numbers."""
     notes = []
-    if mode.amp_dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
-        notes.append(f"{mode.name}: this CPU has no native bf16 instructions (avx512_bf16/amx_bf16); bf16 is emulated")
+    if mode.amp_dtype == torch.bfloat16 and device.type == "cpu" and not fused_ops.cpu_has_bf16_instructions():
+        notes.append(f"{mode.name}: this CPU has no native bf16 instructions (AVX512-BF16/AMX); bf16 is emulated")
     if mode.amp_dtype is not None and device.type == "cpu" and not (mode.compile or mode.channels_last):
         notes.append(
             f"{mode.name}: on the CPU autocast's dtype reaches the binary convolutions (the tap products: bf16 "

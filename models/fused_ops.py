@@ -172,6 +172,14 @@ def autocast_allows_float32(device_type: str) -> bool:
     return device_type == "cpu" and not torch.compiler.is_compiling()
 
 
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), by torch's CPUID helpers
+    (private, present in the pinned torch; where they are missing: False). Without them
+    oneDNN emulates bf16, and autocast on the CPU is unlikely to pay."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def _fusable_norm(bn: nn.Module) -> bool:
     return (
         type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes

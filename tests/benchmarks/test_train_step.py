@@ -351,10 +351,16 @@ def test_modes_expand_and_unsupported_ones_say_why() -> None:
     assert "CUDA" in train_step.unsupported_reason(train_step.MODES["fp16"], cpu)
 
 
-def test_cpu_autocast_modes_note_what_stays_float32() -> None:
+def test_cpu_autocast_modes_note_what_stays_float32_and_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import fused_ops
+
     cpu = torch.device("cpu")
     assert any("stay float32" in note for note in train_step.mode_notes(train_step.MODES["bf16"], cpu))
     assert not any("stay float32" in note for note in train_step.mode_notes(train_step.MODES["eager"], cpu))
+    for native in (True, False):
+        monkeypatch.setattr(fused_ops, "cpu_has_bf16_instructions", lambda native=native: native)
+        notes = train_step.mode_notes(train_step.MODES["bf16"], cpu)
+        assert any("bf16 is emulated" in note for note in notes) is not native
 
 
 def test_main_writes_json_and_reports_skipped_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
