@@ -276,8 +276,10 @@ def forward(
     """
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
     # int32 sums where both are signs, converted once by _planes: the same values as the float32 products.
-    operands = integer_operands(rows, weights) or (_product_operands(rows, weights) if bf16_products else None)
-    return _planes(_tap_sums(*(operands or (rows, weights)), height, width, kernel, stride, padding), out_h, out_w)
+    operands = integer_operands(rows, weights)
+    if operands is None:
+        operands = _product_operands(rows, weights) if bf16_products else (rows, weights)
+    return _planes(_tap_sums(*operands, height, width, kernel, stride, padding), out_h, out_w)
 
 
 def _product_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -286,21 +288,23 @@ def _product_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(torch.bfloat16) for t in tensors)
 
 
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    # a @ b in the operands' arithmetic: int8 summed in int32, float32, or bfloat16 rounded to bfloat16.
+    return torch._int_mm(a, b) if a.dtype == torch.int8 else torch.mm(a, b)
+
+
 def _add_product(target: Tensor, a: Tensor, b: Tensor) -> None:
-    # target += a @ b: in place where the operands have the target's dtype, else the product in the
-    # operands' arithmetic (int8 summed in int32, bfloat16 rounded to bfloat16) added to the target.
+    # target += a @ b: in place where the operands have the target's dtype, else the product added.
     if a.dtype == target.dtype:
         target.addmm_(a, b)
     else:
-        target += torch._int_mm(a, b) if a.dtype == torch.int8 else torch.mm(a, b)
+        target += _product(a, b)
 
 
 def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: int, stride: int, padding: int) -> Tensor:
     # The forward's sums, positions x N x Cout: float32 products, int8 products summed in int32, or
     # bfloat16 products summed in float32.
-    integers = rows.dtype == torch.int8
-    mm = torch._int_mm if integers else torch.mm
-    sums_dtype = torch.int32 if integers else torch.float32
+    sums_dtype = torch.int32 if rows.dtype == torch.int8 else torch.float32
     _, n, cin = rows.shape
     cout = weights.shape[0]
     out_h, out_w = output_size(height, kernel, stride, padding), output_size(width, kernel, stride, padding)
@@ -308,7 +312,7 @@ def _tap_sums(rows: Tensor, weights: Tensor, height: int, width: int, kernel: in
     for tap in taps(height, width, kernel, stride, padding):
         matrix = weights[:, tap.index].t()
         if tap.outputs is None:  # the identity tap, first: it writes every output
-            out = mm(rows.view(-1, cin), matrix).view(-1, n, cout).to(sums_dtype)
+            out = _product(rows.view(-1, cin), matrix).view(-1, n, cout).to(sums_dtype)
             continue
         if out is None:
             out = torch.zeros(out_h * out_w, n, cout, dtype=sums_dtype)
